@@ -1,0 +1,171 @@
+"""Reading and writing transformers-format Qwen3-VL checkpoint folders.
+
+`from_pretrained` builds the model abstractly (no memory), then fills each parameter tensor by tensor: every
+device reads only its own shard straight from the safetensors file (`get_slice`), so an 8B or 32B checkpoint
+never has a whole copy in host memory. `save_pretrained` writes safetensors shards, the index and config.json in
+the layout transformers loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from axpo_jax.models.qwen3_vl.config import CheckpointError, Qwen3VLConfig
+from axpo_jax.models.qwen3_vl.model import Qwen3VL
+from axpo_jax.parallel.sharding import param_sharding
+
+_SINGLE_FILE = "model.safetensors"
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+def _param_name(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def abstract_model(config: Qwen3VLConfig, dtype=jnp.float32) -> Qwen3VL:
+    """The model with ShapeDtypeStructs for parameters: shapes and names, no memory."""
+    return nnx.eval_shape(lambda: Qwen3VL(config, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+class SafetensorsFolder:
+    """Maps tensor names to the safetensors file holding them; opens each file once."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        index_path = os.path.join(self.path, _INDEX_FILE)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path) as f:
+                    self.weight_map: dict[str, str] = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index_path} is not a valid safetensors index: {e!r}") from None
+        elif os.path.isfile(os.path.join(self.path, _SINGLE_FILE)):
+            self.weight_map = {name: _SINGLE_FILE for name in self._open(_SINGLE_FILE).keys()}
+        else:
+            raise CheckpointError(f"{self.path} has no {_SINGLE_FILE} or {_INDEX_FILE}: no weights to load")
+        self._handles: dict[str, object] = {}
+
+    def _open(self, filename: str):
+        handle = getattr(self, "_handles", {}).get(filename)
+        if handle is not None:
+            return handle
+        file_path = os.path.join(self.path, filename)
+        if not os.path.isfile(file_path):
+            raise CheckpointError(f"missing safetensors shard {file_path} (named by {_INDEX_FILE})")
+        try:
+            handle = safe_open(file_path, framework="numpy")
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {file_path} (truncated or corrupt safetensors file?): {e}") from None
+        if hasattr(self, "_handles"):
+            self._handles[filename] = handle
+        return handle
+
+    def names(self) -> set[str]:
+        return set(self.weight_map)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._open(self.weight_map[name]).get_slice(name).get_shape())
+
+    def read(self, name: str, index=()) -> np.ndarray:
+        """The tensor `name`, or only the part `index` (a tuple of slices) of it."""
+        filename = self.weight_map[name]
+        try:
+            return np.asarray(self._open(filename).get_slice(name)[index])
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read tensor {name} from {os.path.join(self.path, filename)}: {e}") from None
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, mesh=None) -> Qwen3VL:
+    """Loads a transformers Qwen3-VL checkpoint folder, placing each tensor on its sharding over `mesh`."""
+    config = Qwen3VLConfig.from_pretrained(path)
+    folder = SafetensorsFolder(path)
+    graphdef, abstract_state = nnx.split(abstract_model(config, dtype))
+    expected = {_param_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(abstract_state))}
+
+    available = folder.names()
+    if config.tie_word_embeddings:
+        available.discard("lm_head.weight")  # some exporters write the tied copy too
+    missing = sorted(set(expected) - available)
+    unexpected = sorted(available - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{os.fspath(path)} does not match the Qwen3-VL layout of its config.json: "
+            f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+
+    np_dtype = np.dtype(jnp.dtype(dtype))
+
+    def load(key_path, leaf):
+        name = _param_name(key_path)
+        shape = folder.shape(name)
+        if shape != tuple(leaf.shape):
+            raise CheckpointError(f"tensor {name} has shape {shape} in the checkpoint, config implies {leaf.shape}")
+        sharding = param_sharding(name, shape, mesh)
+        return jax.make_array_from_callback(
+            shape, sharding, lambda index: folder.read(name, index).astype(np_dtype, copy=False)
+        )
+
+    loaded = jax.tree_util.tree_map_with_path(load, nnx.to_pure_dict(abstract_state))
+    nnx.replace_by_pure_dict(abstract_state, loaded)
+    return nnx.merge(graphdef, abstract_state)
+
+
+def named_parameters(model: Qwen3VL) -> Iterator[tuple[str, jax.Array]]:
+    """(transformers name, array) for every parameter, in a stable order."""
+    pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    for key_path, leaf in jax.tree_util.tree_leaves_with_path(pure):
+        yield _param_name(key_path), leaf
+
+
+def _host_copy(x: jax.Array) -> np.ndarray:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
+def save_pretrained(model: Qwen3VL, path: str | os.PathLike, *, max_shard_bytes: int = 4 << 30) -> None:
+    """Writes config.json and safetensors shards (+ index when there are several) that transformers loads."""
+    path = os.fspath(path)
+    is_writer = jax.process_index() == 0
+    shards: list[dict[str, np.ndarray]] = [{}]
+    shard_bytes = 0
+    dtype_name = None
+    for name, value in named_parameters(model):
+        array = _host_copy(value)  # every process takes part in the gather; only process 0 writes
+        dtype_name = dtype_name or str(jnp.dtype(array.dtype))
+        if shard_bytes and shard_bytes + array.nbytes > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = np.ascontiguousarray(array)
+        shard_bytes += array.nbytes
+    if not is_writer:
+        return
+    os.makedirs(path, exist_ok=True)
+    config = dict(model.config.hf_config)
+    config.setdefault("architectures", ["Qwen3VLForConditionalGeneration"])
+    config["dtype"] = dtype_name
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(path, _SINGLE_FILE), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        filename = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(path, filename), metadata={"format": "pt"})
+        weight_map.update({name: filename for name in shard})
+        total += sum(a.nbytes for a in shard.values())
+    with open(os.path.join(path, _INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)

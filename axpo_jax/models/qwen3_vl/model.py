@@ -1,0 +1,374 @@
+"""Qwen3-VL (dense) in Flax NNX: vision tower, DeepStack, and the interleaved-MRoPE text decoder, in one file.
+
+Module and parameter names follow transformers' `Qwen3VLForConditionalGeneration` one to one, and every weight
+is stored in torch's layout ([out, in] for linear layers), so a checkpoint maps onto this tree by name alone and
+a round trip is bit-exact. The forward takes `ModelInputs` (fixed shapes, prepared on the host by
+`inputs.prepare_inputs`), so it can be jitted and sharded without any data-dependent shapes.
+
+Shape letters: B batch, T tokens, S key positions, D hidden, H heads, K kv heads, G = H / K, E head dim,
+N image rows, L patches per row, M merged tokens per row (L / merge^2), V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from axpo_jax.models.qwen3_vl.config import Qwen3VLConfig, TextConfig, VisionConfig
+from axpo_jax.models.qwen3_vl.inputs import ModelInputs
+
+_NEG_INF = -1e30  # finite, so an all-masked row (padding) gives a uniform softmax instead of NaNs
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """y = x W^T + b with W stored [out, in] as torch stores it."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(_normal(rngs, (out_features, in_features), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+    def __call__(self, x):
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...])
+        return y if self.bias is None else y + self.bias[...]
+
+
+class Embedding(nnx.Module):
+    def __init__(self, num: int, features: int, *, dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(_normal(rngs, (num, features), dtype))
+
+    def __call__(self, ids):
+        return jnp.take(self.weight[...], ids, axis=0)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, features: int, eps: float, *, dtype):
+        self.weight = nnx.Param(jnp.ones((features,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, features: int, eps: float = 1e-6, *, dtype):
+        self.weight = nnx.Param(jnp.ones((features,), dtype))
+        self.bias = nnx.Param(jnp.zeros((features,), dtype))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = ((x32 - mean) * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+        return y * self.weight[...] + self.bias[...]
+
+
+def rotate_half(x):
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def attention(q_bthe, k_bske, v_bske, mask_bts):
+    """Softmax attention with grouped kv heads; `mask_bts` True where a query may attend to a key."""
+    b, t, h, e = q_bthe.shape
+    k = k_bske.shape[2]
+    q_btkge = q_bthe.reshape(b, t, k, h // k, e)
+    scores_bkgts = jnp.einsum("btkge,bske->bkgts", q_btkge, k_bske, preferred_element_type=jnp.float32)
+    scores_bkgts = scores_bkgts * (e**-0.5)
+    scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _NEG_INF)
+    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bske.dtype)
+    out_btkge = jnp.einsum("bkgts,bske->btkge", probs_bkgts, v_bske)
+    return out_btkge.reshape(b, t, h * e)
+
+
+# ----------------------------------------------------------------------------------------------- vision tower
+
+
+class VisionPatchEmbed(nnx.Module):
+    """The Conv3d whose kernel equals its stride, i.e. one matmul per flattened (C, Tp, P, P) patch."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+        self.proj = _Conv3dParams(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, patches_nlp):
+        w = self.proj.weight[...]
+        y = jnp.einsum("nlp,dp->nld", patches_nlp.astype(w.dtype), w.reshape(w.shape[0], -1))
+        return y + self.proj.bias[...]
+
+
+class _Conv3dParams(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+        shape = (cfg.hidden_size, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.weight = nnx.Param(_normal(rngs, shape, dtype))
+        self.bias = nnx.Param(jnp.zeros((cfg.hidden_size,), dtype))
+
+
+class VisionAttention(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+        self.num_heads = cfg.num_heads
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
+        self.proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_nld, cos_nle, sin_nle, valid_nl):
+        n, l, d = x_nld.shape
+        qkv = self.qkv(x_nld).reshape(n, l, 3, self.num_heads, d // self.num_heads)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        cos, sin = cos_nle[:, :, None], sin_nle[:, :, None]
+        # The rotation is done in float32 whatever the weights' dtype, as transformers does.
+        q32, k32 = q.astype(jnp.float32), k.astype(jnp.float32)
+        q = (q32 * cos + rotate_half(q32) * sin).astype(q.dtype)
+        k = (k32 * cos + rotate_half(k32) * sin).astype(k.dtype)
+        # Each row is one image: attention never crosses images, and padding patches are never attended to.
+        mask_nll = jnp.broadcast_to(valid_nl[:, None, :], (n, l, l))
+        return self.proj(attention(q, k, v, mask_nll))
+
+
+class VisionMLP(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+        self.linear_fc1 = Linear(cfg.hidden_size, cfg.intermediate_size, bias=True, dtype=dtype, rngs=rngs)
+        self.linear_fc2 = Linear(cfg.intermediate_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
+        self.approximate_gelu = cfg.hidden_act == "gelu_pytorch_tanh"
+
+    def __call__(self, x):
+        return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x), approximate=self.approximate_gelu))
+
+
+class VisionBlock(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+        self.norm1 = LayerNorm(cfg.hidden_size, dtype=dtype)
+        self.norm2 = LayerNorm(cfg.hidden_size, dtype=dtype)
+        self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = VisionMLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_nld, cos_nle, sin_nle, valid_nl):
+        x_nld = x_nld + self.attn(self.norm1(x_nld), cos_nle, sin_nle, valid_nl)
+        return x_nld + self.mlp(self.norm2(x_nld))
+
+
+class PatchMerger(nnx.Module):
+    """Concatenates each merge block of m^2 patches and projects it to the text width."""
+
+    def __init__(self, cfg: VisionConfig, *, postshuffle_norm: bool, dtype, rngs: nnx.Rngs):
+        self.unit = cfg.spatial_merge_size**2
+        merged = cfg.hidden_size * self.unit
+        self.postshuffle_norm = postshuffle_norm
+        self.norm = LayerNorm(merged if postshuffle_norm else cfg.hidden_size, dtype=dtype)
+        self.linear_fc1 = Linear(merged, merged, bias=True, dtype=dtype, rngs=rngs)
+        self.linear_fc2 = Linear(merged, cfg.out_hidden_size, bias=True, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_nld):
+        n, l, d = x_nld.shape
+        if self.postshuffle_norm:
+            x_nmf = self.norm(x_nld.reshape(n, l // self.unit, d * self.unit))
+        else:
+            x_nmf = self.norm(x_nld).reshape(n, l // self.unit, d * self.unit)
+        return self.linear_fc2(jax.nn.gelu(self.linear_fc1(x_nmf), approximate=False))
+
+
+class VisionModel(nnx.Module):
+    def __init__(self, cfg: VisionConfig, *, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.patch_embed = VisionPatchEmbed(cfg, dtype=dtype, rngs=rngs)
+        self.pos_embed = Embedding(cfg.num_position_embeddings, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.blocks = nnx.List([VisionBlock(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg, postshuffle_norm=False, dtype=dtype, rngs=rngs)
+        self.deepstack_merger_list = nnx.List(
+            [PatchMerger(cfg, postshuffle_norm=True, dtype=dtype, rngs=rngs) for _ in cfg.deepstack_visual_indexes]
+        )
+
+    def rope(self, rope_hw_nl2):
+        """Axial 2D rope: the first half of each head's frequencies follow the row, the second the column."""
+        spatial = self.cfg.head_dim // 2
+        inv_freq = 1.0 / (self.cfg.rope_theta ** (jnp.arange(0, spatial, 2, dtype=jnp.float32) / spatial))
+        freqs_nl2f = rope_hw_nl2[..., None].astype(jnp.float32) * inv_freq
+        freqs_nlf = freqs_nl2f.reshape(*freqs_nl2f.shape[:2], -1)
+        emb_nle = jnp.concatenate([freqs_nlf, freqs_nlf], axis=-1)
+        return jnp.cos(emb_nle), jnp.sin(emb_nle)
+
+    def __call__(self, inputs: ModelInputs):
+        """Merged image tokens [N, M, D_text] and one [N, M, D_text] DeepStack feature per level."""
+        x_nld = self.patch_embed(inputs.pixel_patches_nlp)
+        taps_nl4d = self.pos_embed(inputs.patch_pos_index_nl4)
+        pos_nld = jnp.sum(taps_nl4d * inputs.patch_pos_weight_nl4[..., None].astype(taps_nl4d.dtype), axis=2)
+        x_nld = x_nld + pos_nld.astype(x_nld.dtype)
+        cos_nle, sin_nle = self.rope(inputs.patch_rope_hw_nl2)
+        deepstack = []
+        for layer, block in enumerate(self.blocks):
+            x_nld = block(x_nld, cos_nle, sin_nle, inputs.patch_valid_nl)
+            if layer in self.cfg.deepstack_visual_indexes:
+                level = self.cfg.deepstack_visual_indexes.index(layer)
+                deepstack.append(self.deepstack_merger_list[level](x_nld))
+        return self.merger(x_nld), deepstack
+
+
+# ----------------------------------------------------------------------------------------------- text decoder
+
+
+def mrope_cos_sin(cfg: TextConfig, position_ids_3bt, dtype):
+    """Interleaved multimodal rope: frequency j follows the height axis if j % 3 == 1 (within 3*section[1]),
+    the width axis if j % 3 == 2 (within 3*section[2]), and the temporal axis otherwise."""
+    half = cfg.head_dim // 2
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, cfg.head_dim, 2, dtype=jnp.float32) / cfg.head_dim))
+    freqs_3btf = position_ids_3bt[..., None].astype(jnp.float32) * inv_freq
+    j = jnp.arange(half)
+    _, sec_h, sec_w = cfg.mrope_section
+    axis_f = jnp.where((j % 3 == 1) & (j < 3 * sec_h), 1, jnp.where((j % 3 == 2) & (j < 3 * sec_w), 2, 0))
+    freqs_btf = jnp.take_along_axis(freqs_3btf, axis_f[None, None, None, :], axis=0)[0]
+    emb_bte = jnp.concatenate([freqs_btf, freqs_btf], axis=-1)
+    return jnp.cos(emb_bte).astype(dtype), jnp.sin(emb_bte).astype(dtype)
+
+
+class TextAttention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        e, bias = cfg.head_dim, cfg.attention_bias
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_attention_heads * e, bias=bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(cfg.hidden_size, cfg.num_key_value_heads * e, bias=bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(cfg.hidden_size, cfg.num_key_value_heads * e, bias=bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(cfg.num_attention_heads * e, cfg.hidden_size, bias=bias, dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(e, cfg.rms_norm_eps, dtype=dtype)  # per head, before the rotation
+        self.k_norm = RMSNorm(e, cfg.rms_norm_eps, dtype=dtype)
+
+    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts):
+        b, t, _ = x_btd.shape
+        e = self.cfg.head_dim
+        q_bthe = self.q_norm(self.q_proj(x_btd).reshape(b, t, -1, e))
+        k_btke = self.k_norm(self.k_proj(x_btd).reshape(b, t, -1, e))
+        v_btke = self.v_proj(x_btd).reshape(b, t, -1, e)
+        cos, sin = cos_bte[:, :, None], sin_bte[:, :, None]
+        q_bthe = q_bthe * cos + rotate_half(q_bthe) * sin
+        k_btke = k_btke * cos + rotate_half(k_btke) * sin
+        return self.o_proj(attention(q_bthe, k_btke, v_btke, mask_bts))
+
+
+class TextMLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+        self.self_attn = TextAttention(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = TextMLP(cfg, dtype=dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+
+    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts):
+        x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_bte, sin_bte, mask_bts)
+        return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+
+
+class TextModel(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+
+    def __call__(self, x_btd, position_ids_3bt, attention_mask_bt, vision_index_bt, deepstack_rows_md):
+        cos_bte, sin_bte = mrope_cos_sin(self.cfg, position_ids_3bt, x_btd.dtype)
+        t = x_btd.shape[1]
+        causal_tt = jnp.tril(jnp.ones((t, t), bool))
+        mask_bts = causal_tt[None] & (attention_mask_bt[:, None, :] > 0)
+        is_vision_bt1 = (vision_index_bt >= 0)[..., None]
+        gather_bt = jnp.maximum(vision_index_bt, 0)
+        for layer, decoder_layer in enumerate(self.layers):
+            x_btd = decoder_layer(x_btd, cos_bte, sin_bte, mask_bts)
+            if layer < len(deepstack_rows_md):
+                # DeepStack: features of an earlier vision layer are added to the image tokens' hidden states.
+                x_btd = x_btd + jnp.where(is_vision_bt1, deepstack_rows_md[layer][gather_bt], 0).astype(x_btd.dtype)
+        return self.norm(x_btd)
+
+
+class Qwen3VLModel(nnx.Module):
+    def __init__(self, cfg: Qwen3VLConfig, *, dtype, rngs: nnx.Rngs):
+        self.visual = VisionModel(cfg.vision, dtype=dtype, rngs=rngs)
+        self.language_model = TextModel(cfg.text, dtype=dtype, rngs=rngs)
+
+    def __call__(self, inputs: ModelInputs):
+        merged_nmd, deepstack_nmd = self.visual(inputs)
+        d = merged_nmd.shape[-1]
+        vision_rows_md = merged_nmd.reshape(-1, d)
+        x_btd = self.language_model.embed_tokens(inputs.input_ids_bt)
+        vision_index_bt = inputs.vision_token_index_bt
+        from_vision_btd = vision_rows_md[jnp.maximum(vision_index_bt, 0)].astype(x_btd.dtype)
+        x_btd = jnp.where((vision_index_bt >= 0)[..., None], from_vision_btd, x_btd)
+        deepstack_rows_md = [f.reshape(-1, d) for f in deepstack_nmd]
+        return self.language_model(
+            x_btd, inputs.position_ids_3bt, inputs.attention_mask_bt, vision_index_bt, deepstack_rows_md
+        )
+
+
+class Qwen3VL(nnx.Module):
+    """`Qwen3VLForConditionalGeneration`: the multimodal model plus the (possibly tied) LM head."""
+
+    def __init__(self, cfg: Qwen3VLConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = cfg
+        self.model = Qwen3VLModel(cfg, dtype=dtype, rngs=rngs)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        )
+
+    def lm_head_weight_vd(self):
+        if self.lm_head is None:
+            return self.model.language_model.embed_tokens.weight[...]
+        return self.lm_head.weight[...]
+
+    def hidden_states(self, inputs: ModelInputs):
+        """Final-norm hidden states [B, T, D]."""
+        return self.model(inputs)
+
+    def forward(self, inputs: ModelInputs):
+        """Logits [B, T, V]."""
+        h_btd = self.hidden_states(inputs)
+        return jnp.einsum("btd,vd->btv", h_btd, self.lm_head_weight_vd())
+
+    def token_logprobs(self, inputs: ModelInputs, targets_bt, *, chunk_size: int = 256):
+        """log p(targets_bt[b, t] | tokens <= t), float32 [B, T], without holding [B, T, V] logits.
+
+        The vocabulary projection and log-softmax run over chunks of positions, each rematerialized in the
+        backward pass, so peak memory holds one chunk's logits [B, chunk, V] instead of the whole sequence's.
+        """
+        h_btd = self.hidden_states(inputs)
+        return chunked_token_logprobs(h_btd, self.lm_head_weight_vd(), targets_bt, chunk_size=chunk_size)
+
+    def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 mm_token_type_ids=None, **processor_outputs):
+        """Logits [B, T, V] straight from what transformers' Qwen3-VL processor returns (eager, unjitted)."""
+        from axpo_jax.models.qwen3_vl.inputs import prepare_inputs
+
+        inputs = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
+                                mm_token_type_ids, **processor_outputs)
+        return self.forward(jax.tree.map(jnp.asarray, inputs))
+
+
+def chunked_token_logprobs(h_btd, w_vd, targets_bt, *, chunk_size: int = 256):
+    b, t, d = h_btd.shape
+    chunk = min(chunk_size, t)
+    padded = -(-t // chunk) * chunk
+    h_cbkd = jnp.pad(h_btd, ((0, 0), (0, padded - t), (0, 0))).reshape(b, padded // chunk, chunk, d)
+    y_cbk = jnp.pad(targets_bt, ((0, 0), (0, padded - t))).reshape(b, padded // chunk, chunk)
+
+    @jax.checkpoint
+    def one_chunk(args):
+        h_bkd, y_bk = args
+        logits_bkv = jnp.einsum("bkd,vd->bkv", h_bkd, w_vd, preferred_element_type=jnp.float32)
+        picked_bk = jnp.take_along_axis(logits_bkv, y_bk[..., None], axis=-1)[..., 0]
+        return picked_bk - jax.nn.logsumexp(logits_bkv, axis=-1)
+
+    logp_cbk = jax.lax.map(one_chunk, (jnp.moveaxis(h_cbkd, 1, 0), jnp.moveaxis(y_cbk, 1, 0)))
+    return jnp.moveaxis(logp_cbk, 0, 1).reshape(b, padded)[:, :t]

@@ -1,0 +1,32 @@
+"""Device meshes. Axes: `data` (pure data parallel), `fsdp` (data parallel with sharded params and optimizer
+state), `tensor` (heads / MLP width split inside a layer)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
+    """A mesh over `devices` (default: all). A size of -1 takes whatever devices the other axes leave."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = dict(shape or {"fsdp": -1})
+    unknown = set(shape) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; axes are {MESH_AXES}")
+    sizes = [shape.get(axis, 1) for axis in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got {shape}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices cannot be split as {shape}")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {len(devices)}")
+    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)

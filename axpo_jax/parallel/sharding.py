@@ -1,0 +1,62 @@
+"""How parameters and batches are laid out over the mesh.
+
+Linear weights are stored [out, in] (torch layout). Layers that widen (q/k/v, gate/up, fc1, qkv, the vocab
+projection) split their output dimension over `tensor` and their input over `fsdp`; layers that narrow back
+(o_proj, down_proj, proj, fc2) do the opposite, so a Megatron-style pair needs one reduction. A dimension that
+the mesh axis does not divide is left unsplit, so any config runs on any mesh (tiny test models included).
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+_NARROWING = ("o_proj", "down_proj", "attn.proj", "linear_fc2")
+
+
+def _fits(mesh: Mesh, axes, dim: int):
+    if axes is None:
+        return None
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    size = int(np.prod([mesh.shape[a] for a in names]))
+    return axes if size > 1 and dim % size == 0 else None
+
+
+def param_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """PartitionSpec for the parameter called `name` (its transformers name) of `shape`."""
+    if len(shape) == 2 and not name.endswith("pos_embed.weight"):
+        if any(part in name for part in _NARROWING):
+            axes = ("fsdp", "tensor")
+        else:  # widening linears, embed_tokens and lm_head: [out or vocab, in]
+            axes = ("tensor", "fsdp")
+    elif len(shape) == 5:  # the patch-embedding conv: only its output channels are split
+        axes = ("fsdp", None, None, None, None)
+    else:  # biases, norms, the small learned position table
+        return P()
+    return P(*(_fits(mesh, a, d) for a, d in zip(axes, shape)))
+
+
+def param_sharding(name: str, shape: tuple[int, ...], mesh: Mesh | None):
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return NamedSharding(mesh, param_spec(name, shape, mesh))
+
+
+def batch_spec(shape: tuple[int, ...], mesh: Mesh, batch_axis: int = 0) -> P:
+    """Shard `batch_axis` over data x fsdp when it divides, else replicate."""
+    spec = [None] * len(shape)
+    spec[batch_axis] = _fits(mesh, BATCH_AXES, shape[batch_axis])
+    return P(*spec)
+
+
+def shard_model_inputs(inputs, mesh: Mesh):
+    """Places `ModelInputs` on the mesh: token arrays split by sample, image arrays split by image row."""
+
+    def place(path, x):
+        name = jax.tree_util.keystr(path)
+        axis = 1 if "position_ids_3bt" in name else 0
+        return jax.device_put(x, NamedSharding(mesh, batch_spec(np.shape(x), mesh, axis)))
+
+    return jax.tree_util.tree_map_with_path(place, inputs)
