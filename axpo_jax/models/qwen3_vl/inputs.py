@@ -195,9 +195,8 @@ def prepare_inputs(
     merged_per_row = length // unit
     vision_index = np.full(input_ids.shape, -1, np.int32)
     image_of_token = np.repeat(np.arange(num_images), tokens_per_image)
-    offset_of_token = np.arange(int(tokens_per_image.sum())) - np.repeat(
-        np.concatenate([[0], np.cumsum(tokens_per_image)[:-1]]).astype(np.int64), tokens_per_image
-    )
+    first_token_of_image = np.cumsum(tokens_per_image) - tokens_per_image
+    offset_of_token = np.arange(int(tokens_per_image.sum())) - np.repeat(first_token_of_image, tokens_per_image)
     vision_index[is_image_token] = image_of_token * merged_per_row + offset_of_token
 
     positions, _ = rope_position_ids(input_ids, mm_token_type_ids, grids, attention_mask, merge)

@@ -348,12 +348,17 @@ class Qwen3VL(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  mm_token_type_ids=None, **processor_outputs):
-        """Logits [B, T, V] straight from what transformers' Qwen3-VL processor returns (eager, unjitted)."""
+        """Logits [B, T, V] straight from what transformers' Qwen3-VL processor returns (jitted forward)."""
         from axpo_jax.models.qwen3_vl.inputs import prepare_inputs
 
         inputs = prepare_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
                                 mm_token_type_ids, **processor_outputs)
-        return self.forward(jax.tree.map(jnp.asarray, inputs))
+        return _jitted_forward(self, jax.tree.map(jnp.asarray, inputs))
+
+
+@nnx.jit
+def _jitted_forward(model: Qwen3VL, inputs: ModelInputs):
+    return model.forward(inputs)
 
 
 def chunked_token_logprobs(h_btd, w_vd, targets_bt, *, chunk_size: int = 256):
