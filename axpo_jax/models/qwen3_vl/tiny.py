@@ -82,3 +82,16 @@ def tiny_config_dict(
             },
         }
     )
+
+
+def write_random_checkpoint(folder, config_dict: dict, *, seed: int = 0):
+    """Initializes this port's model with random weights and saves it as a transformers checkpoint folder."""
+    from flax import nnx
+
+    from axpo_jax.models.qwen3_vl.checkpoint import save_pretrained
+    from axpo_jax.models.qwen3_vl.config import Qwen3VLConfig
+    from axpo_jax.models.qwen3_vl.model import Qwen3VL
+
+    model = Qwen3VL(Qwen3VLConfig.from_dict(config_dict), rngs=nnx.Rngs(seed))
+    save_pretrained(model, folder)
+    return model

@@ -1,0 +1,65 @@
+"""The forward on a simulated 8-device CPU mesh (data x fsdp x tensor = 2 x 2 x 2) equals the 1-device one.
+
+The mesh needs XLA_FLAGS before jax starts, so the check runs in a fresh interpreter (this file as a script).
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+
+def _check(folder: str) -> None:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from axpo_jax.models import qwen3_vl
+    from axpo_jax.models.qwen3_vl.tiny import tiny_config_dict, write_random_checkpoint
+    from axpo_jax.parallel.mesh import make_mesh
+    from axpo_jax.parallel.sharding import shard_model_inputs
+
+    assert jax.device_count() == 8, jax.devices()
+    config_dict = tiny_config_dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    write_random_checkpoint(folder, config_dict, seed=3)
+
+    rng = np.random.default_rng(0)
+    cfg = qwen3_vl.Qwen3VLConfig.from_dict(config_dict)
+    image = [cfg.vision_start_token_id] + [cfg.image_token_id] * 6 + [cfg.vision_end_token_id]
+    ids = np.stack([np.r_[rng.integers(0, 200, 4), image, rng.integers(0, 200, 6)] for _ in range(4)])
+    grids = np.array([[1, 4, 6]] * 4)
+    batch = dict(input_ids=ids, attention_mask=np.ones_like(ids), image_grid_thw=grids,
+                 pixel_values=rng.standard_normal((96, cfg.vision.patch_dim)).astype(np.float32))
+    inputs = qwen3_vl.prepare_inputs(cfg, **batch)
+    targets = jnp.asarray(np.roll(ids, -1, 1), jnp.int32)
+
+    @nnx.jit
+    def run(model, inputs, targets):
+        return model.forward(inputs), model.token_logprobs(inputs, targets, chunk_size=8)
+
+    single = qwen3_vl.from_pretrained(folder)
+    logits_1, logp_1 = run(single, jax.tree.map(jnp.asarray, inputs), targets)
+
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded = qwen3_vl.from_pretrained(folder, mesh=mesh)
+    q_proj = sharded.model.language_model.layers[0].self_attn.q_proj.weight[...]
+    assert q_proj.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp"), q_proj.sharding
+    assert len(q_proj.addressable_shards) == 8 and q_proj.addressable_shards[0].data.shape == (32, 32)
+    with jax.set_mesh(mesh):
+        logits_8, logp_8 = run(sharded, shard_model_inputs(inputs, mesh), targets)
+    assert len(logits_8.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(logits_8), np.asarray(logits_1), atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(logp_8), np.asarray(logp_1), atol=2e-5, rtol=0)
+    print("SHARDED_FORWARD_OK")
+
+
+def test_eight_device_mesh_matches_one_device(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "SHARDED_FORWARD_OK" in result.stdout, result.stdout + result.stderr
+
+
+if __name__ == "__main__":
+    _check(sys.argv[1])
