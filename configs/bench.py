@@ -18,16 +18,29 @@ def get_config(arg=None):
     config.seed = 0
 
     if arg == "forward":
-        config.preset = "tiny"
+        config.preset = "tiny"  # "micro" (tests), "tiny" (default, < 1 min on 2 cores), "small" (manual runs)
         config.batch = 4
         config.seq_len = 128
-        config.num_images = 1
-        config.image_size = 64
+        config.num_images = 1  # per sample
+        config.image_size = 128  # 8x8 patches of 16 px: 16 image tokens per image
         config.repeats = 5
+        config.max_logits_diff = 1e-4  # fp32; a larger Flax-vs-torch difference fails the run
     else:  # memory
         config.presets = ("8b", "32b")
         config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1))
-        config.device_memory_gib = 95
-        config.seq_len = 4096
+        config.device_memory_gib = 95  # TPU v5p HBM
+        config.seq_len = 2048
         config.batch_per_device = 1
+        config.images_per_sample = 1
+        config.patches_per_image = 1024  # a 512x512 image: 32x32 patches of 16 px, 256 image tokens
+        config.kv_cache_tokens = 8192  # per sequence, for the analytic rollout KV cache
+        config.logprob_chunk = 256
+        config.targets = ("logits", "token_logprobs")
+        # > 0: compile with this many and twice as many decoder layers, extrapolate temp memory to full depth.
+        config.compile_layers = 0
+        # The plan is compiled for fake CPU devices, one per mesh device (follows --config.mesh.* overrides).
+        config.jax_platforms = "cpu"
+        config.xla_host_device_count = (
+            config.mesh.get_ref("data") * config.mesh.get_ref("fsdp") * config.mesh.get_ref("tensor")
+        )
     return config

@@ -12,6 +12,5 @@ def get_config():
     config.seed = 0
     config.workdir = "runs/demo"
 
-    config.model = ml_collections.ConfigDict()
-    config.model.preset = "tiny"  # a named model size; "tiny" is random weights made at run time
+    config.batch_size = 4  # conversations per forward
     return config

@@ -138,8 +138,9 @@ def compile_forward(config, mesh, *, dtype, target: str, inputs, targets, logpro
 
         args = (state, inputs, targets)
     start = time.perf_counter()
-    with mesh:
-        compiled = jax.jit(fn).lower(*args).compile()
+    # The abstract arguments carry their NamedShardings; jit lets XLA's propagation pick everything else,
+    # exactly as a plain `jax.jit(model.forward)` on sharded arrays would.
+    compiled = jax.jit(fn).lower(*args).compile()
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()
     if stats is None:
@@ -228,12 +229,13 @@ def plan_preset(name: str, config, mesh, settings: dict[str, Any]) -> dict[str, 
             peak_gib=_gib(stats["peak"]) if stats.get("peak") else None,
             total_gib=_gib(total),
             fits=total <= settings["device_memory_gib"] * GIB,
+            bytes=dict(stats, inputs=int(input_bytes), total=int(total)),
         )
 
     kv_bytes = _kv_cache_bytes(config.text, mesh, batch=batch, tokens=settings["kv_cache_tokens"], itemsize=itemsize)
     train_base = params_bytes * 2 + params_fp32_bytes * 2  # params + grads + AdamW (m, v) in fp32
-    fwd = compiled.get("token_logprobs") or next(iter(compiled.values()))
-    train_total = train_base + (fwd["inputs_gib"] + fwd["output_gib"] + fwd["temp_gib"]) * GIB
+    fwd = (compiled.get("token_logprobs") or next(iter(compiled.values())))["bytes"]
+    train_total = train_base + fwd["inputs"] + fwd["output"] + fwd["temp"]
     rollout_total = params_bytes + kv_bytes
     return dict(
         num_params=int(num_params),
@@ -255,6 +257,8 @@ def plan_preset(name: str, config, mesh, settings: dict[str, Any]) -> dict[str, 
             train_step_lower_bound_fits=train_total <= settings["device_memory_gib"] * GIB,
             rollout_params_plus_kv_gib=_gib(rollout_total),
             rollout_fits=rollout_total <= settings["device_memory_gib"] * GIB,
+            bytes=dict(grads=int(params_bytes), adamw_fp32=int(2 * params_fp32_bytes), kv_cache=int(kv_bytes),
+                       train_step_lower_bound=int(train_total), rollout_params_plus_kv=int(rollout_total)),
         ),
     )
 

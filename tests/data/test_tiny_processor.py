@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 from transformers import AutoTokenizer
 
-from axpo_jax.data.tiny_processor import ADDED_TOKENS, build_tiny_processor, load_processor
+from axpo_jax.data.processor import load_processor
+from axpo_jax.data.tiny_processor import ADDED_TOKENS, build_tiny_processor
 
 ROOT = Path(__file__).resolve().parents[2]
 MERGE_LENGTH = 2 * 2  # merge_size**2: patches per <|image_pad|> token
@@ -181,7 +182,8 @@ def test_builds_and_processes_without_torch(tiny, tmp_path):
         sys.modules["torchvision"] = None
         from PIL import Image
         from transformers import Qwen3VLProcessor
-        from axpo_jax.data.tiny_processor import build_tiny_processor, load_processor
+        from axpo_jax.data.processor import load_processor
+        from axpo_jax.data.tiny_processor import build_tiny_processor
 
         folder = sys.argv[1]
         ids = build_tiny_processor(folder)
