@@ -72,3 +72,51 @@ def test_padded_image_buckets_do_not_change_logits(hf_checkpoint):
     a = np.asarray(model.forward(jax.tree.map(jnp.asarray, tight)))
     b = np.asarray(model.forward(jax.tree.map(jnp.asarray, roomy)))
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_processor_outputs_match_transformers(tmp_path):
+    """Real processor outputs (chat template, tools, images in user and tool turns) through both models."""
+    from PIL import Image
+
+    from axpo_jax.data.processor import load_processor
+    from axpo_jax.data.tiny_processor import build_tiny_processor
+    from axpo_jax.tools.schemas import IMAGE_ZOOM_IN
+
+    from .conftest import build_hf_checkpoint
+
+    special = build_tiny_processor(tmp_path, patch_size=8, min_pixels=16 * 16, max_pixels=64 * 64)
+    hf = build_hf_checkpoint(tmp_path, seed=5, vocab_size=special["vocab_size"], patch_size=8,
+                             num_position_embeddings=64, special_token_ids=special)
+    processor = load_processor(tmp_path)
+    processor.tokenizer.padding_side = "left"
+    rng = np.random.default_rng(0)
+
+    def image(w, h):
+        return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+    call = {"name": "image_zoom_in", "arguments": {"bbox_2d": [0, 0, 500, 500], "label": "corner"}}
+    conversations = [
+        [
+            {"role": "user", "content": [{"type": "image", "image": image(48, 32)},
+                                         {"type": "image", "image": image(24, 40)},
+                                         {"type": "text", "text": "Compare the two pictures."}]},
+        ],
+        [
+            {"role": "user", "content": [{"type": "image", "image": image(40, 40)},
+                                         {"type": "text", "text": "What is in the corner?"}]},
+            {"role": "assistant", "content": "<think>\nzoom\n</think>\n", "tool_calls": [{"function": call}]},
+            {"role": "tool", "content": [{"type": "image", "image": image(32, 24)},
+                                         {"type": "text", "text": "zoomed"}]},
+        ],
+    ]
+    batch = processor.apply_chat_template(
+        conversations, tools=[IMAGE_ZOOM_IN], add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="np", processor_kwargs={"padding": True},
+    )
+    assert len(batch["image_grid_thw"]) == 4 and batch["attention_mask"].min() == 0
+    batch = {k: np.asarray(v) for k, v in batch.items()}
+    reference = hf_logits(hf, batch)
+    model = qwen3_vl.from_pretrained(tmp_path)
+    logits = np.asarray(model(**batch))
+    real = batch["attention_mask"].astype(bool)
+    assert np.abs(logits - reference)[real].max() <= TOL
