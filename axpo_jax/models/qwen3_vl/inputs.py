@@ -126,6 +126,7 @@ def prepare_inputs(
     *,
     num_image_rows: int | None = None,
     patches_per_image: int | None = None,
+    position_offset_b=None,
     **unused,
 ) -> ModelInputs:
     """Turns what `Qwen3VLProcessor.__call__` returns into `ModelInputs` (numpy).
@@ -133,6 +134,8 @@ def prepare_inputs(
     `num_image_rows` / `patches_per_image` pad the image dimensions to a bucket so that batches of different
     images share one compiled forward; by default they are the smallest that fit (at least one all-padding row,
     so the vision tower runs on text-only batches too and sharded collectives stay in step).
+    `position_offset_b` starts each row's rope positions at a cached row's next position, for chunks appended
+    to a KV cache (positions are relative, so an offset is all a continuation needs).
     """
     if "video_grid_thw" in unused and unused["video_grid_thw"] is not None:
         raise InputError("video inputs are not supported yet")
@@ -200,6 +203,9 @@ def prepare_inputs(
     vision_index[is_image_token] = image_of_token * merged_per_row + offset_of_token
 
     positions, _ = rope_position_ids(input_ids, mm_token_type_ids, grids, attention_mask, merge)
+    if position_offset_b is not None:
+        offset = np.asarray(position_offset_b, np.int32)[None, :, None]
+        positions = np.where(attention_mask[None] > 0, positions + offset, 0).astype(np.int32)
     return ModelInputs(
         input_ids_bt=input_ids,
         attention_mask_bt=attention_mask,

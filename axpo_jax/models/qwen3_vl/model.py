@@ -11,6 +11,7 @@ N image rows, L patches per row, M merged tokens per row (L / merge^2), V vocab.
 
 from __future__ import annotations
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,6 +20,40 @@ from axpo_jax.models.qwen3_vl.config import Qwen3VLConfig, TextConfig, VisionCon
 from axpo_jax.models.qwen3_vl.inputs import ModelInputs
 
 _NEG_INF = -1e30  # finite, so an all-masked row (padding) gives a uniform softmax instead of NaNs
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys and values of every row's tokens so far, in slots [0, length_b).
+
+    A row's slots are contiguous from 0 (prompts are right-padded when prefilled), so "slot < length" is the
+    whole validity mask. Rope positions are tracked apart from slots because an image advances the position by
+    max(h, w) / merge while it fills h * w / merge^2 slots.
+    """
+
+    keys: tuple  # per layer [B, S, K, E]
+    values: tuple  # per layer [B, S, K, E]
+    length_b: jax.Array  # int32, filled slots per row
+    next_position_b: jax.Array  # int32, rope position of the row's next token (largest position so far + 1)
+
+    @classmethod
+    def empty(cls, cfg: TextConfig, batch: int, capacity: int, dtype=jnp.float32) -> "KVCache":
+        shape = (batch, capacity, cfg.num_key_value_heads, cfg.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+        return cls(zeros, zeros, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[1]
+
+    def take_rows(self, rows_r) -> "KVCache":
+        """A cache whose row r is row rows_r[r] of this one: forking a prefix K ways copies its row K times."""
+        return jax.tree.map(lambda x: jnp.take(x, rows_r, axis=0), self)
+
+
+def _write_rows(cache_bske, new_btke, start_b):
+    """Writes each row's new entries at its own slot offset."""
+    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0, 0)))(cache_bske, new_btke, start_b)
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -236,7 +271,9 @@ class TextAttention(nnx.Module):
         self.q_norm = RMSNorm(e, cfg.rms_norm_eps, dtype=dtype)  # per head, before the rotation
         self.k_norm = RMSNorm(e, cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts):
+    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, kv=None, write_at_b=None):
+        """Without `kv`, attends within x. With `kv` = (keys, values) of a cache, writes x's keys and values at
+        slots write_at_b + [0, T) and attends over all cache slots; returns the updated (keys, values) too."""
         b, t, _ = x_btd.shape
         e = self.cfg.head_dim
         q_bthe = self.q_norm(self.q_proj(x_btd).reshape(b, t, -1, e))
@@ -245,7 +282,11 @@ class TextAttention(nnx.Module):
         cos, sin = cos_bte[:, :, None], sin_bte[:, :, None]
         q_bthe = q_bthe * cos + rotate_half(q_bthe) * sin
         k_btke = k_btke * cos + rotate_half(k_btke) * sin
-        return self.o_proj(attention(q_bthe, k_btke, v_btke, mask_bts))
+        if kv is not None:
+            k_btke = _write_rows(kv[0], k_btke.astype(kv[0].dtype), write_at_b)
+            v_btke = _write_rows(kv[1], v_btke.astype(kv[1].dtype), write_at_b)
+            kv = (k_btke, v_btke)
+        return self.o_proj(attention(q_bthe, k_btke, v_btke, mask_bts)), kv
 
 
 class TextMLP(nnx.Module):
@@ -265,9 +306,10 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts):
-        x_btd = x_btd + self.self_attn(self.input_layernorm(x_btd), cos_bte, sin_bte, mask_bts)
-        return x_btd + self.mlp(self.post_attention_layernorm(x_btd))
+    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, kv=None, write_at_b=None):
+        attn_btd, kv = self.self_attn(self.input_layernorm(x_btd), cos_bte, sin_bte, mask_bts, kv, write_at_b)
+        x_btd = x_btd + attn_btd
+        return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), kv
 
 
 class TextModel(nnx.Module):
@@ -277,19 +319,44 @@ class TextModel(nnx.Module):
         self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x_btd, position_ids_3bt, attention_mask_bt, vision_index_bt, deepstack_rows_md):
+    def __call__(self, x_btd, position_ids_3bt, attention_mask_bt, vision_index_bt, deepstack_rows_md,
+                 cache: KVCache | None = None):
+        """Final-norm hidden states [B, T, D], and the cache with these tokens appended when one is given.
+
+        With a cache, x holds each row's new tokens right-padded (attention_mask_bt marks the real ones); a new
+        token attends to the row's cached slots and to the new tokens up to itself.
+        """
         cos_bte, sin_bte = mrope_cos_sin(self.cfg, position_ids_3bt, x_btd.dtype)
-        t = x_btd.shape[1]
-        causal_tt = jnp.tril(jnp.ones((t, t), bool))
-        mask_bts = causal_tt[None] & (attention_mask_bt[:, None, :] > 0)
+        b, t, _ = x_btd.shape
+        if cache is None:
+            causal_tt = jnp.tril(jnp.ones((t, t), bool))
+            mask_bts = causal_tt[None] & (attention_mask_bt[:, None, :] > 0)
+            write_at_b = None
+        else:
+            write_at_b = cache.length_b
+            visible_bt = write_at_b[:, None] + jnp.arange(t)[None, :] + 1
+            mask_bts = jnp.arange(cache.capacity)[None, None, :] < visible_bt[..., None]
         is_vision_bt1 = (vision_index_bt >= 0)[..., None]
         gather_bt = jnp.maximum(vision_index_bt, 0)
+        keys, values = [], []
         for layer, decoder_layer in enumerate(self.layers):
-            x_btd = decoder_layer(x_btd, cos_bte, sin_bte, mask_bts)
+            kv = None if cache is None else (cache.keys[layer], cache.values[layer])
+            x_btd, kv = decoder_layer(x_btd, cos_bte, sin_bte, mask_bts, kv, write_at_b)
+            if kv is not None:
+                keys.append(kv[0])
+                values.append(kv[1])
             if layer < len(deepstack_rows_md):
                 # DeepStack: features of an earlier vision layer are added to the image tokens' hidden states.
                 x_btd = x_btd + jnp.where(is_vision_bt1, deepstack_rows_md[layer][gather_bt], 0).astype(x_btd.dtype)
-        return self.norm(x_btd)
+        if cache is not None:
+            real_bt = attention_mask_bt > 0
+            last_position_b = jnp.max(jnp.where(real_bt[None], position_ids_3bt, -1), axis=(0, 2))
+            cache = KVCache(
+                tuple(keys), tuple(values),
+                cache.length_b + real_bt.sum(axis=1, dtype=jnp.int32),
+                jnp.maximum(cache.next_position_b, last_position_b + 1),
+            )
+        return self.norm(x_btd), cache
 
 
 class Qwen3VLModel(nnx.Module):
@@ -297,7 +364,7 @@ class Qwen3VLModel(nnx.Module):
         self.visual = VisionModel(cfg.vision, dtype=dtype, rngs=rngs)
         self.language_model = TextModel(cfg.text, dtype=dtype, rngs=rngs)
 
-    def __call__(self, inputs: ModelInputs):
+    def __call__(self, inputs: ModelInputs, cache: KVCache | None = None):
         merged_nmd, deepstack_nmd = self.visual(inputs)
         d = merged_nmd.shape[-1]
         vision_rows_md = merged_nmd.reshape(-1, d)
@@ -307,8 +374,19 @@ class Qwen3VLModel(nnx.Module):
         x_btd = jnp.where((vision_index_bt >= 0)[..., None], from_vision_btd, x_btd)
         deepstack_rows_md = [f.reshape(-1, d) for f in deepstack_nmd]
         return self.language_model(
-            x_btd, inputs.position_ids_3bt, inputs.attention_mask_bt, vision_index_bt, deepstack_rows_md
+            x_btd, inputs.position_ids_3bt, inputs.attention_mask_bt, vision_index_bt, deepstack_rows_md, cache
         )
+
+    def decode_step(self, token_ids_bt, cache: KVCache, active_b):
+        """Appends text tokens (no images) to the active rows; their positions continue from next_position_b.
+        Inactive rows (finished ones) compute but neither advance nor disturb their cache."""
+        b, t = token_ids_bt.shape
+        x_btd = self.language_model.embed_tokens(token_ids_bt)
+        positions_bt = cache.next_position_b[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+        positions_3bt = jnp.broadcast_to(positions_bt[None], (3, b, t))
+        no_vision_bt = jnp.full((b, t), -1, jnp.int32)
+        mask_bt = jnp.broadcast_to(active_b[:, None], (b, t)).astype(jnp.int32)
+        return self.language_model(x_btd, positions_3bt, mask_bt, no_vision_bt, [], cache)
 
 
 class Qwen3VL(nnx.Module):
@@ -330,7 +408,28 @@ class Qwen3VL(nnx.Module):
 
     def hidden_states(self, inputs: ModelInputs):
         """Final-norm hidden states [B, T, D]."""
-        return self.model(inputs)
+        return self.model(inputs)[0]
+
+    def extend(self, inputs: ModelInputs, cache: KVCache):
+        """Appends a multimodal chunk (a prompt, or a tool observation with new images) to each row's cache.
+
+        `inputs` holds each row's new tokens right-padded, with rope positions starting at the row's
+        next_position (prepare_inputs(..., position_offset_b=cache.next_position_b)). Returns the logits of
+        each row's last new token [B, V] (float32) and the cache. A row with no new tokens keeps its cache.
+        """
+        h_btd, cache = self.model(inputs, cache)
+        last_b = jnp.maximum(inputs.attention_mask_bt.sum(axis=1) - 1, 0)
+        h_bd = jnp.take_along_axis(h_btd, last_b[:, None, None], axis=1)[:, 0]
+        return self.logits(h_bd), cache
+
+    def decode_step(self, token_ids_b, cache: KVCache, active_b=None):
+        """One sampled token per row in, next-token logits [B, V] (float32) and the cache out."""
+        active_b = jnp.ones(token_ids_b.shape, bool) if active_b is None else active_b
+        h_btd, cache = self.model.decode_step(token_ids_b[:, None], cache, active_b)
+        return self.logits(h_btd[:, 0]), cache
+
+    def logits(self, h_xd):
+        return jnp.einsum("...d,vd->...v", h_xd, self.lm_head_weight_vd(), preferred_element_type=jnp.float32)
 
     def forward(self, inputs: ModelInputs):
         """Logits [B, T, V]."""

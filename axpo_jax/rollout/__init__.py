@@ -1,0 +1,1 @@
+"""Rollouts: the KV-cache sampler and the multi-turn agent loop."""

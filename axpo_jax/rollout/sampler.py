@@ -1,0 +1,230 @@
+"""KV-cache sampling for Qwen3-VL: prefill, an on-device decode loop, extend (tool observations), fork.
+
+The host prepares every multimodal chunk (prompts, observations with new images) with the HF processor and
+`prepare_inputs`; the device keeps one KV cache row per trajectory. Shapes are bucketed (token counts, image
+rows, patches per image) so a steady stream of turns reuses a handful of compiled programs; `trace_counts`
+records each compilation so tests and benchmarks can check that none happen in steady state.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from axpo_jax.models.qwen3_vl.inputs import ModelInputs, prepare_inputs
+from axpo_jax.models.qwen3_vl.model import KVCache, Qwen3VL
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_k 0 and top_p 1 switch those filters off. The paper's eval setting is
+    SamplingParams(temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5); training samples at 1.0."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    presence_penalty: float = 0.0  # subtracted from the logits of every token this turn has already produced
+
+
+@dataclasses.dataclass
+class DecodeResult:
+    tokens_bn: np.ndarray  # int32 [B, max_new], pad_id after each row's end
+    logprobs_bn: np.ndarray  # float32, log-prob of each sampled token under softmax(logits / temperature)
+    lengths_b: np.ndarray  # int32, tokens produced per row (its stop token included)
+    stopped_b: np.ndarray  # bool: the row hit a stop token or sequence (else it ran into max_new)
+
+
+def _bucket(n: int, minimum: int) -> int:
+    """The next power of two >= max(n, minimum): few distinct shapes, at most 2x padding."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def filter_logits(logits_bv, params: SamplingParams):
+    """Applies temperature, top-k and top-p (nucleus) to float32 logits; removed tokens get -inf."""
+    logits_bv = logits_bv / params.temperature
+    if params.top_k > 0:
+        kth_b1 = jax.lax.top_k(logits_bv, params.top_k)[0][:, -1:]
+        logits_bv = jnp.where(logits_bv < kth_b1, -jnp.inf, logits_bv)
+    if params.top_p < 1.0:
+        sorted_bv = jnp.sort(logits_bv, axis=-1)[:, ::-1]
+        probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+        mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+        # the smallest logit still inside the nucleus; the top token is always kept
+        kept_bv = mass_before_bv < params.top_p
+        cutoff_b1 = jnp.min(jnp.where(kept_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
+        logits_bv = jnp.where(logits_bv < cutoff_b1, -jnp.inf, logits_bv)
+    return logits_bv
+
+
+class Sampler:
+    """Samples continuations for a fixed batch of cache rows of a fixed capacity (tokens per row)."""
+
+    def __init__(self, model: Qwen3VL, *, batch_size: int, capacity: int, stop_token_ids=(), stop_sequences=(),
+                 pad_id: int = 0, min_chunk: int = 16, min_patches: int = 64, cache_dtype=None, mesh=None):
+        self.model = model
+        self.config = model.config
+        self.batch_size = batch_size
+        self.capacity = capacity
+        self.pad_id = pad_id
+        self.min_chunk = min_chunk
+        self.min_patches = min_patches
+        self.mesh = mesh
+        self.cache_dtype = cache_dtype or model.model.language_model.embed_tokens.weight[...].dtype
+        self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
+        # The policy never writes vision placeholders: a sampled <|image_pad|> would later read as an image with no
+        # pixels behind it when the trajectory is re-encoded for training, so these ids are never sampled.
+        cfg = self.config
+        self.banned_token_ids = (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+                                 cfg.vision_end_token_id)
+        width = max([len(s) for s in stop_sequences] + [1])
+        # right-aligned, -1 = matches anything, so sequences of different lengths share one array
+        self._stop_sequences = np.full((max(len(stop_sequences), 1), width), -2, np.int32)
+        for i, seq in enumerate(stop_sequences):
+            self._stop_sequences[i, :width - len(seq)] = -1
+            self._stop_sequences[i, width - len(seq):] = seq
+        self.trace_counts: collections.Counter = collections.Counter()
+
+    # ------------------------------------------------------------------------------------------------ cache
+    def empty_cache(self) -> KVCache:
+        cache = KVCache.empty(self.config.text, self.batch_size, self.capacity, self.cache_dtype)
+        if self.mesh is not None:
+            from axpo_jax.parallel.sharding import batch_spec
+
+            def place(x):
+                return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, batch_spec(x.shape, self.mesh)))
+
+            cache = jax.tree.map(place, cache)
+        return cache
+
+    def chunk_inputs(self, batch: dict, cache: KVCache | None) -> ModelInputs:
+        """Processor outputs of one chunk per row (any padding) -> right-padded, bucketed ModelInputs whose rope
+        positions continue each row's cache."""
+        ids = np.asarray(batch["input_ids"])
+        mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
+        if ids.shape[0] != self.batch_size:
+            raise ValueError(f"chunk has {ids.shape[0]} rows, the sampler was built for {self.batch_size}")
+        lengths = mask.sum(axis=1)
+        width = _bucket(int(lengths.max()), self.min_chunk)
+        right_ids = np.full((self.batch_size, width), self.pad_id, np.int64)
+        right_mask = np.zeros_like(right_ids)
+        for b in range(self.batch_size):
+            right_ids[b, : lengths[b]] = ids[b][mask[b] > 0]
+            right_mask[b, : lengths[b]] = 1
+        grids = batch.get("image_grid_thw")
+        num_images = 0 if grids is None else len(grids)
+        unit = self.config.vision.spatial_merge_size ** 2
+        most_patches = 0 if grids is None else int(np.asarray(grids).prod(-1).max())
+        offset = None
+        if cache is not None:
+            used = np.asarray(cache.length_b)
+            if np.any(used + lengths > self.capacity):
+                raise ValueError(
+                    f"chunk does not fit the cache: rows {np.nonzero(used + lengths > self.capacity)[0].tolist()} "
+                    f"would exceed capacity {self.capacity}"
+                )
+            offset = np.asarray(cache.next_position_b)
+        return prepare_inputs(
+            self.config, right_ids, right_mask, batch.get("pixel_values"), grids, None,
+            num_image_rows=_bucket(num_images, 1),
+            patches_per_image=max(_bucket(most_patches, self.min_patches), unit),
+            position_offset_b=offset,
+        )
+
+    def _place(self, inputs: ModelInputs) -> ModelInputs:
+        if self.mesh is None:
+            return jax.tree.map(jnp.asarray, inputs)
+        from axpo_jax.parallel.sharding import shard_model_inputs
+
+        return shard_model_inputs(inputs, self.mesh)
+
+    def extend(self, batch: dict, cache: KVCache | None = None, logits_bv=None):
+        """Appends one chunk per row (a prompt when `cache` is None); returns (next-token logits [B, V], cache).
+        A row whose chunk is empty keeps its cache and its `logits_bv` row (the logits it had before)."""
+        if cache is None:
+            cache = self.empty_cache()
+            logits_bv = jnp.zeros((self.batch_size, self.config.text.vocab_size), jnp.float32)
+        elif logits_bv is None:
+            raise ValueError("extending a cache needs the rows' current logits (from decode or an earlier extend)")
+        inputs = self._place(self.chunk_inputs(batch, cache))
+        return self._extend(self.model, inputs, cache, logits_bv)
+
+    @functools.partial(nnx.jit, static_argnums=0)
+    def _extend(self, model, inputs, cache, previous_logits_bv):
+        self.trace_counts["extend"] += 1
+        logits_bv, cache = model.extend(inputs, cache)
+        has_new_b1 = inputs.attention_mask_bt.sum(axis=1, keepdims=True) > 0
+        return jnp.where(has_new_b1, logits_bv, previous_logits_bv), cache
+
+    @staticmethod
+    def fork(logits_bv, cache: KVCache, source_rows):
+        """Row r of the result continues row source_rows[r]: a prefix forked K ways, without recomputing it."""
+        rows = jnp.asarray(source_rows, jnp.int32)
+        return jnp.take(logits_bv, rows, axis=0), cache.take_rows(rows)
+
+    # ----------------------------------------------------------------------------------------------- decode
+    def decode(self, logits_bv, cache: KVCache, rng, params: SamplingParams, max_new_tokens: int, active_b=None):
+        """Samples until every active row stops or has max_new_tokens; every sampled token enters the cache.
+
+        Returns (DecodeResult, next-token logits [B, V], cache) so a forked row or an extend can go on from here.
+        """
+        room = self.capacity - int(np.asarray(cache.length_b).max())
+        if max_new_tokens > room:
+            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the cache room left ({room})")
+        active_b = jnp.ones((self.batch_size,), bool) if active_b is None else jnp.asarray(active_b, bool)
+        out = self._decode(self.model, logits_bv, cache, rng, active_b, params, max_new_tokens)
+        tokens, logprobs, lengths, stopped, logits_bv, cache = out
+        result = DecodeResult(np.asarray(tokens), np.asarray(logprobs), np.asarray(lengths), np.asarray(stopped))
+        return result, logits_bv, cache
+
+    @functools.partial(nnx.jit, static_argnums=(0, 6, 7))
+    def _decode(self, model, logits_bv, cache, rng, active_b, params: SamplingParams, max_new: int):
+        self.trace_counts["decode"] += 1
+        b, v = logits_bv.shape
+        stop_ids = jnp.asarray(self.stop_token_ids or (-3,), jnp.int32)
+        stop_seqs = jnp.asarray(self._stop_sequences)
+        window = stop_seqs.shape[1]
+
+        banned_v = jnp.zeros((v,), bool).at[jnp.asarray(self.banned_token_ids)].set(True)
+
+        def sample(logits, key, seen):
+            logits = jnp.where(banned_v, -jnp.inf, logits - params.presence_penalty * seen)
+            if params.temperature == 0:
+                token = jnp.argmax(logits, axis=-1)
+                logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], -1)[:, 0]
+                return token.astype(jnp.int32), logprob
+            token = jax.random.categorical(key, filter_logits(logits, params), axis=-1)
+            logprob = jnp.take_along_axis(jax.nn.log_softmax(logits / params.temperature), token[:, None], -1)[:, 0]
+            return token.astype(jnp.int32), logprob
+
+        def body(state):
+            step, logits, cache, rng, tokens, logprobs, running, seen, recent, stopped = state
+            rng, key = jax.random.split(rng)
+            token, logprob = sample(logits, key, seen)
+            token = jnp.where(running, token, self.pad_id)
+            tokens = tokens.at[:, step].set(token)
+            logprobs = logprobs.at[:, step].set(jnp.where(running, logprob, 0.0))
+            seen = seen.at[jnp.arange(b), token].max(running.astype(seen.dtype))
+            recent = jnp.concatenate([recent[:, 1:], token[:, None]], axis=1)
+            hit_seq = jnp.any(jnp.all((stop_seqs[None] == recent[:, None]) | (stop_seqs[None] == -1), -1), -1)
+            hit = jnp.isin(token, stop_ids) | hit_seq
+            logits, cache = model.decode_step(token, cache, running)
+            stopped = stopped | (running & hit)
+            running = running & ~hit & (step + 1 < max_new)
+            return step + 1, logits, cache, rng, tokens, logprobs, running, seen, recent, stopped
+
+        state = (
+            jnp.int32(0), logits_bv, cache, rng,
+            jnp.full((b, max_new), self.pad_id, jnp.int32), jnp.zeros((b, max_new), jnp.float32),
+            active_b, jnp.zeros((b, v), jnp.float32), jnp.full((b, window), -5, jnp.int32), jnp.zeros((b,), bool),
+        )
+        start_length = cache.length_b
+        step, logits_bv, cache, _, tokens, logprobs, _, _, _, stopped = jax.lax.while_loop(
+            lambda s: jnp.any(s[6]), body, state
+        )
+        return tokens, logprobs, cache.length_b - start_length, stopped, logits_bv, cache

@@ -1,0 +1,171 @@
+"""The KV-cache sampler against transformers' generate (greedy), plus extend, fork, stops and compile counts."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from axpo_jax.models import qwen3_vl
+from axpo_jax.rollout.sampler import Sampler, SamplingParams, filter_logits
+from tests.models.qwen3_vl.conftest import build_hf_checkpoint, image_tokens, make_batch
+
+GREEDY = SamplingParams(temperature=0.0)
+PROMPTS = [[3, (1, 4, 6), 4], [2, (1, 6, 4), 6, (1, 2, 2), 1], [7], [5, (1, 4, 4), 2]]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sampler_model")
+    hf = build_hf_checkpoint(folder, seed=0)
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    return hf, qwen3_vl.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def sampler(models):
+    return Sampler(models[1], batch_size=4, capacity=128)
+
+
+def hf_greedy(hf, batch, n):
+    cfg = hf.config
+    vision_ids = [cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id]
+    with torch.no_grad():
+        out = hf.generate(**{k: torch.from_numpy(np.asarray(v)) for k, v in batch.items()}, max_new_tokens=n,
+                          do_sample=False, suppress_tokens=vision_ids)  # the sampler never samples these
+    return out[:, batch["input_ids"].shape[1]:].numpy()
+
+
+def test_greedy_matches_generate(models, sampler):
+    hf, _ = models
+    batch = make_batch(hf.config, PROMPTS, padding="left")
+    logits, cache = sampler.extend(batch)
+    result, _, _ = sampler.decode(logits, cache, jax.random.key(0), GREEDY, 10)
+    np.testing.assert_array_equal(result.tokens_bn, hf_greedy(hf, batch, 10))
+    np.testing.assert_array_equal(result.lengths_b, [10] * 4)
+    assert not result.stopped_b.any()
+
+
+def test_extend_with_observation_image_matches_generate(models, sampler):
+    """Turn 1, then a tool observation (text + a new image for three rows, nothing for one), then turn 2."""
+    hf, _ = models
+    cfg = hf.config
+    rng = np.random.default_rng(7)
+    prompts = make_batch(cfg, PROMPTS, padding="left", seed=1)
+    logits, cache = sampler.extend(prompts)
+    turn1, logits, cache = sampler.decode(logits, cache, jax.random.key(0), GREEDY, 5)
+
+    new_grids = {0: (1, 2, 4), 1: (1, 4, 4), 3: (1, 6, 2)}
+    patch_dim = cfg.vision_config.in_channels * cfg.vision_config.temporal_patch_size * cfg.vision_config.patch_size**2
+    obs_ids, obs_pixels = {}, {}
+    for row, grid in new_grids.items():
+        obs_ids[row] = [11, 12] + image_tokens(cfg, grid) + [13]
+        obs_pixels[row] = rng.standard_normal((int(np.prod(grid)), patch_dim)).astype(np.float32)
+    width = max(len(v) for v in obs_ids.values())
+    chunk = {"input_ids": np.zeros((4, width), np.int64), "attention_mask": np.zeros((4, width), np.int64)}
+    for row, ids in obs_ids.items():
+        chunk["input_ids"][row, : len(ids)], chunk["attention_mask"][row, : len(ids)] = ids, 1
+    chunk["image_grid_thw"] = np.array([new_grids[r] for r in sorted(new_grids)])
+    chunk["pixel_values"] = np.concatenate([obs_pixels[r] for r in sorted(new_grids)])
+    logits, cache = sampler.extend(chunk, cache, logits)
+    turn2, _, _ = sampler.decode(logits, cache, jax.random.key(0), GREEDY, 6)
+
+    # transformers sees each whole conversation at once: prompt + turn 1 + observation (+ its image)
+    grids = prompts["image_grid_thw"]
+    per_row_images = [1, 2, 0, 1]
+    starts = np.cumsum([0] + [int(np.prod(g)) for g in grids])
+    first_image = np.cumsum([0] + per_row_images)
+    for row in range(4):
+        real = prompts["input_ids"][row][prompts["attention_mask"][row] > 0].tolist()
+        ids = real + turn1.tokens_bn[row].tolist() + obs_ids.get(row, [])
+        images = list(range(first_image[row], first_image[row + 1]))
+        pixels = [prompts["pixel_values"][starts[i] : starts[i + 1]] for i in images]
+        row_grids = [grids[i] for i in images]
+        if row in new_grids:
+            pixels.append(obs_pixels[row])
+            row_grids.append(new_grids[row])
+        single = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
+                  "mm_token_type_ids": (np.array([ids]) == cfg.image_token_id).astype(np.int64)}
+        if pixels:
+            single["pixel_values"] = np.concatenate(pixels)
+            single["image_grid_thw"] = np.array(row_grids)
+        np.testing.assert_array_equal(turn2.tokens_bn[row], hf_greedy(hf, single, 6)[0], err_msg=f"row {row}")
+
+
+def test_fork_continues_exactly_like_the_source(models, sampler):
+    hf, _ = models
+    batch = make_batch(hf.config, PROMPTS, padding="right", seed=2)
+    logits, cache = sampler.extend(batch)
+    _, prefix_logits, prefix_cache = sampler.decode(logits, cache, jax.random.key(1), GREEDY, 4)
+    reference, _, _ = sampler.decode(prefix_logits, prefix_cache, jax.random.key(1), GREEDY, 6)
+
+    forked_logits, forked_cache = sampler.fork(prefix_logits, prefix_cache, [1, 1, 1, 1])
+    np.testing.assert_array_equal(np.asarray(forked_cache.length_b), [int(prefix_cache.length_b[1])] * 4)
+    greedy, _, _ = sampler.decode(forked_logits, forked_cache, jax.random.key(1), GREEDY, 6)
+    np.testing.assert_array_equal(greedy.tokens_bn, np.repeat(reference.tokens_bn[1:2], 4, axis=0))
+
+    sampled, _, _ = sampler.decode(forked_logits, forked_cache, jax.random.key(3), SamplingParams(), 6)
+    assert len({tuple(r) for r in sampled.tokens_bn}) > 1  # K independent continuations of one prefix
+
+
+def test_stop_tokens_and_stop_sequences(models):
+    hf, model = models
+    batch = make_batch(hf.config, PROMPTS, padding="left")
+    free = Sampler(model, batch_size=4, capacity=128)
+    logits, cache = free.extend(batch)
+    full, _, _ = free.decode(logits, cache, jax.random.key(0), GREEDY, 10)
+    stop_token = int(full.tokens_bn[2, 3])  # row 2 stops at its 4th token (or earlier if it repeats)
+    pair = tuple(int(t) for t in full.tokens_bn[0, 5:7])  # row 0 stops after its 7th token via a sequence
+
+    stopping = Sampler(model, batch_size=4, capacity=128, stop_token_ids=[stop_token], stop_sequences=[pair],
+                       pad_id=-1)
+    logits, cache = stopping.extend(batch)
+    result, _, cache = stopping.decode(logits, cache, jax.random.key(0), GREEDY, 10)
+    for row in range(4):
+        produced = full.tokens_bn[row].tolist()
+        ends = [i + 1 for i, t in enumerate(produced) if t == stop_token]
+        ends += [i + 1 for i in range(1, 10) if tuple(produced[i - 1 : i + 1]) == pair]
+        expected = min(ends + [10])
+        assert result.lengths_b[row] == expected, row
+        assert result.stopped_b[row] == (expected < 10 or bool(ends and min(ends) == 10))
+        np.testing.assert_array_equal(result.tokens_bn[row, :expected], produced[:expected])
+        assert (result.tokens_bn[row, expected:] == -1).all()
+    assert result.lengths_b[2] <= 4 and result.lengths_b[0] <= 7
+    # finished rows did not advance their cache
+    np.testing.assert_array_equal(np.asarray(cache.length_b), batch["attention_mask"].sum(1) + result.lengths_b)
+
+
+def test_steady_state_does_not_recompile(models):
+    hf, model = models
+    sampler = Sampler(model, batch_size=4, capacity=128)
+    # different prompts, images and sampling keys, but the same buckets (<= 32 tokens, <= 4 images, <= 64 patches)
+    for seed, prompts in enumerate([PROMPTS, [[14, (1, 4, 4), 1], [9], [2, (1, 6, 4), 3], [1, (1, 2, 2), 2]]]):
+        batch = make_batch(hf.config, prompts, padding="left", seed=seed)
+        logits, cache = sampler.extend(batch)
+        sampler.decode(logits, cache, jax.random.key(seed), SamplingParams(temperature=0.7, top_p=0.8), 8)
+    assert sampler.trace_counts == {"extend": 1, "decode": 1}
+
+
+def test_filters_and_presence_penalty():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    top2 = filter_logits(logits, SamplingParams(top_k=2))
+    assert np.isfinite(np.asarray(top2)).tolist() == [[True, True, False, False]]
+    nucleus = filter_logits(logits, SamplingParams(top_p=0.7))  # 0.5 + 0.3 reach 0.7: keep two
+    assert np.isfinite(np.asarray(nucleus)).tolist() == [[True, True, False, False]]
+    tiny = filter_logits(logits, SamplingParams(top_p=0.01))  # the top token always stays
+    assert np.isfinite(np.asarray(tiny)).tolist() == [[True, False, False, False]]
+    hot = filter_logits(logits, SamplingParams(temperature=2.0))
+    np.testing.assert_allclose(np.asarray(hot), np.asarray(logits) / 2)
+
+
+def test_presence_penalty_discourages_repeats(models):
+    hf, model = models
+    sampler = Sampler(model, batch_size=4, capacity=128)
+    batch = make_batch(hf.config, PROMPTS, padding="left")
+    logits, cache = sampler.extend(batch)
+    plain, _, _ = sampler.decode(logits, cache, jax.random.key(0), GREEDY, 12)
+    penalised, _, _ = sampler.decode(logits, cache, jax.random.key(0),
+                                     SamplingParams(temperature=0.0, presence_penalty=100.0), 12)
+    assert any(len(set(r)) < 12 for r in plain.tokens_bn.tolist())  # the tiny model does repeat itself
+    assert all(len(set(r)) == 12 for r in penalised.tokens_bn.tolist())
