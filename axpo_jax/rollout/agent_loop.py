@@ -1,0 +1,262 @@
+"""The multi-turn agent loop: think, call tools, read their observations, answer (AXPO.md §1).
+
+For a batch of tasks x N samples, one KV-cache row per trajectory: prefill the chat-templated prompts, decode
+until every row stops (`</tool_call>`, `<|im_end|>`, `</answer>` or the per-turn token limit), parse and execute
+the rows' tool calls on the host, append each row's observation (text and new images, rendered by the chat
+template) to its cache with `extend`, and decode again, up to `max_turns` policy turns. The output per trajectory
+is everything training needs: tokens, a policy mask (1 on tokens the policy wrote), the sampler's log-probs, the
+conversation's images, per-turn records, the extracted answer, and for AXPO the end of the first `<tool_call>`
+tag and the policy's confidence on its tool-call tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import uuid
+
+import jax
+import numpy as np
+from PIL import Image
+
+from axpo_jax.rollout.sampler import Sampler, SamplingParams
+from axpo_jax.tools.base import Observation, ToolContext
+from axpo_jax.tools.executor import ToolExecutor, ToolRequest
+from axpo_jax.tools.protocol import extract_answer, observation_messages, parse_tool_calls
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+END_OF_TURN = "<|im_end|>"
+ANSWER_CLOSE = "</answer>"
+
+
+@dataclasses.dataclass
+class Task:
+    question: str
+    images: list[Image.Image]
+    answer: str = ""
+    task_id: str = ""
+
+
+@dataclasses.dataclass
+class TurnRecord:
+    text: str  # what the policy wrote this turn
+    num_tokens: int
+    calls: int = 0
+    statuses: list[str] = dataclasses.field(default_factory=list)  # one per call: "ok" or a failure category
+
+
+@dataclasses.dataclass
+class Trajectory:
+    task_index: int
+    sample_index: int
+    token_ids: list[int]
+    policy_mask: list[int]  # 1 on tokens the policy sampled (trained), 0 on prompt and observation tokens
+    logprobs: list[float]  # the sampler's log-prob of each policy token, 0 elsewhere
+    prompt_length: int
+    images: list[Image.Image]  # the conversation's images in order: prompt images, then crops and figures
+    turns: list[TurnRecord] = dataclasses.field(default_factory=list)
+    answer: str | None = None
+    finish_reason: str = ""  # "answer" | "no_answer" | "turn_limit" | "length"
+    prefix_end: int | None = None  # index into token_ids just past the first <tool_call> token
+    tool_call_logprobs: list[float] = dataclasses.field(default_factory=list)  # of every tool-call span token
+
+    @property
+    def used_tool(self) -> bool:
+        return any(turn.calls for turn in self.turns)
+
+    @property
+    def tool_call_confidence(self) -> float:
+        """Mean probability of the sampled tool-call tokens (AXPO's ranking score); NaN without a call."""
+        return float(np.mean(np.exp(self.tool_call_logprobs))) if self.tool_call_logprobs else float("nan")
+
+
+class AgentLoop:
+    """Runs batches of multi-turn, tool-using rollouts for one policy, processor and tool set."""
+
+    def __init__(self, model, processor, executor: ToolExecutor, *, max_turns: int = 3,
+                 max_new_tokens_per_turn: int = 256, capacity: int = 2048, system_prompt: str | None = None,
+                 tool_timeout_s: float = 12.0, mesh=None, log=None):
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.executor = executor
+        self.tool_schemas = executor.registry.schemas()
+        self.max_turns = max_turns
+        self.max_new_tokens_per_turn = max_new_tokens_per_turn
+        self.capacity = capacity
+        self.system_prompt = system_prompt
+        self.tool_timeout_s = tool_timeout_s
+        self.mesh = mesh
+        self.log = log or (lambda message: print(f"[rollout] {message}", file=sys.stderr, flush=True))
+        vocab = self.tokenizer.get_vocab()
+        missing = [t for t in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE, END_OF_TURN) if t not in vocab]
+        if missing:
+            raise ValueError(f"the tokenizer lacks the Qwen3-VL tokens {missing}")
+        self.tool_call_open_id = vocab[TOOL_CALL_OPEN]
+        self.tool_call_close_id = vocab[TOOL_CALL_CLOSE]
+        self.end_of_turn_id = vocab[END_OF_TURN]
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._answer_close_ids = self.tokenizer.encode(ANSWER_CLOSE, add_special_tokens=False)
+        self._samplers: dict[int, Sampler] = {}
+
+    def sampler(self, batch_size: int) -> Sampler:
+        if batch_size not in self._samplers:
+            self._samplers[batch_size] = Sampler(
+                self.model, batch_size=batch_size, capacity=self.capacity, pad_id=self.pad_id, mesh=self.mesh,
+                stop_token_ids=[self.tool_call_close_id, self.end_of_turn_id],
+                stop_sequences=[self._answer_close_ids],
+            )
+        return self._samplers[batch_size]
+
+    # --------------------------------------------------------------------------------------------- messages
+    def prompt_messages(self, task: Task) -> list[dict]:
+        content = [{"type": "image", "image": image} for image in task.images]
+        content.append({"type": "text", "text": task.question})
+        messages = [{"role": "user", "content": content}]
+        if self.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.system_prompt})
+        return messages
+
+    def observation_text(self, observations: list[Observation], turn_ended: bool) -> str:
+        """The template's rendering of tool responses after an assistant turn, through the next generation prompt.
+
+        Rendered from the chat template itself (around a placeholder assistant turn), so a checkpoint's own
+        template decides the layout. If the policy already closed its turn with <|im_end|>, that is not repeated.
+        """
+        marker = "\x00AXPO_TURN\x00"
+        messages = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                    {"role": "assistant", "content": marker}] + observation_messages(observations)
+        rendered = self.processor.apply_chat_template(messages, tools=self.tool_schemas, tokenize=False,
+                                                      add_generation_prompt=True)
+        suffix = rendered[rendered.index(marker) + len(marker):]
+        if turn_ended and suffix.startswith(END_OF_TURN):
+            suffix = suffix[len(END_OF_TURN):]
+        return suffix
+
+    # ------------------------------------------------------------------------------------------------ rollout
+    def run(self, tasks: list[Task], num_samples: int, rng, params: SamplingParams) -> list[Trajectory]:
+        rows = [(t, s) for t in range(len(tasks)) for s in range(num_samples)]
+        batch_size = len(rows)
+        sampler = self.sampler(batch_size)
+        run_id = uuid.uuid4().hex[:8]
+        conversations = [self.prompt_messages(tasks[t]) for t, _ in rows]
+        prompt = self.processor.apply_chat_template(
+            conversations, tools=self.tool_schemas, add_generation_prompt=True, tokenize=True, return_dict=True,
+            return_tensors="np", processor_kwargs={"padding": True},
+        )
+        trajectories = []
+        for b, (t, s) in enumerate(rows):
+            ids = prompt["input_ids"][b][prompt["attention_mask"][b] > 0].tolist()
+            trajectories.append(Trajectory(t, s, ids, [0] * len(ids), [0.0] * len(ids), len(ids),
+                                           list(tasks[t].images)))
+        logits, cache = sampler.extend(prompt)
+        active = np.ones(batch_size, bool)
+        for turn in range(1, self.max_turns + 1):
+            room = self.capacity - int(np.asarray(cache.length_b)[active].max())
+            max_new = min(self.max_new_tokens_per_turn, room)
+            rng, key = jax.random.split(rng)
+            result, logits, cache = sampler.decode(logits, cache, key, params, max_new, active_b=active)
+            requests = {}
+            for b in np.nonzero(active)[0]:
+                requests_b = self._record_turn(trajectories[b], result, b, turn, cache_room=room)
+                if requests_b is None:
+                    active[b] = False
+                else:
+                    requests[b] = requests_b
+            if not requests:
+                break
+            self.log(f"turn {turn}: {len(requests)} of {batch_size} rows called tools")
+            order = sorted(requests)
+            contexts = [ToolContext(trajectories[b].images, f"{run_id}-{b}", self.tool_timeout_s) for b in order]
+            outcomes = self.executor.execute([ToolRequest(requests[b], c) for b, c in zip(order, contexts)])
+            texts, images = {}, {}
+            for b, observations in zip(order, outcomes):
+                trajectory = trajectories[b]
+                trajectory.turns[-1].statuses = [o.status for o in observations]
+                images[b] = [image for o in observations for image in o.images]
+                trajectory.images.extend(images[b])
+                texts[b] = self.observation_text(observations, trajectory.token_ids[-1] == self.end_of_turn_id)
+            chunk = self._chunk(texts, images, batch_size)
+            # a row whose observation would not fit its cache (with room for one more token) ends here
+            overflow = np.asarray(cache.length_b) + chunk["attention_mask"].sum(axis=1) + 1 > self.capacity
+            if overflow.any():
+                for b in np.nonzero(overflow)[0]:
+                    trajectories[b].finish_reason, active[b] = "length", False
+                    texts.pop(b, None)
+                chunk = self._chunk(texts, images, batch_size)
+            logits, cache = sampler.extend(chunk, cache, logits)
+            for b in np.nonzero(active)[0]:
+                ids = chunk["input_ids"][b][chunk["attention_mask"][b] > 0].tolist()
+                self._append(trajectories[b], ids, policy=False)
+        for b in np.nonzero(active)[0]:
+            trajectories[b].finish_reason = trajectories[b].finish_reason or "turn_limit"
+        for b in range(batch_size):
+            self.executor.registry.close_session(f"{run_id}-{b}")
+        return trajectories
+
+    def _chunk(self, texts: dict[int, str], images: dict[int, list], batch_size: int) -> dict:
+        """Processor outputs of each row's observation text (empty for rows without one), images in row order."""
+        flat_images = [image for b in sorted(texts) for image in images[b]]
+        return self.processor(text=[texts.get(b, "") for b in range(batch_size)], images=flat_images or None,
+                              return_tensors="np", padding=True)
+
+    def _append(self, trajectory: Trajectory, ids: list[int], policy: bool, logprobs=None) -> None:
+        trajectory.token_ids.extend(ids)
+        trajectory.policy_mask.extend([int(policy)] * len(ids))
+        trajectory.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
+
+    def _record_turn(self, trajectory: Trajectory, result, b: int, turn: int, cache_room: int) -> str | None:
+        """Stores row b's new turn; returns its text if its tool calls should run, None if the row is done."""
+        n = int(result.lengths_b[b])
+        ids = result.tokens_bn[b, :n].tolist()
+        logprobs = result.logprobs_bn[b, :n].tolist()
+        start = len(trajectory.token_ids)
+        self._append(trajectory, ids, policy=True, logprobs=logprobs)
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        record = TurnRecord(text, n)
+        trajectory.turns.append(record)
+        inside = False
+        for i, token in enumerate(ids):  # tool-call spans, tags included, for the confidence score
+            if token == self.tool_call_open_id:
+                inside = True
+                if trajectory.prefix_end is None:
+                    trajectory.prefix_end = start + i + 1
+            if inside:
+                trajectory.tool_call_logprobs.append(logprobs[i])
+            if token == self.tool_call_close_id:
+                inside = False
+        record.calls = len(parse_tool_calls(text))
+        answer = extract_answer(text)
+        if answer is not None:
+            trajectory.answer, trajectory.finish_reason = answer, "answer"
+            return None
+        if not result.stopped_b[b]:
+            trajectory.finish_reason = "length"
+            return None
+        if record.calls == 0:
+            trajectory.finish_reason = "no_answer"
+            return None
+        if turn == self.max_turns:
+            trajectory.finish_reason = "turn_limit"
+            return None
+        return text
+
+
+def encode_trajectories(trajectories: list[Trajectory], processor, pad_id: int = 0, length: int | None = None):
+    """Processor-shaped arrays of whole trajectories (right-padded), for re-scoring them in one forward.
+
+    Images go through the checkpoint's image processor again, in conversation order, which gives exactly the
+    patches the sampler saw (the processing is deterministic).
+    """
+    length = length or max(len(t.token_ids) for t in trajectories)
+    ids = np.full((len(trajectories), length), pad_id, np.int64)
+    mask = np.zeros_like(ids)
+    for b, trajectory in enumerate(trajectories):
+        ids[b, : len(trajectory.token_ids)] = trajectory.token_ids
+        mask[b, : len(trajectory.token_ids)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    images = [image for trajectory in trajectories for image in trajectory.images]
+    if images:
+        vision = processor.image_processor(images=images, return_tensors="np")
+        batch["pixel_values"], batch["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]
+    return batch

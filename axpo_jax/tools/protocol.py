@@ -1,0 +1,163 @@
+"""The text protocol between the policy and the tools: parsing its tool calls and answer, rendering observations.
+
+The policy writes calls in the Qwen3-VL / qwen-agent convention, one JSON object per tag:
+
+    <tool_call>
+    {"name": "image_zoom_in", "arguments": {"bbox_2d": [0, 0, 500, 500], "label": "sign"}}
+    </tool_call>
+
+Every `<tool_call>` in the turn is an action, also one written inside `<think>`, as in verl/rllm's parsers that
+the paper trained with; AXPO's resampling prefix ends at the first `<tool_call>` tag, so the two agree.
+Malformed calls are not repaired (a repaired call would train the policy on text it did not get right): each one
+becomes a BAD_JSON observation saying what was wrong, returned in place of the call's result.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from axpo_jax.tools.base import BAD_JSON, Observation, ToolCall
+
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL_CLOSE = "</tool_call>"
+ANSWER_OPEN = "<answer>"
+ANSWER_CLOSE = "</answer>"
+
+_EXPECTED_FORM = 'expected {"name": <tool name>, "arguments": {<argument>: <value>, ...}}'
+_JSON_FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL)
+_BOXED = re.compile(r"\\boxed\s*\{")
+
+
+def failure_observation(status: str, message: str) -> Observation:
+    """The observation the policy sees for a failed call: the message says what was wrong, the status says which
+    category it falls in (for counting)."""
+    return Observation(text=f"Error: {message}", status=status)
+
+
+def parse_tool_calls(turn_text: str) -> list[ToolCall | Observation]:
+    """Every tool call of a policy turn, in order; a malformed one is a BAD_JSON Observation in its place.
+
+    A call left open at the end of the turn counts as closed there: the sampler stops on `</tool_call>` and may
+    strip it. A call left open before the next `<tool_call>` is malformed.
+    """
+    items: list[ToolCall | Observation] = []
+    position = 0
+    while (start := turn_text.find(TOOL_CALL_OPEN, position)) != -1:
+        body_start = start + len(TOOL_CALL_OPEN)
+        end = turn_text.find(TOOL_CALL_CLOSE, body_start)
+        next_start = turn_text.find(TOOL_CALL_OPEN, body_start)
+        if next_start != -1 and (end == -1 or next_start < end):
+            items.append(failure_observation(BAD_JSON, f"{TOOL_CALL_OPEN} was not closed by {TOOL_CALL_CLOSE} "
+                                                       f"before the next {TOOL_CALL_OPEN}"))
+            position = next_start
+            continue
+        if end == -1:
+            end = len(turn_text)
+        items.append(_parse_call_body(turn_text[body_start:end]))
+        position = end + len(TOOL_CALL_CLOSE)
+    return items
+
+
+def _parse_call_body(raw: str) -> ToolCall | Observation:
+    text = raw.strip()
+    fenced = _JSON_FENCE.fullmatch(text)
+    if fenced:
+        text = fenced.group(1)
+    if not text:
+        return failure_observation(BAD_JSON, f"empty tool call; {_EXPECTED_FORM}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        return failure_observation(BAD_JSON, f"the tool call is not valid JSON: {_describe_json_error(error)}; "
+                                             f"{_EXPECTED_FORM}")
+    except RecursionError:
+        return failure_observation(BAD_JSON, "the tool call's JSON is nested too deeply")
+    if not isinstance(value, dict):
+        return failure_observation(BAD_JSON, f"the tool call is a JSON {_json_type_name(value)}, not an object; "
+                                             f"{_EXPECTED_FORM}")
+    name = value.get("name")
+    if not isinstance(name, str) or not name.strip():
+        return failure_observation(BAD_JSON, f'the tool call has no "name" string; {_EXPECTED_FORM}')
+    if "arguments" not in value:
+        return failure_observation(BAD_JSON, f'the tool call has no "arguments"; {_EXPECTED_FORM}')
+    arguments = value["arguments"]
+    if isinstance(arguments, str):  # OpenAI's wire format sends arguments as a JSON-encoded string
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as error:
+            return failure_observation(BAD_JSON, f'"arguments" is a string that is not valid JSON: '
+                                                 f"{_describe_json_error(error)}")
+    if not isinstance(arguments, dict):
+        return failure_observation(BAD_JSON, f'"arguments" must be a JSON object, got a JSON '
+                                             f"{_json_type_name(arguments)}")
+    return ToolCall(name=name, arguments=arguments, raw=raw)
+
+
+def _describe_json_error(error: json.JSONDecodeError) -> str:
+    """json's message, or the likely cause for the two mistakes models make most (Python-style literals)."""
+    at = error.doc[error.pos:error.pos + 1]
+    if at and at in "}]" and error.doc[:error.pos].rstrip().endswith(","):
+        return f"trailing comma before '{at}' (line {error.lineno}, column {error.colno})"
+    if at == "'":
+        return f"single quote at line {error.lineno}, column {error.colno}: JSON strings and keys need double quotes"
+    return f"{error.msg} (line {error.lineno}, column {error.colno})"
+
+
+def _json_type_name(value) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def extract_answer(text: str) -> str | None:
+    """The content of the last `\\boxed{...}` inside the last `<answer>...</answer>` (closing tag optional at the
+    end of the text); None when there is no answer block or no complete `\\boxed{}` in it.
+
+    Braces are matched with nesting (`\\boxed{\\frac{a}{b}}` gives `\\frac{a}{b}`); escaped braces `\\{ \\}`
+    are content, not structure.
+    """
+    start = text.rfind(ANSWER_OPEN)
+    if start == -1:
+        return None
+    answer = text[start + len(ANSWER_OPEN):]
+    end = answer.find(ANSWER_CLOSE)
+    if end != -1:
+        answer = answer[:end]
+    boxes = list(_BOXED.finditer(answer))
+    if not boxes:
+        return None
+    content_start = boxes[-1].end()
+    depth = 1
+    i = content_start
+    while i < len(answer):
+        char = answer[i]
+        if char == "\\":
+            i += 2
+            continue
+        if char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return answer[content_start:i].strip()
+        i += 1
+    return None
+
+
+def observation_message(observation: Observation) -> dict:
+    """The chat message for one call's observation: its images, then its text.
+
+    One message per call (not one per turn): the Qwen3-VL template wraps each `tool` message in its own
+    `<tool_response>` block and groups consecutive ones into a single user turn, the layout Qwen3-VL is trained
+    on for parallel calls, so the i-th response answers the i-th call. The images must be appended to the
+    conversation's image list in the same order (call order, then image order), since the processor matches
+    image placeholders to images by position.
+    """
+    content: list[dict] = [{"type": "image", "image": image} for image in observation.images]
+    content.append({"type": "text", "text": observation.text})
+    return {"role": "tool", "content": content}
+
+
+def observation_messages(observations: list[Observation]) -> list[dict]:
+    """The messages answering one turn's calls, in call order (rendered as one user turn by the template)."""
+    return [observation_message(observation) for observation in observations]

@@ -1,0 +1,106 @@
+"""The agent loop on a tiny real checkpoint with a scripted policy: tool turns, failures, limits, and a check that
+the extended KV cache saw exactly what a full forward of the finished trajectory sees."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from axpo_jax.data.processor import load_processor
+from axpo_jax.demo import build_tiny_checkpoint
+from axpo_jax.models import qwen3_vl
+from axpo_jax.rollout.agent_loop import AgentLoop, Task, encode_trajectories
+from axpo_jax.rollout.sampler import DecodeResult, Sampler, SamplingParams
+from axpo_jax.tools.executor import ToolExecutor
+from axpo_jax.tools.registry import build_registry
+
+ZOOM = '<tool_call>\n{"name": "image_zoom_in", "arguments": {"bbox_2d": [0, 0, 500, 500], "label": "corner"}}\n</tool_call>'
+SCRIPTS = [
+    ["<think>\nlook closer\n</think>\n" + ZOOM, "<think>\nseven\n</think>\n<answer>\\boxed{7}</answer>"],
+    ["<answer>\\boxed{3}</answer>"],
+    ["<tool_call>\n{bad json}\n</tool_call>", '<tool_call>\n{"name": "nope", "arguments": {}}\n</tool_call>', ZOOM],
+    ["I don't know<|im_end|>"],
+]
+
+
+class ScriptedSampler(Sampler):
+    """Writes scripted turns instead of sampling, through the real cache, scoring each token with the model."""
+
+    scripts: list[list[list[int]]]
+
+    def decode(self, logits_bv, cache, rng, params, max_new_tokens, active_b=None):
+        turns = [script.pop(0) if active_b[b] and script else [] for b, script in enumerate(self.scripts)]
+        width = max(len(t) for t in turns)
+        tokens = np.full((self.batch_size, max_new_tokens), self.pad_id, np.int32)
+        logprobs = np.zeros((self.batch_size, max_new_tokens), np.float32)
+        for step in range(width):
+            running = np.array([step < len(t) for t in turns])
+            token = np.array([t[step] if step < len(t) else self.pad_id for t in turns], np.int32)
+            logp = np.asarray(jax.nn.log_softmax(logits_bv, axis=-1))[np.arange(self.batch_size), token]
+            tokens[running, step], logprobs[running, step] = token[running], logp[running]
+            logits_bv, cache = _step(self.model, jnp.asarray(token), cache, jnp.asarray(running))
+        lengths = np.array([len(t) for t in turns], np.int32)
+        return DecodeResult(tokens, logprobs, lengths, lengths > 0), logits_bv, cache
+
+
+@nnx.jit
+def _step(model, token, cache, running):
+    return model.decode_step(token, cache, running)
+
+
+@pytest.fixture(scope="module")
+def loop(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("agent_ckpt")
+    build_tiny_checkpoint(str(folder), seed=0)
+    processor = load_processor(folder)
+    model = qwen3_vl.from_pretrained(folder)
+    executor = ToolExecutor(build_registry(["image_zoom_in"]), timeout_s=5.0)
+    agent = AgentLoop(model, processor, executor, max_turns=3, max_new_tokens_per_turn=64, capacity=1024,
+                      log=lambda m: None)
+    scripted = ScriptedSampler(model, batch_size=4, capacity=1024, pad_id=agent.pad_id)
+    scripted.scripts = [[processor.tokenizer.encode(t, add_special_tokens=False) for t in s] for s in SCRIPTS]
+    agent._samplers[4] = scripted
+    return agent
+
+
+def test_scripted_rollout(loop):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    tasks = [Task("Which digit?", [image], "7"), Task("Which digit?", [image], "3")]
+    trajectories = loop.run(tasks, num_samples=2, rng=jax.random.key(0), params=SamplingParams())
+    zoomed, plain, failing, silent = trajectories
+
+    assert [t.finish_reason for t in trajectories] == ["answer", "answer", "turn_limit", "no_answer"]
+    assert (zoomed.answer, plain.answer) == ("7", "3")
+    assert [turn.statuses for turn in zoomed.turns] == [["ok"], []]
+    assert [turn.statuses for turn in failing.turns] == [["bad_json"], ["unknown_tool"], []]
+    assert zoomed.used_tool and failing.used_tool and not plain.used_tool and not silent.used_tool
+    assert len(zoomed.images) == 2 and zoomed.images[1].size[0] >= 28  # the crop joined the conversation
+    # the AXPO prefix ends just past the first <tool_call> token, which the policy wrote
+    tool_call_id = loop.tool_call_open_id
+    assert zoomed.token_ids[zoomed.prefix_end - 1] == tool_call_id and zoomed.policy_mask[zoomed.prefix_end - 1]
+    assert plain.prefix_end is None and np.isnan(plain.tool_call_confidence)
+    assert 0 < zoomed.tool_call_confidence < 1
+    # policy tokens are exactly the scripted turns; the observation sits between them, unmasked for training
+    tokenizer = loop.tokenizer
+    policy_text = tokenizer.decode([t for t, m in zip(zoomed.token_ids, zoomed.policy_mask) if m])
+    assert policy_text == "".join(SCRIPTS[0])
+    observation = tokenizer.decode([t for t, m in zip(zoomed.token_ids[zoomed.prompt_length:],
+                                                        zoomed.policy_mask[zoomed.prompt_length:]) if not m])
+    assert observation.startswith("<|im_end|>\n<|im_start|>user\n<tool_response>\n<|vision_start|>")
+    assert observation.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n<think>\n")
+
+    # what the cache saw = what a full forward of the finished trajectories sees: the sampler's log-probs of the
+    # policy tokens equal the re-scored ones (positions, observation images and masks all line up)
+    model = loop.model
+    batch = encode_trajectories(trajectories, loop.processor, pad_id=loop.pad_id)
+    inputs = jax.tree.map(jnp.asarray, qwen3_vl.prepare_inputs(model.config, **batch))
+    targets = jnp.asarray(np.roll(batch["input_ids"], -1, axis=1), jnp.int32)
+    rescored = np.asarray(model.token_logprobs(inputs, targets))
+    for b, trajectory in enumerate(trajectories):
+        mask = np.asarray(trajectory.policy_mask, bool)
+        sampled = np.asarray(trajectory.logprobs)[mask]
+        # the log-prob of token t+1 sits at position t of the re-scored array
+        again = rescored[b, : len(mask) - 1][mask[1:]]
+        np.testing.assert_allclose(again, sampled, atol=1e-4)
