@@ -23,7 +23,8 @@ def get_config(arg=None):
         config.seq_len = 128
         config.num_images = 1  # per sample
         config.image_size = 128  # 8x8 patches of 16 px: 16 image tokens per image
-        config.repeats = 5
+        config.repeats = 10  # timed runs of each, interleaved torch / flax
+        config.torch_threads = 0  # 0: os.cpu_count()
         config.max_logits_diff = 1e-4  # fp32; a larger Flax-vs-torch difference fails the run
     else:  # memory
         config.presets = ("8b", "32b")

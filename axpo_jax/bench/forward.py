@@ -5,8 +5,10 @@
 A small random Qwen3-VL is built with transformers, saved with `save_pretrained` and loaded back with
 `qwen3_vl.from_pretrained`, so both implementations hold identical float32 weights. Both get the same batch
 (`batch` samples of `seq_len` tokens, `num_images` images of `image_size`^2 pixels per sample), are warmed up
-(the Flax warm-up is the jit compile, reported separately) and timed over `repeats` runs. The record holds the
-median seconds and tokens/s of each, their ratio, and the max-abs logits difference over the real tokens,
+(the Flax warm-up is the jit compile, reported separately) and timed over `repeats` interleaved runs. The record
+holds the median seconds and tokens/s of each, their ratio (and the best-run ratio, less sensitive to other load
+on a small shared host), the median of the same forward through plain `jax.jit` on the split state (the gap to
+`nnx.jit` is nnx's per-call Python overhead), and the max-abs logits difference over the real tokens,
 which must stay below `max_logits_diff` (1e-4): a bench of a model that computes something else is worthless,
 so a larger difference raises `BenchError` after the record has been written to stderr.
 """
@@ -161,7 +163,7 @@ def run(config) -> dict[str, Any]:
     repeats = max(1, int(config.repeats))
     seed = int(config.get("seed", 0))
     tolerance = float(config.get("max_logits_diff", 1e-4))
-    threads = os.cpu_count() or 1
+    threads = int(config.get("torch_threads", 0)) or os.cpu_count() or 1
 
     hf = hf_config_dict(preset)
     inputs_np, image_tokens = make_batch(hf, batch=batch, seq_len=seq_len, num_images=num_images,
@@ -193,6 +195,14 @@ def run(config) -> dict[str, Any]:
     def flax_forward():
         return jax.block_until_ready(forward(flax_model, flax_inputs))
 
+    # The same computation through plain jax.jit on the split state: nnx.jit walks the module graph on every
+    # call, a per-call Python cost that is visible on small models; the difference isolates it.
+    graphdef, state = nnx.split(flax_model)
+    forward_split = jax.jit(lambda state, x: nnx.merge(graphdef, state).forward(x))
+
+    def flax_split_forward():
+        return jax.block_until_ready(forward_split(state, flax_inputs))
+
     _log(f"torch warm-up ({threads} threads)")
     start = time.perf_counter()
     torch_logits = torch_forward().numpy()
@@ -204,18 +214,40 @@ def run(config) -> dict[str, Any]:
     flax_logits = np.asarray(flax_forward())
     flax_first_s = time.perf_counter() - start
     flax_forward()
+    split_logits = np.asarray(flax_split_forward())
+    flax_split_forward()
+    if not np.array_equal(split_logits, flax_logits):
+        raise BenchError("nnx.jit and jax.jit on the split state gave different logits")
 
     mask = inputs_np["attention_mask"].astype(bool)
     diff = float(np.max(np.abs(flax_logits[mask] - torch_logits[mask])))
     _log(f"max |logits diff| over real tokens: {diff:.3g}")
 
-    _log(f"timing {repeats} torch runs")
-    torch_times = _time(torch_forward, repeats)
-    _log(f"timing {repeats} flax runs")
-    flax_times = _time(flax_forward, repeats)
+    # Interleaved, so that both see the same background load: on a shared 2-core box a competing process slows
+    # torch's OpenMP barriers far more than XLA's thread pool, and back-to-back blocks would bias the ratio.
+    _log(f"timing {repeats} runs each of torch, flax (nnx.jit) and flax (jax.jit on the split state), interleaved")
+    load_before = _load_average()
+    torch_times, flax_times, split_times = [], [], []
+    for _ in range(repeats):
+        torch_times += _time(torch_forward, 1)
+        flax_times += _time(flax_forward, 1)
+        split_times += _time(flax_split_forward, 1)
+    load_after = _load_average()
 
     tokens = batch * seq_len
     torch_median, flax_median = statistics.median(torch_times), statistics.median(flax_times)
+    # Max/min spread of the timed runs: a competing process on a small shared box shows up as a few slow runs.
+    noisy = max(max(t) / min(t) for t in (torch_times, flax_times)) > 1.5
+    if noisy:
+        _log("warning: timings are noisy (a run took > 1.5x the fastest one; other load on the host?); "
+             "compare flax_over_torch_best_run too, or rerun with more repeats")
+    # A steadily busy core is worse: torch's OpenMP threads spin at barriers and a forward with one of its
+    # threads descheduled can run 10-30x slower (seen on a 2-core box), consistently, so `noisy` misses it.
+    loaded = max(x or 0.0 for x in (load_before, load_after)) > (os.cpu_count() or 1) + 0.5
+    if loaded:
+        _log(f"warning: host load average {load_before}/{load_after} exceeds its {os.cpu_count()} cores: other "
+             f"processes compete for the CPU and torch's timings are unreliable (rerun on an idle host, or "
+             f"--config.torch_threads=1)")
     # The first call = trace + compile + one run; the compile is what exceeds a median run.
     flax_compile_s = max(0.0, flax_first_s - flax_median)
     device = jax.devices()[0]
@@ -239,13 +271,20 @@ def run(config) -> dict[str, Any]:
         flax_median_s=round(flax_median, 5),
         torch_times_s=[round(t, 5) for t in torch_times],
         flax_times_s=[round(t, 5) for t in flax_times],
+        flax_split_jit_median_s=round(statistics.median(split_times), 5),
+        torch_min_s=round(min(torch_times), 5),
+        flax_min_s=round(min(flax_times), 5),
         torch_tokens_per_s=round(tokens / torch_median, 1),
         flax_tokens_per_s=round(tokens / flax_median, 1),
         flax_over_torch_tokens_per_s=round(torch_median / flax_median, 3),
+        flax_over_torch_best_run=round(min(torch_times) / min(flax_times), 3),
+        noisy=noisy,
+        host_loaded=loaded,
         max_abs_logits_diff=diff,
         logits_diff_ok=diff < tolerance,
         host=dict(
             cpu_count=os.cpu_count(),
+            load_average_1m_before_after=[load_before, load_after],
             torch_threads=torch.get_num_threads(),
             machine=platform.machine(),
             processor=platform.processor() or None,
@@ -258,7 +297,10 @@ def run(config) -> dict[str, Any]:
         ),
     )
     _log(f"torch {record['torch_tokens_per_s']:.0f} tok/s, flax {record['flax_tokens_per_s']:.0f} tok/s "
-         f"(flax/torch {record['flax_over_torch_tokens_per_s']:.2f}x), flax compile {flax_compile_s:.2f}s")
+         f"(flax/torch {record['flax_over_torch_tokens_per_s']:.2f}x median, "
+         f"{record['flax_over_torch_best_run']:.2f}x best run), flax compile {flax_compile_s:.2f}s; "
+         f"split-state jax.jit median {record['flax_split_jit_median_s'] * 1e3:.1f} ms vs nnx.jit "
+         f"{flax_median * 1e3:.1f} ms")
     if not diff < tolerance:
         import json
 
@@ -266,6 +308,13 @@ def run(config) -> dict[str, Any]:
         raise BenchError(f"Flax and transformers logits differ by {diff:.3g} >= {tolerance:g} on real tokens: "
                          f"the port does not compute the same model, so the timings mean nothing")
     return record
+
+
+def _load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _version(package: str) -> str | None:

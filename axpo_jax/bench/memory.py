@@ -145,10 +145,10 @@ def compile_forward(config, mesh, *, dtype, target: str, inputs, targets, logpro
     stats = compiled.memory_analysis()
     if stats is None:
         raise RuntimeError(f"the {jax.default_backend()} backend gives no memory_analysis() for compiled programs")
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
-              "generated_code_size_in_bytes", "peak_memory_in_bytes")
-    return {f.removesuffix("_size_in_bytes").removesuffix("_in_bytes"): int(getattr(stats, f, 0) or 0)
-            for f in fields}, seconds
+    fields = dict(argument="argument_size_in_bytes", output="output_size_in_bytes", temp="temp_size_in_bytes",
+                  alias="alias_size_in_bytes", generated_code="generated_code_size_in_bytes",
+                  peak="peak_memory_in_bytes")
+    return {key: int(getattr(stats, field, 0) or 0) for key, field in fields.items()}, seconds
 
 
 # --------------------------------------------------------------------------------------------- the plan
@@ -156,14 +156,14 @@ def compile_forward(config, mesh, *, dtype, target: str, inputs, targets, logpro
 
 def _kv_cache_bytes(text, mesh, *, batch: int, tokens: int, itemsize: int) -> int:
     """Per device: layers x (K, V) x kv_heads x head_dim x tokens x batch, with the batch split over data x fsdp
-    and the kv heads over tensor when they divide (as k_proj / v_proj's output dimension is split)."""
+    and the kv heads over tensor, each when it divides (k_proj / v_proj split their output over tensor)."""
     from axpo_jax.parallel.sharding import BATCH_AXES
 
     batch_split = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-    per_device_batch = -(-batch // batch_split) if batch % batch_split == 0 else batch
+    per_device_batch = batch // batch_split if batch % batch_split == 0 else batch
     tensor = mesh.shape["tensor"]
     heads = text.num_key_value_heads
-    per_device_heads = heads // tensor if tensor > 1 and (heads * text.head_dim) % tensor == 0 and heads % tensor == 0 else heads
+    per_device_heads = heads // tensor if heads % tensor == 0 else heads
     return text.num_hidden_layers * 2 * per_device_heads * text.head_dim * tokens * per_device_batch * itemsize
 
 
@@ -226,6 +226,7 @@ def plan_preset(name: str, config, mesh, settings: dict[str, Any]) -> dict[str, 
             temp_gib=_gib(stats["temp"]),
             alias_gib=_gib(stats["alias"]),
             generated_code_gib=_gib(stats["generated_code"]),
+            # XLA's own peak; on the CPU backend it is arguments + outputs only (temps not counted).
             peak_gib=_gib(stats["peak"]) if stats.get("peak") else None,
             total_gib=_gib(total),
             fits=total <= settings["device_memory_gib"] * GIB,

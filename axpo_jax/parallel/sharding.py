@@ -60,3 +60,16 @@ def shard_model_inputs(inputs, mesh: Mesh):
         return jax.device_put(x, NamedSharding(mesh, batch_spec(np.shape(x), mesh, axis)))
 
     return jax.tree_util.tree_map_with_path(place, inputs)
+
+
+def constrain_batch(x, batch_axis: int = 0):
+    """Keeps activations split by sample over data x fsdp inside a jitted function run under `jax.set_mesh`.
+
+    Without it XLA is free to split the decoder along the hidden dimension instead (it does, with fsdp only),
+    which makes every device process the whole batch and all-reduce full activations each layer. Outside a
+    mesh context this is the identity, so single-device code is unchanged.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    return jax.lax.with_sharding_constraint(x, batch_spec(x.shape, mesh, batch_axis))

@@ -107,3 +107,16 @@ def test_memory_config_device_count_follows_mesh_overrides():
     config.mesh.tensor = 2
     assert config.xla_host_device_count == 4
     assert math.prod(config.mesh.values()) == 4
+
+
+def test_memory_plan_extrapolation_path():
+    config = ml_collections.ConfigDict(
+        dict(mode="memory_plan", seed=0, presets=("tiny",), mesh=dict(data=1, fsdp=1, tensor=1),
+             device_memory_gib=1, seq_len=32, batch_per_device=1, images_per_sample=1, patches_per_image=16,
+             kv_cache_tokens=64, logprob_chunk=16, targets=("token_logprobs",), compile_layers=2)
+    )
+    tiny = memory.run(config)["presets"]["tiny"]
+    compiled = tiny["compiled"]["token_logprobs"]
+    assert compiled["how"] == "extrapolated from 2 and 4 layers (of 4)" and len(compiled["compile_s"]) == 2
+    assert compiled["argument_gib"] is None and compiled["bytes"]["temp"] > 0
+    assert compiled["bytes"]["total"] >= tiny["params_bytes"]

@@ -18,6 +18,7 @@ from flax import nnx
 
 from axpo_jax.models.qwen3_vl.config import Qwen3VLConfig, TextConfig, VisionConfig
 from axpo_jax.models.qwen3_vl.inputs import ModelInputs
+from axpo_jax.parallel.sharding import constrain_batch
 
 _NEG_INF = -1e30  # finite, so an all-masked row (padding) gives a uniform softmax instead of NaNs
 
@@ -236,7 +237,7 @@ class VisionModel(nnx.Module):
         cos_nle, sin_nle = self.rope(inputs.patch_rope_hw_nl2)
         deepstack = []
         for layer, block in enumerate(self.blocks):
-            x_nld = block(x_nld, cos_nle, sin_nle, inputs.patch_valid_nl)
+            x_nld = constrain_batch(block(constrain_batch(x_nld), cos_nle, sin_nle, inputs.patch_valid_nl))
             if layer in self.cfg.deepstack_visual_indexes:
                 level = self.cfg.deepstack_visual_indexes.index(layer)
                 deepstack.append(self.deepstack_merger_list[level](x_nld))
@@ -341,7 +342,8 @@ class TextModel(nnx.Module):
         keys, values = [], []
         for layer, decoder_layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[layer], cache.values[layer])
-            x_btd, kv = decoder_layer(x_btd, cos_bte, sin_bte, mask_bts, kv, write_at_b)
+            x_btd, kv = decoder_layer(constrain_batch(x_btd), cos_bte, sin_bte, mask_bts, kv, write_at_b)
+            x_btd = constrain_batch(x_btd)
             if kv is not None:
                 keys.append(kv[0])
                 values.append(kv[1])
