@@ -138,9 +138,10 @@ def compile_forward(config, mesh, *, dtype, target: str, inputs, targets, logpro
 
         args = (state, inputs, targets)
     start = time.perf_counter()
-    # The abstract arguments carry their NamedShardings; jit lets XLA's propagation pick everything else,
-    # exactly as a plain `jax.jit(model.forward)` on sharded arrays would.
-    compiled = jax.jit(fn).lower(*args).compile()
+    # The abstract arguments carry their NamedShardings; under the mesh the model's activation constraints keep
+    # the hidden states split by sample (as training and rollouts run), and XLA propagates the rest.
+    with jax.set_mesh(mesh):
+        compiled = jax.jit(fn).lower(*args).compile()
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()
     if stats is None:
