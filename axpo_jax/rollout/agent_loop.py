@@ -16,7 +16,9 @@ import sys
 import uuid
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from PIL import Image
 
 from axpo_jax.rollout.sampler import Sampler, SamplingParams
@@ -54,11 +56,13 @@ class Trajectory:
     logprobs: list[float]  # the sampler's log-prob of each policy token, 0 elsewhere
     prompt_length: int
     images: list[Image.Image]  # the conversation's images in order: prompt images, then crops and figures
+    num_prompt_images: int = 0
     turns: list[TurnRecord] = dataclasses.field(default_factory=list)
     answer: str | None = None
     finish_reason: str = ""  # "answer" | "no_answer" | "turn_limit" | "length"
     prefix_end: int | None = None  # index into token_ids just past the first <tool_call> token
     tool_call_logprobs: list[float] = dataclasses.field(default_factory=list)  # of every tool-call span token
+    resampled_from: int | None = None  # for an AXPO continuation: the row of the trajectory it was forked from
 
     @property
     def used_tool(self) -> bool:
@@ -134,11 +138,11 @@ class AgentLoop:
         return suffix
 
     # ------------------------------------------------------------------------------------------------ rollout
-    def run(self, tasks: list[Task], num_samples: int, rng, params: SamplingParams) -> list[Trajectory]:
+    def run(self, tasks: list[Task], num_samples: int, rng, params: SamplingParams) -> "Rollout":
+        """num_samples trajectories per task, all rows decoded together; the Rollout keeps their KV cache so
+        AXPO can fork prefixes from it (`resample`)."""
         rows = [(t, s) for t in range(len(tasks)) for s in range(num_samples)]
-        batch_size = len(rows)
-        sampler = self.sampler(batch_size)
-        run_id = uuid.uuid4().hex[:8]
+        sampler = self.sampler(len(rows))
         conversations = [self.prompt_messages(tasks[t]) for t, _ in rows]
         prompt = self.processor.apply_chat_template(
             conversations, tools=self.tool_schemas, add_generation_prompt=True, tokenize=True, return_dict=True,
@@ -148,8 +152,56 @@ class AgentLoop:
         for b, (t, s) in enumerate(rows):
             ids = prompt["input_ids"][b][prompt["attention_mask"][b] > 0].tolist()
             trajectories.append(Trajectory(t, s, ids, [0] * len(ids), [0.0] * len(ids), len(ids),
-                                           list(tasks[t].images)))
+                                           list(tasks[t].images), num_prompt_images=len(tasks[t].images)))
         logits, cache = sampler.extend(prompt)
+        prompt_next_position = np.asarray(cache.next_position_b)
+        cache = self._turn_loop(sampler, trajectories, logits, cache, rng, params, [len(t.token_ids) for t in
+                                                                                   trajectories])
+        return Rollout(trajectories, cache, prompt_next_position)
+
+    def resample(self, rollout: "Rollout", sources: list[int], k: int, rng, params: SamplingParams):
+        """K continuations of each source trajectory's prefix, forked from its KV cache (AXPO.md §4.2, §4.5).
+
+        The prefix is the prompt plus the policy's first turn up to and including its first `<tool_call>` tag,
+        so every continuation starts inside a tool call. The first tool call is always in the first turn (a
+        turn without one ends the rollout), so the prefix slots are untouched in the source's cache: each copy
+        is rewound to just before the tag and the tag is fed again, which yields the logits after it without
+        recomputing the prefix.
+        """
+        rows = np.repeat(np.asarray(sources, np.int32), k)
+        for source in sources:
+            if rollout.trajectories[source].prefix_end is None:
+                raise ValueError(f"trajectory {source} made no tool call: it has no prefix to resample from")
+        sampler = self.sampler(len(rows))
+        cache = rollout.cache.take_rows(jnp.asarray(rows))
+        prefix_end = np.array([rollout.trajectories[r].prefix_end for r in rows])
+        prompt_length = np.array([rollout.trajectories[r].prompt_length for r in rows])
+        rewound_length = prefix_end - 1  # every slot before the <tool_call> tag
+        cache = cache.replace(
+            length_b=jnp.asarray(rewound_length, jnp.int32),
+            next_position_b=jnp.asarray(rollout.prompt_next_position[rows] + rewound_length - prompt_length,
+                                        jnp.int32),
+        )
+        tag = jnp.full((len(rows),), self.tool_call_open_id, jnp.int32)
+        logits, cache = _decode_step(self.model, tag, cache)
+        trajectories = []
+        for r in rows:
+            source = rollout.trajectories[r]
+            end = source.prefix_end
+            trajectories.append(Trajectory(
+                source.task_index, source.sample_index, source.token_ids[:end], source.policy_mask[:end],
+                source.logprobs[:end], source.prompt_length, source.images[: source.num_prompt_images],
+                num_prompt_images=source.num_prompt_images, prefix_end=end, resampled_from=int(r),
+            ))
+        self._turn_loop(sampler, trajectories, logits, cache, rng, params, list(prompt_length))
+        return trajectories
+
+    def _turn_loop(self, sampler: Sampler, trajectories, logits, cache, rng, params, turn_start):
+        """Decode / execute tools / extend until every row is done; `turn_start[b]` is where row b's current
+        (first) turn starts in its token_ids, which is before any forked prefix tokens."""
+        batch_size = len(trajectories)
+        run_id = uuid.uuid4().hex[:8]
+        turn_start = list(turn_start)
         active = np.ones(batch_size, bool)
         for turn in range(1, self.max_turns + 1):
             room = self.capacity - int(np.asarray(cache.length_b)[active].max())
@@ -158,11 +210,14 @@ class AgentLoop:
             result, logits, cache = sampler.decode(logits, cache, key, params, max_new, active_b=active)
             requests = {}
             for b in np.nonzero(active)[0]:
-                requests_b = self._record_turn(trajectories[b], result, b, turn, cache_room=room)
-                if requests_b is None:
+                n = int(result.lengths_b[b])
+                self._append(trajectories[b], result.tokens_bn[b, :n].tolist(), policy=True,
+                             logprobs=result.logprobs_bn[b, :n].tolist())
+                text = self._record_turn(trajectories[b], turn_start[b], bool(result.stopped_b[b]), turn)
+                if text is None:
                     active[b] = False
                 else:
-                    requests[b] = requests_b
+                    requests[b] = text
             if not requests:
                 break
             self.log(f"turn {turn}: {len(requests)} of {batch_size} rows called tools")
@@ -188,11 +243,12 @@ class AgentLoop:
             for b in np.nonzero(active)[0]:
                 ids = chunk["input_ids"][b][chunk["attention_mask"][b] > 0].tolist()
                 self._append(trajectories[b], ids, policy=False)
+                turn_start[b] = len(trajectories[b].token_ids)
         for b in np.nonzero(active)[0]:
             trajectories[b].finish_reason = trajectories[b].finish_reason or "turn_limit"
         for b in range(batch_size):
             self.executor.registry.close_session(f"{run_id}-{b}")
-        return trajectories
+        return cache
 
     def _chunk(self, texts: dict[int, str], images: dict[int, list], batch_size: int) -> dict:
         """Processor outputs of each row's observation text (empty for rows without one), images in row order."""
@@ -205,24 +261,22 @@ class AgentLoop:
         trajectory.policy_mask.extend([int(policy)] * len(ids))
         trajectory.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
 
-    def _record_turn(self, trajectory: Trajectory, result, b: int, turn: int, cache_room: int) -> str | None:
-        """Stores row b's new turn; returns its text if its tool calls should run, None if the row is done."""
-        n = int(result.lengths_b[b])
-        ids = result.tokens_bn[b, :n].tolist()
-        logprobs = result.logprobs_bn[b, :n].tolist()
-        start = len(trajectory.token_ids)
-        self._append(trajectory, ids, policy=True, logprobs=logprobs)
+    def _record_turn(self, trajectory: Trajectory, turn_start: int, stopped: bool, turn: int) -> str | None:
+        """Records the turn that runs from turn_start to the end of the row's tokens; returns its text if its
+        tool calls should run, None if the row is done."""
+        ids = trajectory.token_ids[turn_start:]
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
-        record = TurnRecord(text, n)
+        record = TurnRecord(text, len(ids))
         trajectory.turns.append(record)
         inside = False
+        trajectory.tool_call_logprobs = [] if turn == 1 else trajectory.tool_call_logprobs
         for i, token in enumerate(ids):  # tool-call spans, tags included, for the confidence score
             if token == self.tool_call_open_id:
                 inside = True
                 if trajectory.prefix_end is None:
-                    trajectory.prefix_end = start + i + 1
+                    trajectory.prefix_end = turn_start + i + 1
             if inside:
-                trajectory.tool_call_logprobs.append(logprobs[i])
+                trajectory.tool_call_logprobs.append(trajectory.logprobs[turn_start + i])
             if token == self.tool_call_close_id:
                 inside = False
         record.calls = len(parse_tool_calls(text))
@@ -230,7 +284,7 @@ class AgentLoop:
         if answer is not None:
             trajectory.answer, trajectory.finish_reason = answer, "answer"
             return None
-        if not result.stopped_b[b]:
+        if not stopped:
             trajectory.finish_reason = "length"
             return None
         if record.calls == 0:
@@ -240,6 +294,18 @@ class AgentLoop:
             trajectory.finish_reason = "turn_limit"
             return None
         return text
+
+
+@dataclasses.dataclass
+class Rollout:
+    trajectories: list[Trajectory]
+    cache: object  # the rows' KVCache after the last turn; prefix slots are never overwritten
+    prompt_next_position: np.ndarray  # rope position after each row's prompt
+
+
+@nnx.jit
+def _decode_step(model, token_b, cache):
+    return model.decode_step(token_b, cache)
 
 
 def encode_trajectories(trajectories: list[Trajectory], processor, pad_id: int = 0, length: int | None = None):

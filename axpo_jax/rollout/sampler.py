@@ -35,7 +35,7 @@ class SamplingParams:
 @dataclasses.dataclass
 class DecodeResult:
     tokens_bn: np.ndarray  # int32 [B, max_new], pad_id after each row's end
-    logprobs_bn: np.ndarray  # float32, log-prob of each sampled token under softmax(logits / temperature)
+    logprobs_bn: np.ndarray  # float32, the model's log-prob of each sampled token: log softmax(logits / temperature)
     lengths_b: np.ndarray  # int32, tokens produced per row (its stop token included)
     stopped_b: np.ndarray  # bool: the row hit a stop token or sequence (else it ran into max_new)
 
@@ -193,14 +193,15 @@ class Sampler:
         banned_v = jnp.zeros((v,), bool).at[jnp.asarray(self.banned_token_ids)].set(True)
 
         def sample(logits, key, seen):
-            logits = jnp.where(banned_v, -jnp.inf, logits - params.presence_penalty * seen)
+            # The reported log-prob is the model's own, log softmax(logits / temperature), before the bans, the
+            # penalty and the top-k/p filters: the number a trainer recomputes from the same weights.
+            model_logprobs = jax.nn.log_softmax(logits / (params.temperature or 1.0))
+            shaped = jnp.where(banned_v, -jnp.inf, logits - params.presence_penalty * seen)
             if params.temperature == 0:
-                token = jnp.argmax(logits, axis=-1)
-                logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], -1)[:, 0]
-                return token.astype(jnp.int32), logprob
-            token = jax.random.categorical(key, filter_logits(logits, params), axis=-1)
-            logprob = jnp.take_along_axis(jax.nn.log_softmax(logits / params.temperature), token[:, None], -1)[:, 0]
-            return token.astype(jnp.int32), logprob
+                token = jnp.argmax(shaped, axis=-1)
+            else:
+                token = jax.random.categorical(key, filter_logits(shaped, params), axis=-1)
+            return token.astype(jnp.int32), jnp.take_along_axis(model_logprobs, token[:, None], -1)[:, 0]
 
         def body(state):
             step, logits, cache, rng, tokens, logprobs, running, seen, recent, stopped = state

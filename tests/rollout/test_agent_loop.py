@@ -68,7 +68,8 @@ def loop(tmp_path_factory):
 def test_scripted_rollout(loop):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     tasks = [Task("Which digit?", [image], "7"), Task("Which digit?", [image], "3")]
-    trajectories = loop.run(tasks, num_samples=2, rng=jax.random.key(0), params=SamplingParams())
+    rollout = loop.run(tasks, num_samples=2, rng=jax.random.key(0), params=SamplingParams())
+    trajectories = rollout.trajectories
     zoomed, plain, failing, silent = trajectories
 
     assert [t.finish_reason for t in trajectories] == ["answer", "answer", "turn_limit", "no_answer"]
@@ -93,14 +94,44 @@ def test_scripted_rollout(loop):
 
     # what the cache saw = what a full forward of the finished trajectories sees: the sampler's log-probs of the
     # policy tokens equal the re-scored ones (positions, observation images and masks all line up)
-    model = loop.model
-    batch = encode_trajectories(trajectories, loop.processor, pad_id=loop.pad_id)
-    inputs = jax.tree.map(jnp.asarray, qwen3_vl.prepare_inputs(model.config, **batch))
-    targets = jnp.asarray(np.roll(batch["input_ids"], -1, axis=1), jnp.int32)
-    rescored = np.asarray(model.token_logprobs(inputs, targets))
+    rescored = _rescored_logprobs(loop, trajectories)
     for b, trajectory in enumerate(trajectories):
         mask = np.asarray(trajectory.policy_mask, bool)
         sampled = np.asarray(trajectory.logprobs)[mask]
         # the log-prob of token t+1 sits at position t of the re-scored array
         again = rescored[b, : len(mask) - 1][mask[1:]]
         np.testing.assert_allclose(again, sampled, atol=1e-4)
+
+
+def _rescored_logprobs(loop, trajectories):
+    model = loop.model
+    batch = encode_trajectories(trajectories, loop.processor, pad_id=loop.pad_id)
+    inputs = jax.tree.map(jnp.asarray, qwen3_vl.prepare_inputs(model.config, **batch))
+    targets = jnp.asarray(np.roll(batch["input_ids"], -1, axis=1), jnp.int32)
+    return np.asarray(model.token_logprobs(inputs, targets))
+
+
+def test_resample_forks_the_prefix_from_the_cache(loop):
+    """AXPO continuations: forked from the source's cache at its first <tool_call>, no prefix recompute; what
+    they sample is exactly what a full forward of prefix + continuation predicts."""
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    for b, script in enumerate(SCRIPTS):
+        loop._samplers[4].scripts[b] = [loop.tokenizer.encode(t, add_special_tokens=False) for t in script]
+    rollout = loop.run([Task("Which digit?", [image], "7")] * 2, num_samples=2, rng=jax.random.key(0),
+                       params=SamplingParams())
+    source = rollout.trajectories[0]
+    # 6 rows: a real sampler (the scripted one serves the 4-row rollout batch only)
+    continuations = loop.resample(rollout, [0, 2], k=3, rng=jax.random.key(5), params=SamplingParams())
+    assert [c.resampled_from for c in continuations] == [0, 0, 0, 2, 2, 2]
+    for c in continuations[:3]:
+        assert c.token_ids[: source.prefix_end] == source.token_ids[: source.prefix_end]
+        assert c.prefix_end == source.prefix_end and c.images[0] is source.images[0] and len(c.turns) >= 1
+        assert c.turns[0].text.startswith("<think>\nlook closer\n</think>\n<tool_call>")
+    assert continuations[0].token_ids != continuations[1].token_ids  # two independent samples
+    rescored = _rescored_logprobs(loop, continuations)
+    for b, trajectory in enumerate(continuations):
+        mask = np.asarray(trajectory.policy_mask, bool)
+        mask[: trajectory.prefix_end] = False  # the continuation alone was sampled here
+        sampled = np.asarray(trajectory.logprobs)[mask]
+        assert sampled.size > 0
+        np.testing.assert_allclose(rescored[b, : len(mask) - 1][mask[1:]], sampled, atol=1e-4)
