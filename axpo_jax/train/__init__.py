@@ -1,0 +1,1 @@
+"""Training: batches from trajectories, the jitted SFT/RL update, the optimizer, checkpoints."""
