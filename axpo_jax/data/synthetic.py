@@ -1,0 +1,436 @@
+"""A small multimodal task where the zoom tool is necessary, its expert trajectories, SFT arrays and data sources.
+
+The task ("read the digit in the red box"): a 576-pixel square image of low-saturation texture holds one
+red-framed light box (32 px) centred in one cell of a 6x6 grid, with a dark 5x7-pixel bitmap digit inside it.
+The tiny processor (max_pixels 96*96) shows the whole image at 96x96, 6x smaller: the box is a visible reddish
+~5-px square inside exactly one merged vision token (the 6x6 grid is the 6x6 grid of merged tokens), while the
+digit is a ~1-pixel smudge under blotchy noise. `image_zoom_in` on `task.bbox_2d` (the box, in 0-1000
+coordinates rounded so the tool crops exactly its 32x32 pixels) returns the crop upscaled to 512 px, which the
+processor shows at 96x96: 3x the image's own resolution, the digit a crisp 15x21-px glyph. The tests measure
+it: a template reader that knows where the digit is reads ~13% at low resolution (chance 10%), even a reader
+that knows everything but the digit and the noise ~22%, and the template reader reads 100% after the zoom.
+Since the box is centred, the expert bbox is a function of the cell (36 fixed boxes); `jitter` moves it.
+
+Expert data follows the paper's format (AXPO.md section 1): `<think>` reasoning, a `<tool_call>` to
+`image_zoom_in`, the tool's real observation, then `<think>` + `<answer>\\boxed{d}</answer>`;
+`direct_trajectory` is the no-tool variant. `sft_example` turns a conversation into token ids, a loss mask on
+the tokens the policy writes, and pixel arrays; `write_sft_jsonl` / `SFTSource` store conversations as JSONL with
+PNG files next to it; `SyntheticTaskSource` and `task_dataset` feed grain pipelines whose iterator state resumes
+exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from axpo_jax.rollout.agent_loop import Task
+from axpo_jax.tools.base import ToolContext
+from axpo_jax.tools.image_zoom_in import RELATIVE_SCALE, ImageZoomIn
+from axpo_jax.tools.protocol import observation_messages
+
+# 5x7 bitmap digits ("1" = ink), drawn without any font file so every machine renders the same pixels.
+_FONT_ROWS = {
+    "0": ("01110", "10001", "10011", "10101", "11001", "10001", "01110"),
+    "1": ("00100", "01100", "00100", "00100", "00100", "00100", "01110"),
+    "2": ("01110", "10001", "00001", "00010", "00100", "01000", "11111"),
+    "3": ("11111", "00010", "00100", "00010", "00001", "10001", "01110"),
+    "4": ("00010", "00110", "01010", "10010", "11111", "00010", "00010"),
+    "5": ("11111", "10000", "11110", "00001", "00001", "10001", "01110"),
+    "6": ("00110", "01000", "10000", "11110", "10001", "10001", "01110"),
+    "7": ("11111", "00001", "00010", "00100", "01000", "01000", "01000"),
+    "8": ("01110", "10001", "10001", "01110", "10001", "10001", "01110"),
+    "9": ("01110", "10001", "10001", "01111", "00001", "00010", "01100"),
+}
+DIGIT_BITMAPS: dict[str, np.ndarray] = {
+    digit: np.array([[c == "1" for c in row] for row in rows], bool) for digit, rows in _FONT_ROWS.items()
+}
+DIGITS = tuple(DIGIT_BITMAPS)
+
+BOX_COLOR = (220, 40, 40)
+QUESTION = ("What digit is written inside the red box? It is too small to read in the full image, so zoom in on "
+            "the box first. Answer with <answer>\\boxed{digit}</answer>.")
+ZOOM_LABEL = "the red box"
+
+
+@dataclasses.dataclass
+class SyntheticTask(Task):
+    """A `Task` plus the ground truth of its layout (the agent loop reads only the `Task` fields)."""
+
+    cell: tuple[int, int] = (0, 0)  # (row, col) of the grid cell holding the box
+    grid: int = 6
+    bbox_2d: list[int] = dataclasses.field(default_factory=list)  # the red box in 0-1000 coordinates (expert zoom)
+    box_xyxy: tuple[int, int, int, int] = (0, 0, 0, 0)  # the red box, pixels (right/bottom exclusive)
+    digit_xyxy: tuple[int, int, int, int] = (0, 0, 0, 0)  # the digit's bitmap extent, pixels
+    digit_scale: int = 1  # image pixels per font pixel
+
+
+def pixel_bbox(xyxy: Sequence[int], image_size: int) -> list[int]:
+    """The 0-1000 box of a whole-pixel box (right/bottom exclusive) of a square image, rounded inwards so that
+    `ImageZoomIn` (floor/ceil back to pixels) crops exactly those pixels."""
+    x1, y1, x2, y2 = xyxy
+    return [math.ceil(RELATIVE_SCALE * x1 / image_size), math.ceil(RELATIVE_SCALE * y1 / image_size),
+            math.floor(RELATIVE_SCALE * x2 / image_size), math.floor(RELATIVE_SCALE * y2 / image_size)]
+
+
+def task_seed(seed: int, index: int) -> int:
+    """A well-mixed per-task seed (independent streams for neighbouring indices and seeds)."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def make_task(seed: int, *, image_size: int = 576, grid: int = 6, box_size: int = 32, border: int = 3,
+              digit_scale: int = 1, jitter: int = 0, texture_std: float = 14.0, texture_chroma_std: float = 4.0,
+              pixel_noise_std: float = 6.0, interior_noise_std: float = 6.0, blotch_std: float = 30.0,
+              blotch_px: int = 6, ink_range: tuple[int, int] = (0, 120), digit: str | None = None,
+              noise: bool = True, question: str = QUESTION, task_id: str | None = None) -> SyntheticTask:
+    """One task, a pure function of `seed` (and the options).
+
+    The box is centred in its cell, shifted by up to `jitter` pixels each way (0: the expert bbox is one of
+    grid*grid fixed boxes). The ink's grey level is drawn from `ink_range`, so the digit's contrast varies ~3x and
+    its total ink (the one cue a ~1-pixel smudge keeps) says little about which digit it is.
+    `digit` overrides the drawn digit and `noise=False` draws the same image without its random noise (layout,
+    colours and the other random draws are unchanged), which an oracle uses to render the alternatives.
+    """
+    if image_size % grid:
+        raise ValueError(f"image_size {image_size} must be divisible by grid {grid} (whole-pixel cells)")
+    cell_px = image_size // grid
+    glyph_w, glyph_h = 5 * digit_scale, 7 * digit_scale
+    inner = box_size - 2 * border
+    if inner < glyph_h + 4 or box_size + 2 * jitter > cell_px:
+        raise ValueError(f"a {box_size}-px box (border {border}, jitter {jitter}) in a {cell_px}-px cell cannot "
+                         f"hold a {glyph_w}x{glyph_h} digit: change the sizes")
+    layout = np.random.default_rng([seed, 0])
+    noise_rng = np.random.default_rng([seed, 1])
+
+    # layout and colours (one stream, always drawn in the same order)
+    grey = layout.integers(100, 160)
+    base = grey + layout.integers(-12, 13, 3)
+    row, col = (int(v) for v in layout.integers(0, grid, 2))
+    offset_x, offset_y = (int(v) for v in layout.integers(-jitter, jitter + 1, 2))
+    box_x = col * cell_px + (cell_px - box_size) // 2 + offset_x
+    box_y = row * cell_px + (cell_px - box_size) // 2 + offset_y
+    fill = int(layout.integers(200, 246))
+    ink = int(layout.integers(ink_range[0], ink_range[1] + 1))
+    drawn = DIGITS[int(layout.integers(0, 10))]
+    digit_x = box_x + border + int(layout.integers(2, inner - glyph_w - 1))
+    digit_y = box_y + border + int(layout.integers(2, inner - glyph_h - 1))
+    digit = drawn if digit is None else str(digit)
+    if digit not in DIGIT_BITMAPS:
+        raise ValueError(f"digit must be one of {DIGITS}, got {digit!r}")
+
+    # background: a grey with a coarse colour texture and fine pixel noise; the box's interior gets fine noise
+    # plus smooth blotches about one processor pixel across (`blotch_px`), which bury the ~1-pixel smudge the
+    # digit leaves at low resolution but are far weaker than the digit's sharp strokes once zoomed in
+    base = base.astype(np.float32) + 0.5  # + 0.5: the final cast to uint8 rounds
+    if noise:  # mostly brightness, little colour, so that only the box is saturated red
+        blocks = -(-image_size // 16)
+        texture = (noise_rng.normal(0, texture_std, (blocks, blocks, 1))
+                   + noise_rng.normal(0, texture_chroma_std, (blocks, blocks, 3))).astype(np.float32) + base
+        pixels = np.repeat(np.repeat(texture, 16, axis=0), 16, axis=1)[:image_size, :image_size]
+        pixels += noise_rng.standard_normal((image_size, image_size, 1), dtype=np.float32) * pixel_noise_std
+    else:
+        pixels = np.empty((image_size, image_size, 3), np.float32)
+        pixels[:] = base
+    pixels[box_y:box_y + box_size, box_x:box_x + box_size] = BOX_COLOR
+    interior = pixels[box_y + border:box_y + border + inner, box_x + border:box_x + border + inner]
+    interior[:] = fill + 0.5
+    if noise:
+        interior += noise_rng.standard_normal((inner, inner, 1), dtype=np.float32) * interior_noise_std
+        coarse = -(-inner // blotch_px) + 1
+        blotches = noise_rng.normal(0, blotch_std, (coarse, coarse)).astype(np.float32)
+        blotches = Image.fromarray(blotches, "F").resize((coarse * blotch_px,) * 2, Image.Resampling.BILINEAR)
+        interior += np.asarray(blotches)[:inner, :inner, None]
+    glyph = np.kron(DIGIT_BITMAPS[digit], np.ones((digit_scale, digit_scale), bool))
+    pixels[digit_y:digit_y + glyph_h, digit_x:digit_x + glyph_w][glyph] = ink + 0.5
+    image = Image.fromarray(np.clip(pixels, 0, 255, out=pixels).astype(np.uint8), "RGB")
+
+    box_xyxy = (box_x, box_y, box_x + box_size, box_y + box_size)
+    return SyntheticTask(
+        question=question, images=[image], answer=digit, task_id=task_id if task_id is not None else f"digit-{seed}",
+        cell=(row, col), grid=grid, bbox_2d=pixel_bbox(box_xyxy, image_size), box_xyxy=box_xyxy,
+        digit_xyxy=(digit_x, digit_y, digit_x + glyph_w, digit_y + glyph_h), digit_scale=digit_scale,
+    )
+
+
+def processor_view(processor, image: Image.Image) -> np.ndarray:
+    """The image exactly as the model sees it: the processor's pixel patches put back in place, un-normalized,
+    as a float32 [H, W, 3] array in 0-255 (H, W = the resized size, grid * patch_size)."""
+    image_processor = getattr(processor, "image_processor", processor)
+    out = image_processor(images=[image], return_tensors="np")
+    t, h, w = (int(v) for v in out["image_grid_thw"][0])
+    p, merge = image_processor.patch_size, image_processor.merge_size
+    tp = image_processor.temporal_patch_size
+    patches = np.asarray(out["pixel_values"], np.float32).reshape(t * h * w, 3, tp, p, p)[:, :, 0]
+    # the processor's order is (block_row, block_col, row_in_block, col_in_block); see inputs.patch_rows_cols
+    grid = patches[: h * w].reshape(h // merge, w // merge, merge, merge, 3, p, p)
+    chw = grid.transpose(4, 0, 2, 5, 1, 3, 6).reshape(3, h * p, w * p)
+    mean = np.asarray(image_processor.image_mean, np.float32)[:, None, None]
+    std = np.asarray(image_processor.image_std, np.float32)[:, None, None]
+    return ((chw * std + mean) * 255.0).transpose(1, 2, 0)
+
+
+# ------------------------------------------------------------------------------------------------ trajectories
+def prompt_messages(task: Task, system_prompt: str | None = None) -> list[dict]:
+    """The prompt as `AgentLoop.prompt_messages` builds it: the task's images, then its question."""
+    content = [{"type": "image", "image": image} for image in task.images]
+    content.append({"type": "text", "text": task.question})
+    messages = [{"role": "user", "content": content}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def _answer_turn(reasoning: str, answer: str) -> dict:
+    return {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n<answer>\\boxed{{{answer}}}</answer>"}
+
+
+def expert_trajectory(task: SyntheticTask, *, zoom_tool: ImageZoomIn | None = None,
+                      system_prompt: str | None = None) -> list[dict]:
+    """A correct tool-using solution: think + zoom on the box, the real tool observation, think + answer.
+
+    Use the same `ImageZoomIn` settings as the RL run's tool registry so the observation matches what the policy
+    will see there.
+    """
+    zoom_tool = zoom_tool or ImageZoomIn()
+    row, col = task.cell
+    arguments = {"bbox_2d": list(task.bbox_2d), "label": ZOOM_LABEL}
+    observation = zoom_tool(arguments, ToolContext(list(task.images), "expert"))
+    call_turn = {
+        "role": "assistant",
+        "content": (f"<think>\nThe red box is in row {row + 1}, column {col + 1} of a {task.grid}x{task.grid} grid. "
+                    "The digit is too small to read, so I zoom in on the box.\n</think>\n"),
+        "tool_calls": [{"type": "function", "function": {"name": zoom_tool.name, "arguments": arguments}}],
+    }
+    answer_turn = _answer_turn(f"The zoomed box shows the digit {task.answer}.", task.answer)
+    return [*prompt_messages(task, system_prompt), call_turn, *observation_messages([observation]), answer_turn]
+
+
+def direct_trajectory(task: Task, answer: str | None = None, *, system_prompt: str | None = None) -> list[dict]:
+    """A no-tool solution: think + answer straight from the full image (a guess here; `answer` defaults to the
+    task's answer, i.e. a teacher trajectory that happened to be right)."""
+    answer = task.answer if answer is None else answer
+    return [*prompt_messages(task, system_prompt),
+            _answer_turn(f"The digit in the red box looks like {answer}.", answer)]
+
+
+def sft_conversations(tasks: Iterable[SyntheticTask], *, tool_fraction: float = 0.9, seed: int = 0,
+                      zoom_tool: ImageZoomIn | None = None, system_prompt: str | None = None) -> list[list[dict]]:
+    """Expert conversations, a `tool_fraction` share of them tool-using (drawn per task with `seed`) and the rest
+    direct answers (the paper's SFT mix is ~25% tool use; this task wants mostly tool use)."""
+    rng = np.random.default_rng(seed)
+    zoom_tool = zoom_tool or ImageZoomIn()
+    return [expert_trajectory(task, zoom_tool=zoom_tool, system_prompt=system_prompt)
+            if rng.random() < tool_fraction else direct_trajectory(task, system_prompt=system_prompt)
+            for task in tasks]
+
+
+# ------------------------------------------------------------------------------------------------- SFT arrays
+def sft_example(messages: Sequence[dict], processor, tools_schemas: Sequence[dict] | None) -> dict[str, np.ndarray]:
+    """Training arrays of one conversation: `input_ids` [T] int32, `loss_mask` [T] int32, `attention_mask` [T]
+    int32, and when it has images `pixel_values` [patches, C*Tp*P*P] float32, `image_grid_thw` [images, 3] int64.
+
+    `loss_mask` is 1 exactly on the tokens the policy writes: for each assistant turn, from the end of the
+    generation prompt (`<|im_start|>assistant\\n<think>\\n` with the Qwen3-VL-Thinking template, which the sampler
+    gets as prompt) through the `<|im_end|>` closing the turn. It is found by rendering the conversation up to
+    each assistant turn with the generation prompt (the tiny and real templates have no `{% generation %}`
+    markers), as text with each image's placeholder expanded to its token count, and checked to be a token
+    prefix of the full rendering.
+    """
+    messages = list(messages)
+    tools = list(tools_schemas) if tools_schemas else None
+    full = processor.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True, return_tensors="np")
+    ids = np.asarray(full["input_ids"][0])
+    tokenizer = processor.tokenizer
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    image_token = getattr(processor, "image_token", "<|image_pad|>")
+    if "image_grid_thw" in full:
+        merge = processor.image_processor.merge_size
+        tokens_per_image = [int(np.prod(g)) // merge**2 for g in np.asarray(full["image_grid_thw"])]
+    else:
+        tokens_per_image = []
+    mask = np.zeros(len(ids), np.int32)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        text = processor.apply_chat_template(messages[:i], tools=tools, add_generation_prompt=True, tokenize=False)
+        pieces = text.split(image_token)
+        text = pieces[0] + "".join(image_token * n + piece for n, piece in zip(tokens_per_image, pieces[1:]))
+        prefix = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(pieces) - 1 > len(tokens_per_image) or len(prefix) > len(ids) or ids[: len(prefix)].tolist() != prefix:
+            raise ValueError(f"assistant turn {i}: the rendered prefix is not a token prefix of the conversation "
+                             "(the chat template renders this turn differently in context)")
+        closers = np.nonzero(ids[len(prefix):] == im_end)[0]
+        if not len(closers):
+            raise ValueError(f"assistant turn {i} is not closed by <|im_end|>")
+        mask[len(prefix): len(prefix) + int(closers[0]) + 1] = 1
+    example = {"input_ids": ids.astype(np.int32), "loss_mask": mask,
+               "attention_mask": np.asarray(full["attention_mask"][0], np.int32)}
+    if "pixel_values" in full:
+        example["pixel_values"] = np.asarray(full["pixel_values"], np.float32)
+        example["image_grid_thw"] = np.asarray(full["image_grid_thw"], np.int64)
+    return example
+
+
+# ---------------------------------------------------------------------------------------------- SFT JSONL
+def _images_dir(path: str) -> str:
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return f"{stem}_images"
+
+
+def write_sft_jsonl(path: str | os.PathLike, conversations: Iterable[Sequence[dict] | dict]) -> int:
+    """Writes one conversation per line as `{"messages": [...], ...metadata}`; every PIL image becomes a PNG in
+    `<stem>_images/` next to the file, referenced by its path relative to the file's folder. A conversation may
+    be a message list or a dict with "messages" and extra JSON metadata. Returns the number written."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    images_dir = _images_dir(path)
+    os.makedirs(os.path.join(folder, images_dir), exist_ok=True)
+    count = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for index, conversation in enumerate(conversations):
+            record = dict(conversation) if isinstance(conversation, dict) else {"messages": conversation}
+            image_number = 0
+            messages = []
+            for message in record["messages"]:
+                message = dict(message)
+                if isinstance(message.get("content"), list):
+                    content = []
+                    for item in message["content"]:
+                        if item.get("type") == "image" and isinstance(item.get("image"), Image.Image):
+                            relative = f"{images_dir}/{index:06d}_{image_number}.png"
+                            image_number += 1
+                            item["image"].save(os.path.join(folder, relative), format="PNG")
+                            item = {**item, "image": relative}
+                        content.append(item)
+                    message["content"] = content
+                messages.append(message)
+            record["messages"] = messages
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def _load_image(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()  # decode fully now: a truncated or corrupt file fails here, not later in the processor
+        return image.convert("RGB")
+
+
+class SFTSource(grain.sources.RandomAccessDataSource):
+    """The conversations of an SFT JSONL file with their images loaded as PIL (a grain random-access source).
+
+    The file is scanned once at construction: a record whose line is not valid JSON or whose image is missing
+    or cannot be decoded is skipped and counted (`skipped`, reasons in `skip_reasons`), so indices cover the good
+    records only. With `validate_images=False` the images are only checked when a record is read; a bad one then
+    makes `__getitem__` return None (counted in this process's `skipped`): filter Nones out downstream
+    (`task_dataset` does).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, validate_images: bool = True):
+        self.path = os.fspath(path)
+        self.folder = os.path.dirname(os.path.abspath(self.path))
+        self.validate_images = validate_images
+        self.skipped = 0
+        self.skip_reasons: list[str] = []
+        self._offsets: list[int] = []
+        with open(self.path, "rb") as f:
+            offset = 0
+            for line_number, line in enumerate(f):
+                start, offset = offset, offset + len(line)
+                if not line.strip():
+                    continue
+                try:
+                    self._decode(json.loads(line), load=validate_images)
+                except Exception as error:  # noqa: BLE001 - any bad record is skipped, not fatal
+                    self._skip(f"line {line_number + 1}: {type(error).__name__}: {error}")
+                    continue
+                self._offsets.append(start)
+
+    def _skip(self, reason: str) -> None:
+        self.skipped += 1
+        self.skip_reasons.append(reason)
+
+    def _decode(self, record: dict, load: bool) -> dict:
+        messages = []
+        for message in record["messages"]:
+            message = dict(message)
+            if isinstance(message.get("content"), list):
+                content = []
+                for item in message["content"]:
+                    if item.get("type") == "image" and isinstance(item.get("image"), str):
+                        image_path = os.path.join(self.folder, item["image"])
+                        if load:
+                            item = {**item, "image": _load_image(image_path)}
+                        elif not os.path.exists(image_path):
+                            raise FileNotFoundError(image_path)
+                    content.append(item)
+                message["content"] = content
+            messages.append(message)
+        return {**record, "messages": messages}
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index: int) -> dict | None:
+        with open(self.path, "rb") as f:
+            f.seek(self._offsets[index])
+            record = json.loads(f.readline())
+        try:
+            return self._decode(record, load=True)
+        except Exception as error:  # noqa: BLE001
+            self._skip(f"record {index}: {type(error).__name__}: {error}")
+            return None
+
+    def __repr__(self) -> str:
+        return f"SFTSource({self.path!r}, records={len(self)}, skipped={self.skipped})"
+
+
+class SyntheticTaskSource(grain.sources.RandomAccessDataSource):
+    """`num_tasks` synthetic tasks as a grain random-access source: record i is `make_task(task_seed(seed, i))`,
+    so any index is reproducible without generating the others."""
+
+    def __init__(self, num_tasks: int, seed: int, **task_options: Any):
+        self.num_tasks = num_tasks
+        self.seed = seed
+        self.task_options = task_options
+
+    def __len__(self) -> int:
+        return self.num_tasks
+
+    def __getitem__(self, index: int) -> SyntheticTask:
+        index = int(index)
+        if not 0 <= index < self.num_tasks:
+            raise IndexError(index)
+        return make_task(task_seed(self.seed, index), task_id=f"digit-{self.seed}-{index}", **self.task_options)
+
+    def __repr__(self) -> str:
+        return f"SyntheticTaskSource(num_tasks={self.num_tasks}, seed={self.seed}, options={self.task_options})"
+
+
+def task_dataset(source, *, seed: int, batch_size: int, shuffle: bool = True, num_epochs: int | None = None,
+                 drop_remainder: bool = True, num_threads: int = 1, prefetch: int | None = None) -> grain.IterDataset:
+    """Shuffled (reshuffled each epoch), repeated (`num_epochs=None`: forever) batches of `batch_size` records,
+    each batch a list. Records that are None (unreadable, see `SFTSource`) are dropped before batching.
+
+    Records are read ahead by `num_threads` threads, at most `prefetch` (default 2 batches) of them: grain's
+    default (16 threads, 500 records) would spend the CPU the trainer needs on tasks made long before their use.
+
+    `it = iter(dataset)`; `state = it.get_state()` (a small JSON-able dict) saved with a checkpoint and
+    `it.set_state(state)` on a fresh iterator resumes with exactly the batches that would have come next.
+    """
+    dataset = grain.MapDataset.source(source)
+    if shuffle:
+        dataset = dataset.shuffle(seed=seed)
+    dataset = dataset.repeat(num_epochs)
+    options = grain.ReadOptions(num_threads=num_threads,
+                                prefetch_buffer_size=prefetch if prefetch is not None else 2 * batch_size)
+    return (dataset.to_iter_dataset(options).filter(lambda record: record is not None)
+            .batch(batch_size, drop_remainder=drop_remainder, batch_fn=list))

@@ -1,0 +1,55 @@
+"""One AXPO step end to end on a tiny real checkpoint: a scripted first rollout (so the trigger is known), forked
+continuations from the real sampler, two-stream advantages, and the update."""
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from axpo_jax.algo import registry
+from axpo_jax.algo.axpo import STREAM_CONTINUATION, STREAM_NONE, STREAM_PREFIX
+from axpo_jax.models import qwen3_vl
+from axpo_jax.rollout.agent_loop import Task
+from axpo_jax.train.learner import Learner, LossConfig
+from axpo_jax.train.optimizer import make_optimizer
+from axpo_jax.train.rl import RLTrainer
+from tests.rollout.test_agent_loop import ZOOM, loop  # noqa: F401  (the module fixture)
+
+SCRIPTS = [  # task 0: both rollouts zoom and answer wrongly -> triggered; task 1: solved with the tool only
+    ["<think>\nzoom\n</think>\n" + ZOOM, "<answer>\\boxed{1}</answer>"],
+    [ZOOM, "<answer>\\boxed{2}</answer>"],
+    ["<answer>\\boxed{4}</answer>"],
+    [ZOOM, "<answer>\\boxed{3}</answer>"],
+]
+
+
+def test_axpo_step(loop):  # noqa: F811
+    scripted = loop._samplers[4]
+    scripted.scripts = [[loop.tokenizer.encode(t, add_special_tokens=False) for t in s] for s in SCRIPTS]
+    learner = Learner(loop.model, make_optimizer(learning_rate=1e-3, total_steps=10), LossConfig(kl_coef=0.0))
+    estimator = registry.make("axpo", ratio=1.5, k=3)  # budget floor(1.5 * 2 * 2) = 6 continuations = 2 prefixes
+    trainer = RLTrainer(learner, loop, estimator, num_samples=2, micro_batch_size=5)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    tasks = [Task("Which digit?", [image], "7"), Task("Which digit?", [image], "3")]
+    before = [np.asarray(p).copy() for _, p in qwen3_vl.named_parameters(loop.model)]
+
+    out = trainer.step(tasks, jax.random.key(0), step=0)
+
+    np.testing.assert_array_equal(out.rewards_qn, [[0, 0], [0, 1]])
+    assert [(s.question, s.rollout) for s in out.advantages.selections] in ([(0, 0), (0, 1)], [(0, 1), (0, 0)])
+    assert len(out.resamples) == 6 and out.metrics["resamples_used"] <= out.metrics["resample_budget"] == 6
+    assert {t.resampled_from for t in out.resamples} == {0, 1}
+    for t in out.resamples:  # every continuation starts inside the source's first tool call
+        source = out.trajectories[t.resampled_from]
+        assert t.token_ids[: source.prefix_end] == source.token_ids[: source.prefix_end]
+    # the sources' prefixes carry the prefix stream; their failed continuations are not trained
+    adv = out.advantages
+    assert (adv.prefix_stream_qn[0] == STREAM_PREFIX).all() and (adv.cont_stream_qn[0] == STREAM_NONE).all()
+    assert (adv.resample_stream_sk == STREAM_CONTINUATION).all() or out.resample_rewards_sk.std() == 0
+    assert out.metrics["axpo/triggered_frac"] == 0.5
+    assert out.metrics["tool_use_rate"] == 0.75 and out.metrics["pass@1"] == 0.25
+    np.testing.assert_allclose(adv.grpo_adv_qn[1], [-1, 1], atol=1e-5)  # the untriggered group is plain GRPO
+    assert np.isfinite(out.metrics["loss"]) and out.metrics["skipped_updates"] == 0
+    assert out.metrics["sampler_trainer_logprob_gap"] < 1e-3
+    changed = [not np.array_equal(b, np.asarray(p)) for b, (_, p) in zip(before, qwen3_vl.named_parameters(loop.model))]
+    assert any(changed)
