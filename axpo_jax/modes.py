@@ -21,6 +21,9 @@ ModeFn = Callable[[Any], Mapping[str, Any]]
 _MODES: dict[str, str | ModeFn] = {
     "demo": "axpo_jax.demo:run",
     "bench_forward": "axpo_jax.bench.forward:run",
+    "bench_sampler": "axpo_jax.bench.sampler:run_sampler",
+    "bench_fork": "axpo_jax.bench.sampler:run_fork",
+    "bench_tool_overlap": "axpo_jax.bench.sampler:run_tool_overlap",
     "memory_plan": "axpo_jax.bench.memory:run",
 }
 

@@ -2,11 +2,15 @@
 
     python launch.py --config configs/bench.py:forward   # mode bench_forward: model forward pass timing
     python launch.py --config configs/bench.py:memory    # mode memory_plan: per-device memory of a pod plan
+    python launch.py --config configs/bench.py:sampler   # mode bench_sampler: KV-cache sampler vs HF generate
+    python launch.py --config configs/bench.py:fork      # mode bench_fork: forking a prefix vs re-prefilling it
+    python launch.py --config configs/bench.py:tool_overlap  # mode bench_tool_overlap: tool time hidden by device
 """
 
 import ml_collections
 
-_MODES = {"forward": "bench_forward", "memory": "memory_plan"}
+_MODES = {"forward": "bench_forward", "memory": "memory_plan", "sampler": "bench_sampler", "fork": "bench_fork",
+          "tool_overlap": "bench_tool_overlap"}
 
 
 def get_config(arg=None):
@@ -26,6 +30,33 @@ def get_config(arg=None):
         config.repeats = 10  # timed runs of each, interleaved torch / flax
         config.torch_threads = 0  # 0: os.cpu_count()
         config.max_logits_diff = 1e-4  # fp32; a larger Flax-vs-torch difference fails the run
+    elif arg == "sampler":
+        config.preset = "tiny"  # see axpo_jax/bench/forward.py PRESETS
+        config.batch = 8
+        config.prompt_len = 64  # tokens per prompt, its image included
+        config.image_size = 128  # one image per prompt: 8x8 patches of 16 px, 16 image tokens
+        config.new_tokens = 128  # greedy, no stop: every row generates all of them
+        config.repeats = 3  # timed runs of each, interleaved generate / sampler
+        config.torch_threads = 0  # 0: os.cpu_count()
+        config.min_identical_rows = 1.0  # fp32: every row must generate exactly transformers' tokens
+    elif arg == "fork":
+        config.preset = "tiny"
+        config.prefixes = 2
+        config.k = 4  # continuations per prefix: prefixes * k cache rows
+        config.prefix_len = 1024  # tokens per prefix, its images included
+        config.num_images = 2  # per prefix
+        config.image_size = 256  # 16x16 patches of 16 px, 64 image tokens per image
+        config.new_tokens = 32
+        config.repeats = 5  # interleaved fork / re_prefill / fork_in_place
+        config.fork_in_place = True  # also time forking inside a batch-(prefixes*k) prefill (as slow as re-prefill)
+    elif arg == "tool_overlap":
+        config.tasks = 2
+        config.samples = 4  # rows = tasks * samples
+        config.tool_turns = 2  # turns that call the tool; one more answers
+        config.tool_sleep_s = 0.25  # per call (a turn's calls run concurrently); ~ one decode turn of device time
+        config.think_tokens = 96  # filler tokens per scripted turn (each one a real decode step)
+        config.capacity = 1024  # KV-cache slots per row (decode cost grows with it: attention spans every slot)
+        config.repeats = 3
     else:  # memory
         config.presets = ("8b", "32b")
         config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1))

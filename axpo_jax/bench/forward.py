@@ -146,11 +146,9 @@ def _time(fn, repeats: int) -> list[float]:
 def run(config) -> dict[str, Any]:
     try:
         import torch
-        import transformers
     except ImportError as e:
         raise BenchError(f"{_TORCH_MISSING} ({e})") from None
 
-    import flax
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -169,17 +167,9 @@ def run(config) -> dict[str, Any]:
     inputs_np, image_tokens = make_batch(hf, batch=batch, seq_len=seq_len, num_images=num_images,
                                          image_size=image_size, seed=seed)
 
-    transformers.utils.logging.disable_progress_bar()
-    _log(f"building the random transformers model (preset {preset!r})")
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
     torch.set_num_threads(threads)
-    hf_model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**hf)).eval()
-    num_params = sum(p.numel() for p in hf_model.parameters())
-    with tempfile.TemporaryDirectory(prefix="axpo_bench_") as tmp:
-        hf_model.save_pretrained(tmp)
-        _log(f"saved {num_params / 1e6:.2f}M parameters; loading them into Flax")
-        flax_model = qwen3_vl.from_pretrained(tmp, dtype=jnp.float32)
+    hf_model, flax_model, num_params = build_models(preset, seed)
     setup_s = time.perf_counter() - t0
 
     torch_inputs = {k: torch.from_numpy(v) for k, v in inputs_np.items()}
@@ -243,14 +233,9 @@ def run(config) -> dict[str, Any]:
              "compare flax_over_torch_best_run too, or rerun with more repeats")
     # A steadily busy core is worse: torch's OpenMP threads spin at barriers and a forward with one of its
     # threads descheduled can run 10-30x slower (seen on a 2-core box), consistently, so `noisy` misses it.
-    loaded = max(x or 0.0 for x in (load_before, load_after)) > (os.cpu_count() or 1) + 0.5
-    if loaded:
-        _log(f"warning: host load average {load_before}/{load_after} exceeds its {os.cpu_count()} cores: other "
-             f"processes compete for the CPU and torch's timings are unreliable (rerun on an idle host, or "
-             f"--config.torch_threads=1)")
+    loaded = host_loaded(load_before, load_after)
     # The first call = trace + compile + one run; the compile is what exceeds a median run.
     flax_compile_s = max(0.0, flax_first_s - flax_median)
-    device = jax.devices()[0]
     record = dict(
         mode="bench_forward",
         preset=preset,
@@ -282,19 +267,7 @@ def run(config) -> dict[str, Any]:
         host_loaded=loaded,
         max_abs_logits_diff=diff,
         logits_diff_ok=diff < tolerance,
-        host=dict(
-            cpu_count=os.cpu_count(),
-            load_average_1m_before_after=[load_before, load_after],
-            torch_threads=torch.get_num_threads(),
-            machine=platform.machine(),
-            processor=platform.processor() or None,
-            python=platform.python_version(),
-            jax_backend=jax.default_backend(),
-            jax_device_kind=device.device_kind,
-            jax_device_count=jax.device_count(),
-            versions=dict(jax=jax.__version__, jaxlib=_version("jaxlib"), flax=flax.__version__,
-                          torch=torch.__version__, transformers=transformers.__version__, numpy=np.__version__),
-        ),
+        host=host_info(load_before, load_after),
     )
     _log(f"torch {record['torch_tokens_per_s']:.0f} tok/s, flax {record['flax_tokens_per_s']:.0f} tok/s "
          f"(flax/torch {record['flax_over_torch_tokens_per_s']:.2f}x median, "
@@ -308,6 +281,69 @@ def run(config) -> dict[str, Any]:
         raise BenchError(f"Flax and transformers logits differ by {diff:.3g} >= {tolerance:g} on real tokens: "
                          f"the port does not compute the same model, so the timings mean nothing")
     return record
+
+
+def build_models(preset: str | dict[str, Any], seed: int, log=_log):
+    """The random transformers model of `preset` (a `PRESETS` name, or a config.json-shaped dict) in eval mode and
+    the same weights loaded into Flax, both float32: built with transformers, saved with `save_pretrained`, loaded
+    back with `qwen3_vl.from_pretrained`. Returns (hf_model, flax_model, num_params)."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise BenchError(f"{_TORCH_MISSING} ({e})") from None
+    import jax.numpy as jnp
+
+    from axpo_jax.models import qwen3_vl
+
+    hf = hf_config_dict(preset) if isinstance(preset, str) else preset
+    transformers.utils.logging.disable_progress_bar()
+    log(f"building the random transformers model ({f'preset {preset!r}' if isinstance(preset, str) else 'given config'})")
+    torch.manual_seed(seed)
+    hf_model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**hf)).eval()
+    num_params = sum(p.numel() for p in hf_model.parameters())
+    with tempfile.TemporaryDirectory(prefix="axpo_bench_") as tmp:
+        hf_model.save_pretrained(tmp)
+        log(f"saved {num_params / 1e6:.2f}M parameters; loading them into Flax")
+        flax_model = qwen3_vl.from_pretrained(tmp, dtype=jnp.float32)
+    return hf_model, flax_model, int(num_params)
+
+
+def host_loaded(load_before: float | None, load_after: float | None, log=_log) -> bool:
+    """Whether the 1-minute load average exceeded the cores (logs a warning if so). A steadily busy core is worse
+    than a few slow runs: torch's OpenMP threads spin at barriers and a forward with one of its threads
+    descheduled can run 10-30x slower (seen on a 2-core box), consistently, so a max/min spread check misses it."""
+    loaded = max(x or 0.0 for x in (load_before, load_after)) > (os.cpu_count() or 1) + 0.5
+    if loaded:
+        log(f"warning: host load average {load_before}/{load_after} exceeds its {os.cpu_count()} cores: other "
+            f"processes compete for the CPU and the timings (torch's most) are unreliable (rerun on an idle host, "
+            f"or --config.torch_threads=1 where torch runs)")
+    return loaded
+
+
+def host_info(load_before: float | None, load_after: float | None) -> dict[str, Any]:
+    """The host and library versions a timing was taken on, with the load average around it."""
+    import flax
+    import jax
+
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    device = jax.devices()[0]
+    return dict(
+        cpu_count=os.cpu_count(),
+        load_average_1m_before_after=[load_before, load_after],
+        torch_threads=torch.get_num_threads() if torch is not None else None,
+        machine=platform.machine(),
+        processor=platform.processor() or None,
+        python=platform.python_version(),
+        jax_backend=jax.default_backend(),
+        jax_device_kind=device.device_kind,
+        jax_device_count=jax.device_count(),
+        versions=dict(jax=jax.__version__, jaxlib=_version("jaxlib"), flax=flax.__version__,
+                      torch=_version("torch"), transformers=_version("transformers"), numpy=np.__version__),
+    )
 
 
 def _load_average() -> float | None:

@@ -1,0 +1,603 @@
+"""Rollout benchmarks: KV-cache sampling vs transformers' generate, forking a prefix, tool/device overlap.
+
+    python launch.py --config configs/bench.py:sampler        # mode bench_sampler
+    python launch.py --config configs/bench.py:fork           # mode bench_fork
+    python launch.py --config configs/bench.py:tool_overlap   # mode bench_tool_overlap
+
+`bench_sampler`: greedy decoding of `batch` prompts (`prompt_len` tokens, one `image_size`^2 image each) for
+`new_tokens` tokens with our `Sampler` (`extend` = prefill, then the on-device `decode` while-loop) and with
+transformers' `generate` (`do_sample=False`, the four vision token ids suppressed as the sampler bans them,
+`eos_token_id=None` so both run the full length), on the same CPU, the same random model (`forward.build_models`:
+built with transformers, saved, loaded with `qwen3_vl.from_pretrained`) and the same prompts. In float32 the
+generated tokens must be identical: the fraction of identical rows is reported, and anything below
+`min_identical_rows` (1.0) raises `BenchError` after the record has been written to stderr. Both are warmed up
+(the Flax compile of extend and decode is reported separately) and timed over `repeats` interleaved runs:
+prefill+decode for each, our decode alone (extend timed apart), and `generate` with one new token as
+transformers' prefill, so the decode-only rates of both can be compared too.
+
+`bench_fork`: K continuations of each of P long multimodal prefixes (P*K cache rows), two ways:
+  fork       - prefill the P prefixes in a P-row cache (a batch-P `extend`), copy each row K times into a
+               P*K-row cache with `Sampler.fork` (a gather of the KV rows), decode `new_tokens` tokens;
+  re_prefill - prefill P*K copies of the prefixes (a batch-P*K `extend`, every prefix computed K times),
+               decode the same way;
+  fork_in_place (reported for completeness) - a P*K-row cache whose first P rows get the prefixes and whose
+               other rows get empty chunks, then `fork` inside it: the padded [P*K, T] chunk is computed whatever
+               its mask, so this costs as much as re-prefilling; forking only saves work when the prefill runs
+               at the smaller batch.
+Greedy decoding makes all three produce the same tokens (checked, like bench_sampler: a mismatch raises). The
+record holds the median seconds of the prefill stage (extend, plus the fork), of the decode and of the total,
+and the re-prefill/fork ratios.
+
+`bench_tool_overlap`: how much tool time the multi-turn `AgentLoop` hides behind device time. A batch of rows
+runs `tool_turns` turns that each call a fake tool sleeping `tool_sleep_s`, then answers; the policy is
+scripted (its turns are teacher-forced through the real model and KV cache, so every token costs a real decode
+step, `think_tokens` filler tokens per turn) on the demo's tiny checkpoint (its processor and config). The
+sampler's calls are timed, blocked until the device is done ("device" time includes the host-side input
+preparation inside `extend`), and the tool's calls logged, giving the union of device intervals, the union of
+tool intervals and the run's wall time: overlap = (device + tool - wall) / tool (host work outside both counts
+against it), and the directly measured fraction of tool time during which the device was busy. The loop is
+synchronous (decode every row, run the tools, extend), so both are ~0 (the first slightly negative): an honest
+baseline for an overlapped loop. The record's timings are those of the run with the median wall time.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from axpo_jax.bench.forward import (
+    BenchError,
+    _load_average,
+    _time,
+    build_models,
+    hf_config_dict,
+    host_info,
+    host_loaded,
+    make_batch,
+)
+
+
+def _logger(mode: str):
+    return lambda message: print(f"[{mode}] {message}", file=sys.stderr, flush=True)
+
+
+def _median(times: list[float]) -> float:
+    return round(statistics.median(times), 5)
+
+
+def _vision_token_ids(hf: dict[str, Any]) -> list[int]:
+    return [hf[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")]
+
+
+def _fail_unless(ok: bool, record: dict, message: str) -> None:
+    """A bench of samplers that generate different tokens is worthless: raise after printing the record."""
+    if not ok:
+        import json
+
+        print(json.dumps(record, default=str), file=sys.stderr, flush=True)
+        raise BenchError(message)
+
+
+def _threads(config) -> int:
+    return int(config.get("torch_threads", 0)) or os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------------------------- bench_sampler
+def run_sampler(config) -> dict[str, Any]:
+    log = _logger("bench_sampler")
+    try:
+        import torch
+    except ImportError as e:
+        raise BenchError(f"bench_sampler compares against transformers' generate; pip install -e '.[test]' ({e})")
+    import jax
+
+    from axpo_jax.rollout.sampler import Sampler, SamplingParams, _bucket
+
+    preset, seed = str(config.preset), int(config.get("seed", 0))
+    batch, prompt_len, new_tokens = int(config.batch), int(config.prompt_len), int(config.new_tokens)
+    image_size, repeats = int(config.image_size), max(1, int(config.repeats))
+    min_identical = float(config.get("min_identical_rows", 1.0))
+
+    hf = hf_config_dict(preset)
+    prompts, image_tokens = make_batch(hf, batch=batch, seq_len=prompt_len, num_images=1, image_size=image_size,
+                                       seed=seed)
+    torch.set_num_threads(_threads(config))
+    start = time.perf_counter()
+    hf_model, flax_model, num_params = build_models(preset, seed, log=log)
+    setup_s = time.perf_counter() - start
+
+    # generate: greedy, no end-of-sequence (every row runs new_tokens), vision tokens never produced
+    hf_model.generation_config.eos_token_id = None
+    hf_model.generation_config.pad_token_id = 0
+    torch_inputs = {k: torch.from_numpy(v) for k, v in prompts.items()}
+
+    def torch_generate(n: int) -> np.ndarray:
+        with torch.no_grad():
+            out = hf_model.generate(**torch_inputs, max_new_tokens=n, do_sample=False,
+                                    suppress_tokens=_vision_token_ids(hf), eos_token_id=None, pad_token_id=0)
+        return out[:, prompt_len:].numpy()
+
+    min_chunk = 16
+    sampler = Sampler(flax_model, batch_size=batch, capacity=_bucket(prompt_len, min_chunk) + new_tokens,
+                      min_chunk=min_chunk)
+    greedy, key = SamplingParams(temperature=0.0), jax.random.key(seed)
+    flax_parts: list[tuple[float, float]] = []  # (extend, decode) seconds of each flax_generate call
+
+    def flax_generate() -> np.ndarray:
+        t0 = time.perf_counter()
+        logits, cache = jax.block_until_ready(sampler.extend(prompts))
+        t1 = time.perf_counter()
+        result, _, _ = sampler.decode(logits, cache, key, greedy, new_tokens)  # returns numpy: blocks
+        flax_parts.append((t1 - t0, time.perf_counter() - t1))
+        return result.tokens_bn
+
+    log(f"warm-up: generate ({torch.get_num_threads()} torch threads), then the Flax compile")
+    torch_warmup_s = _time(lambda: torch_generate(new_tokens), 1)[0]
+    torch_tokens = torch_generate(new_tokens)
+    flax_tokens = flax_generate()
+    (flax_first_extend_s, flax_first_decode_s), = flax_parts
+    flax_generate()
+    if torch_tokens.shape != (batch, new_tokens):
+        raise BenchError(f"generate returned {torch_tokens.shape[1]} new tokens per row, expected {new_tokens}")
+    traces = dict(sampler.trace_counts)
+
+    log(f"timing {repeats} interleaved runs each of generate, generate(1 token) and extend+decode")
+    flax_parts.clear()
+    load_before = _load_average()
+    torch_times, torch_prefill_times, flax_times = [], [], []
+    for _ in range(repeats):
+        torch_times += _time(lambda: torch_generate(new_tokens), 1)
+        torch_prefill_times += _time(lambda: torch_generate(1), 1)
+        flax_times += _time(flax_generate, 1)
+    load_after = _load_average()
+    extend_times, decode_times = [p[0] for p in flax_parts], [p[1] for p in flax_parts]
+
+    same_rows = (flax_tokens == torch_tokens).all(axis=1)
+    first_diff = [int(np.argmax(f != t)) for f, t in zip(flax_tokens, torch_tokens) if (f != t).any()]
+    generated = batch * new_tokens
+    torch_s, flax_s = statistics.median(torch_times), statistics.median(flax_times)
+    torch_decode_s = max(torch_s - statistics.median(torch_prefill_times), 1e-9)
+    flax_decode_s = statistics.median(decode_times)
+    record = dict(
+        mode="bench_sampler",
+        preset=preset,
+        dtype="float32",
+        num_params=num_params,
+        batch=batch,
+        prompt_len=prompt_len,
+        image_size=image_size,
+        image_tokens_per_prompt=image_tokens,
+        new_tokens=new_tokens,
+        generated_tokens=generated,
+        cache_capacity=sampler.capacity,
+        repeats=repeats,
+        setup_s=round(setup_s, 3),
+        identical_rows_fraction=float(same_rows.mean()),
+        first_differing_step_per_bad_row=first_diff,
+        torch_warmup_s=round(torch_warmup_s, 3),
+        flax_first_extend_s=round(flax_first_extend_s, 3),
+        flax_first_decode_s=round(flax_first_decode_s, 3),
+        flax_compile_s=round(max(0.0, flax_first_extend_s + flax_first_decode_s - flax_s), 3),
+        torch_median_s=_median(torch_times),
+        flax_median_s=_median(flax_times),
+        torch_times_s=[round(t, 4) for t in torch_times],
+        flax_times_s=[round(t, 4) for t in flax_times],
+        torch_prefill_median_s=_median(torch_prefill_times),
+        flax_extend_median_s=_median(extend_times),
+        flax_decode_median_s=_median(decode_times),
+        torch_tokens_per_s=round(generated / torch_s, 1),
+        flax_tokens_per_s=round(generated / flax_s, 1),
+        flax_over_torch_tokens_per_s=round(torch_s / flax_s, 3),
+        flax_over_torch_best_run=round(min(torch_times) / min(flax_times), 3),
+        torch_decode_only_tokens_per_s=round(generated / torch_decode_s, 1),
+        flax_decode_only_tokens_per_s=round(generated / flax_decode_s, 1),
+        flax_over_torch_decode_only=round(torch_decode_s / flax_decode_s, 3),
+        flax_traces=traces,
+        flax_retraced_while_timing=dict(sampler.trace_counts) != traces,
+        noisy=max(max(t) / min(t) for t in (torch_times, flax_times)) > 1.5,
+        host_loaded=host_loaded(load_before, load_after, log=log),
+        host=host_info(load_before, load_after),
+    )
+    log(f"generate {record['torch_tokens_per_s']:.0f} tok/s, sampler {record['flax_tokens_per_s']:.0f} tok/s "
+        f"({record['flax_over_torch_tokens_per_s']:.2f}x; decode only {record['flax_over_torch_decode_only']:.2f}x), "
+        f"identical rows {record['identical_rows_fraction']:.3f}")
+    _fail_unless(record["identical_rows_fraction"] >= min_identical, record,
+                 f"only {same_rows.sum()} of {batch} rows generated the same greedy tokens as transformers "
+                 f"(first differences at steps {first_diff}): the sampler does not compute the same model")
+    return record
+
+
+# ------------------------------------------------------------------------------------------------- bench_fork
+def _take_rows(batch: dict[str, np.ndarray], rows: list[int | None]) -> dict[str, np.ndarray]:
+    """Processor-shaped arrays whose row r is row rows[r] of `batch` (None: an empty chunk), images following."""
+    per_image = np.asarray(batch["image_grid_thw"]).prod(-1)
+    starts = np.concatenate([[0], np.cumsum(per_image)])
+    images_per_row = len(per_image) // len(batch["input_ids"])  # make_batch: the same count in every row
+    ids = np.zeros((len(rows), batch["input_ids"].shape[1]), batch["input_ids"].dtype)
+    mask, types = np.zeros_like(ids), np.zeros_like(ids)
+    images = []
+    for r, source in enumerate(rows):
+        if source is None:
+            continue
+        ids[r], mask[r] = batch["input_ids"][source], batch["attention_mask"][source]
+        types[r] = batch["mm_token_type_ids"][source]
+        images += range(source * images_per_row, (source + 1) * images_per_row)
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=types,
+                pixel_values=np.concatenate([batch["pixel_values"][starts[i]:starts[i + 1]] for i in images]),
+                image_grid_thw=np.asarray(batch["image_grid_thw"])[images])
+
+
+def run_fork(config) -> dict[str, Any]:
+    log = _logger("bench_fork")
+    import jax
+
+    from axpo_jax.rollout.sampler import Sampler, SamplingParams, _bucket
+
+    preset, seed = str(config.preset), int(config.get("seed", 0))
+    prefixes, k, new_tokens = int(config.prefixes), int(config.k), int(config.new_tokens)
+    prefix_len, num_images, image_size = int(config.prefix_len), int(config.num_images), int(config.image_size)
+    repeats = max(1, int(config.repeats))
+    rows = prefixes * k
+    sources = [p for p in range(prefixes) for _ in range(k)]  # row r continues prefix sources[r]
+
+    hf = hf_config_dict(preset)
+    prefix_batch, image_tokens = make_batch(hf, batch=prefixes, seq_len=prefix_len, num_images=num_images,
+                                            image_size=image_size, seed=seed)
+    copies = _take_rows(prefix_batch, sources)
+    in_place = _take_rows(prefix_batch, list(range(prefixes)) + [None] * (rows - prefixes))
+    _, model, num_params = build_models(preset, seed, log=log)
+    min_chunk = 16
+    capacity = _bucket(prefix_len, min_chunk) + new_tokens
+    small = Sampler(model, batch_size=prefixes, capacity=capacity, min_chunk=min_chunk)
+    large = Sampler(model, batch_size=rows, capacity=capacity, min_chunk=min_chunk)
+    greedy, key = SamplingParams(temperature=0.0), jax.random.key(seed)
+
+    def fork():
+        return jax.block_until_ready(Sampler.fork(*small.extend(prefix_batch), sources))
+
+    def re_prefill():
+        return jax.block_until_ready(large.extend(copies))
+
+    def fork_in_place():
+        return jax.block_until_ready(Sampler.fork(*large.extend(in_place), sources))
+
+    variants = dict(fork=fork, re_prefill=re_prefill)
+    if config.get("fork_in_place", True):
+        variants["fork_in_place"] = fork_in_place
+    times = {name: dict(prefill=[], decode=[], total=[]) for name in variants}
+    tokens, first_logits = {}, {}
+
+    def timed(name: str, first: bool = False):
+        t0 = time.perf_counter()
+        logits, cache = variants[name]()
+        t1 = time.perf_counter()
+        result, _, _ = large.decode(logits, cache, key, greedy, new_tokens)
+        t2 = time.perf_counter()
+        if first:
+            tokens[name], first_logits[name] = result.tokens_bn, np.asarray(logits)
+            return t2 - t0
+        times[name]["prefill"].append(t1 - t0)
+        times[name]["decode"].append(t2 - t1)
+        times[name]["total"].append(t2 - t0)
+
+    log(f"warm-up (compiles): {prefixes} prefixes of {prefix_len} tokens ({num_images} images of {image_tokens} "
+        f"tokens each) -> {rows} rows, {new_tokens} new tokens")
+    first_call_s = {name: round(timed(name, first=True), 3) for name in variants}
+    traces = dict(small.trace_counts + large.trace_counts)
+    log(f"timing {repeats} interleaved runs of {', '.join(variants)}")
+    load_before = _load_average()
+    for _ in range(repeats):
+        for name in variants:
+            timed(name)
+    load_after = _load_average()
+
+    reference = tokens["re_prefill"]
+    identical = {name: float((tokens[name] == reference).all(axis=1).mean()) for name in variants}
+    groups_agree = bool((reference == reference[[sources.index(s) for s in sources]]).all())
+    medians = {name: {stage: _median(ts) for stage, ts in stages.items()} for name, stages in times.items()}
+    record = dict(
+        mode="bench_fork",
+        preset=preset,
+        dtype="float32",
+        num_params=num_params,
+        prefixes=prefixes,
+        k=k,
+        rows=rows,
+        prefix_len=prefix_len,
+        num_images_per_prefix=num_images,
+        image_tokens_per_image=image_tokens,
+        new_tokens=new_tokens,
+        cache_capacity=capacity,
+        repeats=repeats,
+        prefill_tokens={name: n for name, n in (("fork", prefixes * prefix_len), ("re_prefill", rows * prefix_len),
+                                                 ("fork_in_place", rows * _bucket(prefix_len, min_chunk)))
+                        if name in variants},  # computed (padding included), not just real
+        first_call_s=first_call_s,
+        median_s=medians,
+        times_s={name: {stage: [round(t, 4) for t in ts] for stage, ts in stages.items()}
+                 for name, stages in times.items()},
+        re_prefill_over_fork_prefill=round(medians["re_prefill"]["prefill"] / medians["fork"]["prefill"], 3),
+        re_prefill_over_fork_total=round(medians["re_prefill"]["total"] / medians["fork"]["total"], 3),
+        # fastest run of each: less sensitive to other load on a small shared host
+        re_prefill_over_fork_prefill_best_run=round(min(times["re_prefill"]["prefill"]) /
+                                                    min(times["fork"]["prefill"]), 3),
+        re_prefill_over_fork_total_best_run=round(min(times["re_prefill"]["total"]) / min(times["fork"]["total"]), 3),
+        noisy=max(max(ts) / min(ts) for stages in times.values() for ts in stages.values()) > 1.5,
+        fork_in_place_over_fork_prefill=(round(medians["fork_in_place"]["prefill"] / medians["fork"]["prefill"], 3)
+                                         if "fork_in_place" in medians else None),
+        identical_rows_fraction=identical,
+        rows_of_a_prefix_agree=groups_agree,
+        max_abs_first_logits_diff={name: float(np.max(np.abs(first_logits[name] - first_logits["re_prefill"])))
+                                   for name in variants},
+        traces=traces,
+        retraced_while_timing=dict(small.trace_counts + large.trace_counts) != traces,
+        host_loaded=host_loaded(load_before, load_after, log=log),
+        host=host_info(load_before, load_after),
+    )
+    log(f"prefill: fork {medians['fork']['prefill']:.3f}s, re-prefill {medians['re_prefill']['prefill']:.3f}s "
+        f"({record['re_prefill_over_fork_prefill']:.2f}x median, {record['re_prefill_over_fork_prefill_best_run']:.2f}x "
+        f"best run); total {record['re_prefill_over_fork_total']:.2f}x")
+    _fail_unless(min(identical.values()) == 1.0 and groups_agree, record,
+                 f"forked and re-prefilled rows generated different greedy tokens ({identical}, rows of a prefix "
+                 f"agree: {groups_agree})")
+    return record
+
+
+# ----------------------------------------------------------------------------------------- bench_tool_overlap
+class SleepTool:
+    """A tool that sleeps: stands for a tool whose time is spent off the device (a search, a python cell).
+    Logs the (start, end) of every call."""
+
+    name = "sleep"
+    schema = {"type": "function", "function": {
+        "name": "sleep", "description": "Waits a moment.",
+        "parameters": {"type": "object", "properties": {}, "required": []}}}
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.intervals: list[tuple[float, float]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, arguments, context):
+        from axpo_jax.tools.base import Observation
+
+        start = time.perf_counter()
+        time.sleep(self.seconds)
+        with self._lock:
+            self.intervals.append((start, time.perf_counter()))
+        return Observation(text="done")
+
+    def close_session(self, session_id: str) -> None:
+        pass
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _length(intervals: list[tuple[float, float]]) -> float:
+    return sum(end - start for start, end in _union(intervals))
+
+
+def _intersection(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Seconds covered by both sets of intervals."""
+    a, b = _union(a), _union(b)
+    i = j = 0
+    total = 0.0
+    while i < len(a) and j < len(b):
+        total += max(0.0, min(a[i][1], b[j][1]) - max(a[i][0], b[j][0]))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return total
+
+
+_FORCED_TRACES: collections.Counter = collections.Counter()
+
+
+@functools.cache
+def _forced_decode_fn():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    @nnx.jit
+    def forced_decode(model, logits_bv, cache, tokens_bw, running_bw):
+        """Feeds the given tokens through decode steps (teacher forcing): the device work of sampling them,
+        with each token's log-prob under the model; a row's logits stay put once it stops running."""
+        _FORCED_TRACES["forced_decode"] += 1
+
+        def step(carry, x):
+            logits, cache = carry
+            token, running = x
+            logprob = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], -1)[:, 0]
+            new_logits, cache = model.decode_step(token, cache, running)
+            return (jnp.where(running[:, None], new_logits, logits), cache), jnp.where(running, logprob, 0.0)
+
+        (logits_bv, cache), logprobs_wb = jax.lax.scan(step, (logits_bv, cache), (tokens_bw.T, running_bw.T))
+        return logits_bv, cache, logprobs_wb.T
+
+    return forced_decode
+
+
+def _scripted_sampler_class():
+    import jax
+    import jax.numpy as jnp
+
+    from axpo_jax.rollout.sampler import DecodeResult, Sampler, _bucket
+
+    class ScriptedSampler(Sampler):
+        """Writes scripted turns (one list of token-id lists per row) through the real model and cache, and logs
+        the (start, end) of every extend and decode, each blocked until the device has finished."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scripts: list[list[list[int]]] = []
+            self.intervals: list[tuple[float, float]] = []
+
+        def extend(self, batch, cache=None, logits_bv=None):
+            start = time.perf_counter()
+            out = jax.block_until_ready(super().extend(batch, cache, logits_bv))
+            self.intervals.append((start, time.perf_counter()))
+            return out
+
+        def decode(self, logits_bv, cache, rng, params, max_new_tokens, active_b=None):
+            start = time.perf_counter()
+            active = np.ones(self.batch_size, bool) if active_b is None else np.asarray(active_b, bool)
+            turns = [script.pop(0)[:max_new_tokens] if active[b] and script else []
+                     for b, script in enumerate(self.scripts)]
+            lengths = np.array([len(t) for t in turns], np.int32)
+            width = min(_bucket(int(lengths.max()), self.min_chunk), max_new_tokens)
+            tokens = np.full((self.batch_size, width), self.pad_id, np.int32)
+            for b, turn in enumerate(turns):
+                tokens[b, : len(turn)] = turn
+            running = np.arange(width)[None] < lengths[:, None]
+            logits_bv, cache, logprobs = jax.block_until_ready(
+                _forced_decode_fn()(self.model, logits_bv, cache, jnp.asarray(tokens), jnp.asarray(running)))
+            pad = ((0, 0), (0, max_new_tokens - width))
+            result = DecodeResult(np.pad(tokens, pad, constant_values=self.pad_id), np.pad(np.asarray(logprobs), pad),
+                                  lengths, lengths > 0)  # every scripted turn ends in a stop token or sequence
+            self.intervals.append((start, time.perf_counter()))
+            return result, logits_bv, cache
+
+    return ScriptedSampler
+
+
+def run_tool_overlap(config) -> dict[str, Any]:
+    log = _logger("bench_tool_overlap")
+    import jax
+
+    from axpo_jax.data.processor import load_processor
+    from axpo_jax.data.tiny_processor import build_tiny_processor
+    from PIL import Image
+    from axpo_jax.models.qwen3_vl.tiny import tiny_config_dict
+    from axpo_jax.rollout.agent_loop import AgentLoop, Task
+    from axpo_jax.rollout.sampler import SamplingParams
+    from axpo_jax.tools.executor import ToolExecutor
+    from axpo_jax.tools.registry import ToolRegistry
+
+    seed = int(config.get("seed", 0))
+    tasks_n, samples = int(config.tasks), int(config.samples)
+    tool_turns, sleep_s = int(config.tool_turns), float(config.tool_sleep_s)
+    think_tokens, repeats = int(config.think_tokens), max(1, int(config.repeats))
+    rows = tasks_n * samples
+
+    with tempfile.TemporaryDirectory(prefix="axpo_bench_") as folder:
+        # the demo's tiny checkpoint (`demo.build_tiny_checkpoint`), its weights initialized by transformers: much
+        # faster on a small CPU than the eager Flax init, which compiles one program per parameter shape
+        special = build_tiny_processor(folder, patch_size=8, min_pixels=32 * 32, max_pixels=96 * 96)
+        processor = load_processor(folder)
+    config_dict = tiny_config_dict(vocab_size=special["vocab_size"], patch_size=8, num_position_embeddings=64,
+                                   special_token_ids=special)
+    _, model, num_params = build_models(config_dict, seed, log=log)
+    tokenizer = processor.tokenizer
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    filler = (encode(" hmm") * think_tokens)[:think_tokens]
+    call = '<tool_call>\n{"name": "sleep", "arguments": {}}\n</tool_call>'
+    tool_turn = encode("<think>\n") + filler + encode("\n</think>\n" + call)
+    answer_turn = encode("<think>\n") + filler + encode("\n</think>\n<answer>\\boxed{7}</answer>")
+    turn_tokens = max(len(tool_turn), len(answer_turn))
+
+    tool = SleepTool(sleep_s)
+    executor = ToolExecutor(ToolRegistry([tool]), max_workers=rows, timeout_s=max(10.0, 10 * sleep_s))
+    ScriptedSampler = _scripted_sampler_class()
+
+    class ScriptedLoop(AgentLoop):
+        def sampler(self, batch_size):
+            if batch_size not in self._samplers:
+                self._samplers[batch_size] = ScriptedSampler(
+                    self.model, batch_size=batch_size, capacity=self.capacity, pad_id=self.pad_id)
+            return self._samplers[batch_size]
+
+    max_new = 1 << (turn_tokens - 1).bit_length()
+    loop = ScriptedLoop(model, processor, executor, max_turns=tool_turns + 1, max_new_tokens_per_turn=max_new,
+                        capacity=int(config.capacity), log=lambda message: None)
+    sampler = loop.sampler(rows)
+    rng = np.random.default_rng(seed)
+    tasks = [Task("Which digit?", [Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8))], "7")
+             for _ in range(tasks_n)]
+
+    def one_run() -> dict[str, Any]:
+        sampler.scripts = [[list(tool_turn)] * tool_turns + [list(answer_turn)] for _ in range(rows)]
+        sampler.intervals, tool.intervals = [], []
+        executor.reset_stats()
+        start = time.perf_counter()
+        rollout = loop.run(tasks, samples, jax.random.key(seed), SamplingParams(temperature=0.0))
+        wall = time.perf_counter() - start
+        trajectories = getattr(rollout, "trajectories", rollout)  # a Rollout, or (before it) the list itself
+        reasons = sorted({t.finish_reason for t in trajectories})
+        statuses = sorted({s for t in trajectories for turn in t.turns for s in turn.statuses})
+        if reasons != ["answer"] or statuses != ["ok"] or len(tool.intervals) != rows * tool_turns:
+            raise BenchError(f"the scripted rollout went wrong: finish reasons {reasons}, tool statuses {statuses}, "
+                             f"{len(tool.intervals)} tool calls (expected {rows * tool_turns})")
+        device, tools = _length(sampler.intervals), _length(tool.intervals)
+        return dict(wall_s=wall, device_s=device, tool_s=tools,
+                    tool_call_s_sum=sum(end - s for s, end in tool.intervals),
+                    host_other_s=wall - _length(sampler.intervals + tool.intervals),
+                    overlap=(device + tools - wall) / tools,
+                    overlap_measured=_intersection(sampler.intervals, tool.intervals) / tools,
+                    sampler_calls=len(sampler.intervals),
+                    tokens=int(sum(len(t.token_ids) for t in trajectories)))
+
+    log(f"warm-up run (compiles): {rows} rows, {tool_turns} tool turns of {turn_tokens} tokens, "
+        f"tool sleeps {sleep_s}s")
+    warmup = one_run()
+    traces = dict(sampler.trace_counts + _FORCED_TRACES)
+    log(f"timing {repeats} run(s)")
+    load_before = _load_average()
+    runs = [one_run() for _ in range(repeats)]
+    load_after = _load_average()
+    executor.close()
+
+    median_run = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]  # its numbers belong together
+
+    def _r(key: str) -> float:
+        return round(median_run[key], 4)
+
+    record = dict(
+        mode="bench_tool_overlap",
+        loop="synchronous AgentLoop: decode all rows, run their tools, extend",
+        num_params=num_params,
+        rows=rows,
+        tasks=tasks_n,
+        samples=samples,
+        tool_turns=tool_turns,
+        policy_turns=tool_turns + 1,
+        tokens_per_turn=turn_tokens,
+        tool_sleep_s=sleep_s,
+        repeats=repeats,
+        warmup_wall_s=round(warmup["wall_s"], 3),
+        wall_s=_r("wall_s"),  # these are the run with the median wall time
+        device_s=_r("device_s"),
+        tool_s=_r("tool_s"),
+        tool_call_s_sum=_r("tool_call_s_sum"),
+        host_other_s=_r("host_other_s"),
+        overlap=_r("overlap"),
+        overlap_measured=_r("overlap_measured"),
+        runs=[{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in runs],
+        retraced_while_timing=dict(sampler.trace_counts + _FORCED_TRACES) != traces,
+        host_loaded=host_loaded(load_before, load_after, log=log),
+        host=host_info(load_before, load_after),
+    )
+    log(f"wall {record['wall_s']:.3f}s = device {record['device_s']:.3f}s + tools {record['tool_s']:.3f}s + host "
+        f"{record['host_other_s']:.3f}s; overlap {record['overlap']:.3f} (measured {record['overlap_measured']:.3f})")
+    return record

@@ -1,0 +1,84 @@
+"""The rollout benchmark modes (bench_sampler, bench_fork, bench_tool_overlap) on micro sizes."""
+
+import ml_collections
+import numpy as np
+import pytest
+
+from axpo_jax.bench import forward, sampler
+
+
+def _config(**fields):
+    return ml_collections.ConfigDict(dict(seed=0, **fields))
+
+
+def test_sampler_bench_micro_matches_generate():
+    pytest.importorskip("torch")
+    record = sampler.run_sampler(_config(mode="bench_sampler", preset="micro", batch=2, prompt_len=16,
+                                         image_size=32, new_tokens=8, repeats=1, min_identical_rows=1.0,
+                                         torch_threads=1))
+    expected = {"flax_compile_s", "torch_median_s", "flax_median_s", "flax_extend_median_s", "flax_decode_median_s",
+                "torch_prefill_median_s", "torch_tokens_per_s", "flax_tokens_per_s", "flax_over_torch_tokens_per_s",
+                "flax_decode_only_tokens_per_s", "torch_decode_only_tokens_per_s", "identical_rows_fraction",
+                "host", "num_params"}
+    assert expected <= set(record)
+    assert record["identical_rows_fraction"] == 1.0 and record["first_differing_step_per_bad_row"] == []
+    assert record["generated_tokens"] == 16 and record["image_tokens_per_prompt"] == 4
+    assert record["flax_traces"] == {"extend": 1, "decode": 1} and not record["flax_retraced_while_timing"]
+    assert record["flax_median_s"] > 0 and record["torch_median_s"] > 0 and record["flax_decode_median_s"] > 0
+
+
+def test_fork_bench_micro_tokens_agree():
+    record = sampler.run_fork(_config(mode="bench_fork", preset="micro", prefixes=2, k=2, prefix_len=32,
+                                      num_images=1, image_size=32, new_tokens=4, repeats=1,
+                                      fork_in_place=False))  # one compile less; its tokens are checked the same way
+    assert record["rows"] == 4
+    assert record["identical_rows_fraction"] == {"fork": 1.0, "re_prefill": 1.0}
+    assert record["rows_of_a_prefix_agree"]
+    assert record["prefill_tokens"] == {"fork": 64, "re_prefill": 128}
+    for name in ("fork", "re_prefill"):
+        assert set(record["median_s"][name]) == {"prefill", "decode", "total"}
+        assert record["median_s"][name]["prefill"] > 0
+    assert {"re_prefill_over_fork_prefill", "re_prefill_over_fork_total", "re_prefill_over_fork_prefill_best_run",
+            "re_prefill_over_fork_total_best_run", "noisy", "host"} <= set(record)
+    assert not record["retraced_while_timing"]
+
+
+def test_tool_overlap_micro_synchronous_loop_hides_nothing():
+    record = sampler.run_tool_overlap(_config(mode="bench_tool_overlap", tasks=1, samples=2, tool_turns=1,
+                                              tool_sleep_s=0.05, think_tokens=4, capacity=1024, repeats=1))
+    assert {"wall_s", "device_s", "tool_s", "overlap", "overlap_measured", "host_other_s"} <= set(record)
+    assert record["rows"] == 2 and record["policy_turns"] == 2
+    run, = record["runs"]
+    assert run["sampler_calls"] == 4  # prompt extend, decode, observation extend, decode
+    assert 0.05 <= record["tool_s"] < 0.05 + 0.5  # the two rows' calls run concurrently
+    assert record["tool_call_s_sum"] >= 0.1
+    assert record["device_s"] > 0 and record["wall_s"] >= record["device_s"] + record["tool_s"] - 1e-3
+    assert record["overlap_measured"] == 0.0 and record["overlap"] <= 1e-3  # decode, then tools, then extend
+    assert not record["retraced_while_timing"]
+
+
+def test_interval_arithmetic():
+    a = [(0.0, 1.0), (0.5, 2.0), (3.0, 4.0)]
+    b = [(1.5, 3.5)]
+    assert sampler._union(a) == [(0.0, 2.0), (3.0, 4.0)]
+    assert sampler._length(a) == pytest.approx(3.0)
+    assert sampler._intersection(a, b) == pytest.approx(1.0)
+    assert sampler._intersection(b, a) == pytest.approx(1.0)
+    assert sampler._intersection(a, [(5.0, 6.0)]) == 0.0
+
+
+def test_take_rows_repeats_prefixes_with_their_images():
+    hf = forward.hf_config_dict("micro")
+    batch, _ = forward.make_batch(hf, batch=2, seq_len=32, num_images=2, image_size=32, seed=0)
+    batch["pixel_values"][:32] = 0.0  # prefix 0's two images (16 patches each): zeros; prefix 1's stay random
+    copies = sampler._take_rows(batch, [1, 0, None])
+    np.testing.assert_array_equal(copies["input_ids"][:2], batch["input_ids"][[1, 0]])
+    assert copies["attention_mask"][2].sum() == 0 and len(copies["image_grid_thw"]) == 4
+    np.testing.assert_array_equal(copies["pixel_values"][:32], batch["pixel_values"][32:])
+    assert not copies["pixel_values"][32:].any() and batch["pixel_values"][32:].all()
+
+
+def test_mismatch_fails_loudly(capsys):
+    with pytest.raises(forward.BenchError, match="differ"):
+        sampler._fail_unless(False, {"identical_rows_fraction": 0.5}, "tokens differ")
+    assert '"identical_rows_fraction": 0.5' in capsys.readouterr().err
