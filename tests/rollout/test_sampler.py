@@ -169,3 +169,17 @@ def test_presence_penalty_discourages_repeats(models):
                                      SamplingParams(temperature=0.0, presence_penalty=100.0), 12)
     assert any(len(set(r)) < 12 for r in plain.tokens_bn.tolist())  # the tiny model does repeat itself
     assert all(len(set(r)) == 12 for r in penalised.tokens_bn.tolist())
+
+
+def test_chunk_padding_past_capacity_never_overwrites_the_cache(models):
+    """A chunk whose real tokens fit but whose padded width reaches past the last slot leaves earlier slots intact."""
+    hf, model = models
+    batch = make_batch(hf.config, [[20], [20], [20], [20]], padding="right", seed=4)
+    chunk = make_batch(hf.config, [[17], [17], [17], [17]], padding="right", seed=5)  # padded to 32 slots
+    results = []
+    for capacity in (40, 128):
+        sampler = Sampler(model, batch_size=4, capacity=capacity)
+        logits, cache = sampler.extend(batch)
+        logits, cache = sampler.extend(chunk, cache, logits)
+        results.append(np.asarray(logits))
+    np.testing.assert_allclose(results[0], results[1], atol=1e-5)

@@ -53,8 +53,11 @@ class KVCache:
 
 
 def _write_rows(cache_bske, new_btke, start_b):
-    """Writes each row's new entries at its own slot offset."""
-    return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0, 0)))(cache_bske, new_btke, start_b)
+    """Writes each row's new entries at its own slot offset. Entries that would land past the last slot are
+    dropped (they are chunk padding: callers check that real tokens fit), never shifted back over earlier slots
+    as a clamped dynamic_update_slice would."""
+    slots_t = jnp.arange(new_btke.shape[1])
+    return jax.vmap(lambda c, n, i: c.at[i + slots_t].set(n, mode="drop"))(cache_bske, new_btke, start_b)
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):

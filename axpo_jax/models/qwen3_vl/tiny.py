@@ -92,6 +92,8 @@ def write_random_checkpoint(folder, config_dict: dict, *, seed: int = 0):
     from axpo_jax.models.qwen3_vl.config import Qwen3VLConfig
     from axpo_jax.models.qwen3_vl.model import Qwen3VL
 
-    model = Qwen3VL(Qwen3VLConfig.from_dict(config_dict), rngs=nnx.Rngs(seed))
+    config = Qwen3VLConfig.from_dict(config_dict)
+    # one compiled initializer instead of one eager program per parameter shape (seconds instead of ~15 s)
+    model = nnx.jit(lambda: Qwen3VL(config, rngs=nnx.Rngs(seed)))()
     save_pretrained(model, folder)
     return model
