@@ -204,6 +204,8 @@ class AgentLoop:
         turn_start = list(turn_start)
         active = np.ones(batch_size, bool)
         for turn in range(1, self.max_turns + 1):
+            if not active.any():  # every row ended (e.g. its observation no longer fit the cache)
+                break
             room = self.capacity - int(np.asarray(cache.length_b)[active].max())
             max_new = min(self.max_new_tokens_per_turn, room)
             rng, key = jax.random.split(rng)

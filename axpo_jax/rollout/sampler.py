@@ -177,14 +177,20 @@ class Sampler:
         if max_new_tokens > room:
             raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the cache room left ({room})")
         active_b = jnp.ones((self.batch_size,), bool) if active_b is None else jnp.asarray(active_b, bool)
-        out = self._decode(self.model, logits_bv, cache, rng, active_b, params, max_new_tokens)
+        # Attend over a power-of-two window that holds every row's tokens to come, not the whole capacity:
+        # each decode step reads every slot it attends to, so this is most of a step's cost for long caches.
+        slots = min(self.capacity, _bucket(int(np.asarray(cache.length_b).max()) + max_new_tokens, 64))
+        out = self._decode(self.model, logits_bv, cache, rng, active_b, params, max_new_tokens, slots)
         tokens, logprobs, lengths, stopped, logits_bv, cache = out
         result = DecodeResult(np.asarray(tokens), np.asarray(logprobs), np.asarray(lengths), np.asarray(stopped))
         return result, logits_bv, cache
 
-    @functools.partial(nnx.jit, static_argnums=(0, 6, 7))
-    def _decode(self, model, logits_bv, cache, rng, active_b, params: SamplingParams, max_new: int):
+    @functools.partial(nnx.jit, static_argnums=(0, 6, 7, 8))
+    def _decode(self, model, logits_bv, cache, rng, active_b, params: SamplingParams, max_new: int, slots: int):
         self.trace_counts["decode"] += 1
+        full = cache
+        cache = cache.replace(keys=tuple(k[:, :slots] for k in cache.keys),
+                              values=tuple(v[:, :slots] for v in cache.values))
         b, v = logits_bv.shape
         stop_ids = jnp.asarray(self.stop_token_ids or (-3,), jnp.int32)
         stop_seqs = jnp.asarray(self._stop_sequences)
@@ -227,5 +233,10 @@ class Sampler:
         start_length = cache.length_b
         step, logits_bv, cache, _, tokens, logprobs, _, _, _, stopped = jax.lax.while_loop(
             lambda s: jnp.any(s[6]), body, state
+        )
+        cache = full.replace(
+            keys=tuple(f.at[:, :slots].set(w) for f, w in zip(full.keys, cache.keys)),
+            values=tuple(f.at[:, :slots].set(w) for f, w in zip(full.values, cache.values)),
+            length_b=cache.length_b, next_position_b=cache.next_position_b,
         )
         return tokens, logprobs, cache.length_b - start_length, stopped, logits_bv, cache
