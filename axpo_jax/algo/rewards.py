@@ -40,7 +40,7 @@ import string
 from collections.abc import Callable, Sequence
 from typing import Protocol, runtime_checkable
 
-from axpo_jax.tools.protocol import ANSWER_CLOSE, ANSWER_OPEN
+from axpo_jax.tools.protocol import ANSWER_CLOSE, ANSWER_OPEN, closing_brace
 from axpo_jax.tools.protocol import extract_answer as _extract_boxed_answer
 
 __all__ = [
@@ -100,32 +100,13 @@ _LATEX_SPACES = re.compile(r"\\[,;:! ]|\\quad|\\qquad|~")
 _UNICODE = {"\u2212": "-", "\u2013": "-", "\u00d7": "*", "\u00f7": "/", "\u00a0": " ", "\u2009": " "}
 
 
-def _group_end(s: str, open_index: int) -> int | None:
-    """Index of the `}` that closes the `{` at `open_index` (nesting counted, `\\{`/`\\}` skipped); None if open."""
-    depth = 0
-    i = open_index
-    while i < len(s):
-        c = s[i]
-        if c == "\\":
-            i += 2
-            continue
-        if c == "{":
-            depth += 1
-        elif c == "}":
-            depth -= 1
-            if depth == 0:
-                return i
-        i += 1
-    return None
-
-
 def _unwrap_text_commands(s: str) -> str:
     """`\\text{km}` → `km` (balanced braces; repeated until none is left)."""
     for _ in range(64):  # bounded: each pass removes one wrapper
         m = _WRAPPER_RE.search(s)
         if m is None:
             return s
-        end = _group_end(s, m.end() - 1)
+        end = closing_brace(s, m.end() - 1)
         if end is None:
             return s[:m.start()] + s[m.end():]
         s = s[:m.start()] + s[m.end():end] + s[end + 1:]
@@ -198,7 +179,7 @@ def _parse_number_ex(text: str) -> tuple[float, bool] | None:
         s, percent = s[:-2], True
     elif s.endswith("%"):
         s, percent = s[:-1], True
-    while len(s) >= 2 and s[0] == "{" and _group_end(s, 0) == len(s) - 1:
+    while len(s) >= 2 and s[0] == "{" and closing_brace(s, 0) == len(s) - 1:
         s = s[1:-1]
     if not s:
         return None
@@ -206,9 +187,9 @@ def _parse_number_ex(text: str) -> tuple[float, bool] | None:
     if value is None:
         m = _FRAC.match(s)
         if m and m.end() < len(s) and s[m.end()] == "{":
-            end_a = _group_end(s, m.end())
+            end_a = closing_brace(s, m.end())
             second_opens = end_a is not None and end_a + 1 < len(s) and s[end_a + 1] == "{"
-            if second_opens and _group_end(s, end_a + 1) == len(s) - 1:
+            if second_opens and closing_brace(s, end_a + 1) == len(s) - 1:
                 a = _plain_number(s[m.end() + 1:end_a])
                 b = _plain_number(s[end_a + 2:-1])
                 if a is not None and b is not None and b != 0:

@@ -127,10 +127,16 @@ def extract_answer(text: str) -> str | None:
     if not boxes:
         return None
     content_start = boxes[-1].end()
-    depth = 1
-    i = content_start
-    while i < len(answer):
-        char = answer[i]
+    end = closing_brace(answer, content_start - 1)
+    return None if end is None else answer[content_start:end].strip()
+
+
+def closing_brace(text: str, open_index: int) -> int | None:
+    """Index of the `}` that closes the `{` at `open_index` (nesting counted, `\\{`/`\\}` skipped); None if open."""
+    depth = 0
+    i = open_index
+    while i < len(text):
+        char = text[i]
         if char == "\\":
             i += 2
             continue
@@ -139,7 +145,7 @@ def extract_answer(text: str) -> str | None:
         elif char == "}":
             depth -= 1
             if depth == 0:
-                return answer[content_start:i].strip()
+                return i
         i += 1
     return None
 
