@@ -31,13 +31,13 @@ def get_config():
 
     # RL
     config.algo = "axpo"  # "axpo" | "grpo"
-    config.rl_steps = 3
+    config.rl_steps = 8
     config.rl_tasks = 256
     config.questions_per_step = 4
     config.num_samples = 4  # N
     config.k = 2  # K continuations per selected prefix
     config.ratio = 0.5  # r: extra continuations <= r * B * N
-    config.rl_lr = 1e-3
+    config.rl_lr = 5e-4  # 10x below the SFT rate, as RL recipes do
     config.kl_coef = 1e-3  # β, toward the SFT model
     config.micro_batch_size = 4
     return config
