@@ -31,15 +31,20 @@ class LossConfig:
 
 
 def _loss(model, batch: TrainBatch, old_logprobs_bt, ref_logprobs_bt, denominator, cfg: LossConfig):
-    logp_bt = model.token_logprobs(batch.inputs, batch.targets_bt, chunk_size=cfg.logprob_chunk)
+    logp_bt, entropy_bt = model.token_logprobs(batch.inputs, batch.targets_bt, chunk_size=cfg.logprob_chunk,
+                                               with_entropy=True)
+    mask = batch.loss_mask_bt
+    # token-mean over this micro-batch's trained tokens (combined across micro-batches by token share)
+    entropy = (entropy_bt * mask).sum() / jnp.maximum(mask.sum(), 1.0)
     if cfg.kind == "sft":
-        nll = -(logp_bt * batch.loss_mask_bt).sum() / denominator
-        return nll, {}
-    return policy_loss(
-        logp_bt, old_logprobs_bt, batch.advantages_bt, batch.loss_mask_bt, eps_low=cfg.eps_low,
+        nll = -(logp_bt * mask).sum() / denominator
+        return nll, {"entropy": entropy}
+    loss, metrics = policy_loss(
+        logp_bt, old_logprobs_bt, batch.advantages_bt, mask, eps_low=cfg.eps_low,
         eps_high=cfg.eps_high, aggregation="token-mean", denominator=denominator,
         logp_ref_bt=ref_logprobs_bt if cfg.kl_coef else None, kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind,
     )
+    return loss, {**metrics, "entropy": entropy}
 
 
 @functools.partial(nnx.jit, static_argnames="cfg")

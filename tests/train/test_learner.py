@@ -82,6 +82,8 @@ def test_rl_update_follows_the_advantages():
     delta = (after - before)
     assert delta[0][mask[0]].mean() > 0 and delta[1][mask[1]].mean() < 0  # up for A > 0, down for A < 0
     assert metrics["sampler_trainer_logprob_gap"] < 1e-5 and metrics["clip_frac"] == 0.0
+    # a near-uniform random policy over the vocabulary: entropy close to, and never above, log V
+    assert 0.9 * np.log(CONFIG.text.vocab_size) < metrics["entropy"] <= np.log(CONFIG.text.vocab_size) + 1e-4
 
 
 def test_non_finite_gradients_skip_the_update():

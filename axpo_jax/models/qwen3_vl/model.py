@@ -441,14 +441,16 @@ class Qwen3VL(nnx.Module):
         h_btd = self.hidden_states(inputs)
         return jnp.einsum("btd,vd->btv", h_btd, self.lm_head_weight_vd())
 
-    def token_logprobs(self, inputs: ModelInputs, targets_bt, *, chunk_size: int = 256):
-        """log p(targets_bt[b, t] | tokens <= t), float32 [B, T], without holding [B, T, V] logits.
+    def token_logprobs(self, inputs: ModelInputs, targets_bt, *, chunk_size: int = 256, with_entropy: bool = False):
+        """log p(targets_bt[b, t] | tokens <= t), float32 [B, T], without holding [B, T, V] logits (and the
+        entropy of p(. | tokens <= t) too, without gradient, when `with_entropy`).
 
         The vocabulary projection and log-softmax run over chunks of positions, each rematerialized in the
         backward pass, so peak memory holds one chunk's logits [B, chunk, V] instead of the whole sequence's.
         """
         h_btd = self.hidden_states(inputs)
-        return chunked_token_logprobs(h_btd, self.lm_head_weight_vd(), targets_bt, chunk_size=chunk_size)
+        return chunked_token_logprobs(h_btd, self.lm_head_weight_vd(), targets_bt, chunk_size=chunk_size,
+                                      with_entropy=with_entropy)
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  mm_token_type_ids=None, **processor_outputs):
@@ -465,7 +467,8 @@ def _jitted_forward(model: Qwen3VL, inputs: ModelInputs):
     return model.forward(inputs)
 
 
-def chunked_token_logprobs(h_btd, w_vd, targets_bt, *, chunk_size: int = 256):
+def chunked_token_logprobs(h_btd, w_vd, targets_bt, *, chunk_size: int = 256, with_entropy: bool = False):
+    """Per-token log-probs [B, T] (and, with_entropy, the policy's entropy at each position, no gradient)."""
     b, t, d = h_btd.shape
     chunk = min(chunk_size, t)
     padded = -(-t // chunk) * chunk
@@ -476,8 +479,15 @@ def chunked_token_logprobs(h_btd, w_vd, targets_bt, *, chunk_size: int = 256):
     def one_chunk(args):
         h_bkd, y_bk = args
         logits_bkv = jnp.einsum("bkd,vd->bkv", h_bkd, w_vd, preferred_element_type=jnp.float32)
-        picked_bk = jnp.take_along_axis(logits_bkv, y_bk[..., None], axis=-1)[..., 0]
-        return picked_bk - jax.nn.logsumexp(logits_bkv, axis=-1)
+        log_z_bk = jax.nn.logsumexp(logits_bkv, axis=-1)
+        picked_bk = jnp.take_along_axis(logits_bkv, y_bk[..., None], axis=-1)[..., 0] - log_z_bk
+        if not with_entropy:
+            return picked_bk
+        logits_bkv = jax.lax.stop_gradient(logits_bkv)
+        probs_bkv = jax.nn.softmax(logits_bkv, axis=-1)
+        entropy_bk = jax.lax.stop_gradient(log_z_bk) - jnp.sum(probs_bkv * logits_bkv, axis=-1)
+        return picked_bk, entropy_bk
 
-    logp_cbk = jax.lax.map(one_chunk, (jnp.moveaxis(h_cbkd, 1, 0), jnp.moveaxis(y_cbk, 1, 0)))
-    return jnp.moveaxis(logp_cbk, 0, 1).reshape(b, padded)[:, :t]
+    out = jax.lax.map(one_chunk, (jnp.moveaxis(h_cbkd, 1, 0), jnp.moveaxis(y_cbk, 1, 0)))
+    unchunk = lambda x_cbk: jnp.moveaxis(x_cbk, 0, 1).reshape(b, padded)[:, :t]  # noqa: E731
+    return tuple(unchunk(x) for x in out) if with_entropy else unchunk(out)
