@@ -21,6 +21,7 @@ import sys
 import time
 
 import numpy as np
+from tqdm.auto import tqdm
 
 
 def _log(message: str) -> None:
@@ -135,7 +136,8 @@ def run(config) -> dict:
         learner = Learner(model, make_optimizer(learning_rate=config.sft_lr, total_steps=config.sft_steps,
                                                 warmup_steps=config.sft_steps // 10), LossConfig(kind="sft"))
         rng = np.random.default_rng(config.seed)
-        for step in range(config.sft_steps):
+        progress = tqdm(range(config.sft_steps), desc="SFT", file=sys.stderr, mininterval=2.0, dynamic_ncols=True)
+        for step in progress:
             chosen = [examples[i] for i in rng.choice(len(examples), config.sft_batch, replace=False)]
             images = [e for e in chosen if "pixel_values" in e]
             batch = make_batch(
@@ -146,9 +148,8 @@ def run(config) -> dict:
                 pad_id=processor.tokenizer.pad_token_id,
             )
             sft_losses.append(learner.step([batch])["loss"])
-            if step % 10 == 0 or step == config.sft_steps - 1:
-                _log(f"SFT step {step + 1}/{config.sft_steps}: loss {sft_losses[-1]:.3f} "
-                     f"({time.perf_counter() - started:.0f}s)")
+            progress.set_postfix(loss=f"{sft_losses[-1]:.3f}")
+        _log(f"SFT: loss {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} ({time.perf_counter() - started:.0f}s)")
         qwen3_vl.save_pretrained(model, sft_folder)
         processor.save_pretrained(sft_folder)
         evals["after_sft"] = evaluate(agent_for(model), eval_tasks, eval_key, eval_params)
