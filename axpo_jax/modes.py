@@ -21,6 +21,7 @@ ModeFn = Callable[[Any], Mapping[str, Any]]
 _MODES: dict[str, str | ModeFn] = {
     "demo": "axpo_jax.demo:run",
     "bench_forward": "axpo_jax.bench.forward:run",
+    "bench_update": "axpo_jax.bench.update:run",
     "bench_sampler": "axpo_jax.bench.sampler:run_sampler",
     "bench_fork": "axpo_jax.bench.sampler:run_fork",
     "bench_tool_overlap": "axpo_jax.bench.sampler:run_tool_overlap",

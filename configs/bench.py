@@ -1,6 +1,7 @@
 """Benchmarks. The argument after the colon picks one:
 
     python launch.py --config configs/bench.py:forward   # mode bench_forward: model forward pass timing
+    python launch.py --config configs/bench.py:update    # mode bench_update: RL update step vs the same in torch
     python launch.py --config configs/bench.py:memory    # mode memory_plan: per-device memory of a pod plan
     python launch.py --config configs/bench.py:sampler   # mode bench_sampler: KV-cache sampler vs HF generate
     python launch.py --config configs/bench.py:fork      # mode bench_fork: forking a prefix vs re-prefilling it
@@ -9,8 +10,8 @@
 
 import ml_collections
 
-_MODES = {"forward": "bench_forward", "memory": "memory_plan", "sampler": "bench_sampler", "fork": "bench_fork",
-          "tool_overlap": "bench_tool_overlap"}
+_MODES = {"forward": "bench_forward", "update": "bench_update", "memory": "memory_plan", "sampler": "bench_sampler",
+          "fork": "bench_fork", "tool_overlap": "bench_tool_overlap"}
 
 
 def get_config(arg=None):
@@ -30,6 +31,19 @@ def get_config(arg=None):
         config.repeats = 10  # timed runs of each, interleaved torch / flax
         config.torch_threads = 0  # 0: os.cpu_count()
         config.max_logits_diff = 1e-4  # fp32; a larger Flax-vs-torch difference fails the run
+    elif arg == "update":
+        config.preset = "tiny"  # see axpo_jax/bench/forward.py PRESETS
+        config.batch = 4
+        config.seq_len = 128  # the loss mask covers the second half of each row
+        config.num_images = 1  # per sample
+        config.image_size = 128  # 8x8 patches of 16 px: 16 image tokens per image
+        config.repeats = 5  # timed steps of each, interleaved torch / jax
+        config.kl_coef = 0.0  # > 0: + beta * low_var_kl against a frozen copy of the initial weights
+        config.learning_rate = 1e-5
+        config.torch_threads = 0  # 0: os.cpu_count()
+        config.max_loss_rel_diff = 1e-4  # first-step JAX-vs-torch agreement, else the run fails
+        config.max_logprob_diff = 1e-4
+        config.max_grad_norm_rel_diff = 1e-3
     elif arg == "sampler":
         config.preset = "tiny"  # see axpo_jax/bench/forward.py PRESETS
         config.batch = 8

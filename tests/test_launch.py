@@ -55,7 +55,7 @@ def test_unknown_mode_names_registered_modes():
         modes.run(ml_collections.ConfigDict({"mode": "nosuch"}))
     message = str(e.value)
     assert "nosuch" in message
-    for name in ("demo", "bench_forward", "memory_plan"):
+    for name in ("demo", "bench_forward", "bench_update", "memory_plan"):
         assert name in message
 
 
@@ -94,7 +94,8 @@ def test_non_dict_result_is_an_error(monkeypatch):
 
 @pytest.mark.parametrize(
     "spec, mode",
-    [("configs/demo.py", "demo"), ("configs/bench.py:forward", "bench_forward"), ("configs/bench.py:memory", "memory_plan")],
+    [("configs/demo.py", "demo"), ("configs/bench.py:forward", "bench_forward"), ("configs/bench.py:memory", "memory_plan"),
+     ("configs/bench.py:update", "bench_update")],
 )
 def test_valid_config_parses(spec, mode):
     proc = _launch("--config", spec, "--config.seed=3", "--dry_run")
