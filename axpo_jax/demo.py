@@ -87,7 +87,8 @@ def run(config) -> dict:
     from axpo_jax.rollout.sampler import SamplingParams
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
-    from axpo_jax.train.batch import bucket, make_batch
+    from axpo_jax.models.qwen3_vl.inputs import bucket
+    from axpo_jax.train.batch import make_batch
     from axpo_jax.train.checkpoints import Checkpointer, StopRequest
     from axpo_jax.train.learner import Learner, LossConfig
     from axpo_jax.train.optimizer import make_optimizer

@@ -100,7 +100,8 @@ def run_sampler(config) -> dict[str, Any]:
         raise BenchError(f"bench_sampler compares against transformers' generate; pip install -e '.[test]' ({e})")
     import jax
 
-    from axpo_jax.rollout.sampler import Sampler, SamplingParams, _bucket
+    from axpo_jax.models.qwen3_vl.inputs import bucket
+    from axpo_jax.rollout.sampler import Sampler, SamplingParams
 
     preset, seed = str(config.preset), int(config.get("seed", 0))
     batch, prompt_len, new_tokens = int(config.batch), int(config.prompt_len), int(config.new_tokens)
@@ -127,7 +128,7 @@ def run_sampler(config) -> dict[str, Any]:
         return out[:, prompt_len:].numpy()
 
     min_chunk = 16
-    sampler = Sampler(flax_model, batch_size=batch, capacity=_bucket(prompt_len, min_chunk) + new_tokens,
+    sampler = Sampler(flax_model, batch_size=batch, capacity=bucket(prompt_len, min_chunk) + new_tokens,
                       min_chunk=min_chunk)
     greedy, key = SamplingParams(temperature=0.0), jax.random.key(seed)
     flax_parts: list[tuple[float, float]] = []  # (extend, decode) seconds of each flax_generate call
@@ -240,7 +241,8 @@ def run_fork(config) -> dict[str, Any]:
     log = _logger("bench_fork")
     import jax
 
-    from axpo_jax.rollout.sampler import Sampler, SamplingParams, _bucket
+    from axpo_jax.models.qwen3_vl.inputs import bucket
+    from axpo_jax.rollout.sampler import Sampler, SamplingParams
 
     preset, seed = str(config.preset), int(config.get("seed", 0))
     prefixes, k, new_tokens = int(config.prefixes), int(config.k), int(config.new_tokens)
@@ -256,7 +258,7 @@ def run_fork(config) -> dict[str, Any]:
     in_place = _take_rows(prefix_batch, list(range(prefixes)) + [None] * (rows - prefixes))
     _, model, num_params = build_models(preset, seed, log=log)
     min_chunk = 16
-    capacity = _bucket(prefix_len, min_chunk) + new_tokens
+    capacity = bucket(prefix_len, min_chunk) + new_tokens
     small = Sampler(model, batch_size=prefixes, capacity=capacity, min_chunk=min_chunk)
     large = Sampler(model, batch_size=rows, capacity=capacity, min_chunk=min_chunk)
     greedy, key = SamplingParams(temperature=0.0), jax.random.key(seed)
@@ -319,7 +321,7 @@ def run_fork(config) -> dict[str, Any]:
         cache_capacity=capacity,
         repeats=repeats,
         prefill_tokens={name: n for name, n in (("fork", prefixes * prefix_len), ("re_prefill", rows * prefix_len),
-                                                 ("fork_in_place", rows * _bucket(prefix_len, min_chunk)))
+                                                 ("fork_in_place", rows * bucket(prefix_len, min_chunk)))
                         if name in variants},  # computed (padding included), not just real
         first_call_s=first_call_s,
         median_s=medians,
@@ -440,7 +442,8 @@ def _scripted_sampler_class():
     import jax
     import jax.numpy as jnp
 
-    from axpo_jax.rollout.sampler import DecodeResult, Sampler, _bucket
+    from axpo_jax.models.qwen3_vl.inputs import bucket
+    from axpo_jax.rollout.sampler import DecodeResult, Sampler
 
     class ScriptedSampler(Sampler):
         """Writes scripted turns (one list of token-id lists per row) through the real model and cache, and logs
@@ -463,7 +466,7 @@ def _scripted_sampler_class():
             turns = [script.pop(0)[:max_new_tokens] if active[b] and script else []
                      for b, script in enumerate(self.scripts)]
             lengths = np.array([len(t) for t in turns], np.int32)
-            width = min(_bucket(int(lengths.max()), self.min_chunk), max_new_tokens)
+            width = min(bucket(int(lengths.max()), self.min_chunk), max_new_tokens)
             tokens = np.full((self.batch_size, width), self.pad_id, np.int32)
             for b, turn in enumerate(turns):
                 tokens[b, : len(turn)] = turn

@@ -32,7 +32,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from axpo_jax.rollout.agent_loop import Task
+from axpo_jax.rollout.agent_loop import Task, prompt_messages
 from axpo_jax.tools.base import ToolContext
 from axpo_jax.tools.image_zoom_in import RELATIVE_SCALE, ImageZoomIn
 from axpo_jax.tools.protocol import observation_messages
@@ -178,16 +178,6 @@ def processor_view(processor, image: Image.Image) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ trajectories
-def prompt_messages(task: Task, system_prompt: str | None = None) -> list[dict]:
-    """The prompt as `AgentLoop.prompt_messages` builds it: the task's images, then its question."""
-    content = [{"type": "image", "image": image} for image in task.images]
-    content.append({"type": "text", "text": task.question})
-    messages = [{"role": "user", "content": content}]
-    if system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    return messages
-
-
 def _answer_turn(reasoning: str, answer: str) -> dict:
     return {"role": "assistant", "content": f"<think>\n{reasoning}\n</think>\n<answer>\\boxed{{{answer}}}</answer>"}
 

@@ -74,6 +74,16 @@ class Trajectory:
         return float(np.mean(np.exp(self.tool_call_logprobs))) if self.tool_call_logprobs else float("nan")
 
 
+def prompt_messages(task: Task, system_prompt: str | None = None) -> list[dict]:
+    """The first turn of a rollout (and of an SFT conversation): the task's images, then its question."""
+    content = [{"type": "image", "image": image} for image in task.images]
+    content.append({"type": "text", "text": task.question})
+    messages = [{"role": "user", "content": content}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
 class AgentLoop:
     """Runs batches of multi-turn, tool-using rollouts for one policy, processor and tool set."""
 
@@ -114,12 +124,7 @@ class AgentLoop:
 
     # --------------------------------------------------------------------------------------------- messages
     def prompt_messages(self, task: Task) -> list[dict]:
-        content = [{"type": "image", "image": image} for image in task.images]
-        content.append({"type": "text", "text": task.question})
-        messages = [{"role": "user", "content": content}]
-        if self.system_prompt:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return messages
+        return prompt_messages(task, self.system_prompt)
 
     def observation_text(self, observations: list[Observation], turn_ended: bool) -> str:
         """The template's rendering of tool responses after an assistant turn, through the next generation prompt.
@@ -323,8 +328,16 @@ def encode_trajectories(trajectories: list[Trajectory], processor, pad_id: int =
         ids[b, : len(trajectory.token_ids)] = trajectory.token_ids
         mask[b, : len(trajectory.token_ids)] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
-    images = [image for trajectory in trajectories for image in trajectory.images]
-    if images:
-        vision = processor.image_processor(images=images, return_tensors="np")
-        batch["pixel_values"], batch["image_grid_thw"] = vision["pixel_values"], vision["image_grid_thw"]
+    pixel_values, grids = trajectory_images(trajectories, processor)
+    if pixel_values is not None:
+        batch["pixel_values"], batch["image_grid_thw"] = pixel_values, grids
     return batch
+
+
+def trajectory_images(trajectories: list[Trajectory], processor):
+    """(pixel_values, image_grid_thw) of all the trajectories' images in order, or (None, None) without any."""
+    images = [image for trajectory in trajectories for image in trajectory.images]
+    if not images:
+        return None, None
+    vision = processor.image_processor(images=images, return_tensors="np")
+    return vision["pixel_values"], vision["image_grid_thw"]

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from axpo_jax.models.qwen3_vl.inputs import ModelInputs, prepare_inputs
+from axpo_jax.models.qwen3_vl.inputs import ModelInputs, bucket, image_buckets, prepare_inputs
 from axpo_jax.models.qwen3_vl.model import KVCache, Qwen3VL
 
 
@@ -38,11 +38,6 @@ class DecodeResult:
     logprobs_bn: np.ndarray  # float32, the model's log-prob of each sampled token: log softmax(logits / temperature)
     lengths_b: np.ndarray  # int32, tokens produced per row (its stop token included)
     stopped_b: np.ndarray  # bool: the row hit a stop token or sequence (else it ran into max_new)
-
-
-def _bucket(n: int, minimum: int) -> int:
-    """The next power of two >= max(n, minimum): few distinct shapes, at most 2x padding."""
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
 def filter_logits(logits_bv, params: SamplingParams):
@@ -110,16 +105,13 @@ class Sampler:
         if ids.shape[0] != self.batch_size:
             raise ValueError(f"chunk has {ids.shape[0]} rows, the sampler was built for {self.batch_size}")
         lengths = mask.sum(axis=1)
-        width = _bucket(int(lengths.max()), self.min_chunk)
+        width = bucket(int(lengths.max()), self.min_chunk)
         right_ids = np.full((self.batch_size, width), self.pad_id, np.int64)
         right_mask = np.zeros_like(right_ids)
         for b in range(self.batch_size):
             right_ids[b, : lengths[b]] = ids[b][mask[b] > 0]
             right_mask[b, : lengths[b]] = 1
         grids = batch.get("image_grid_thw")
-        num_images = 0 if grids is None else len(grids)
-        unit = self.config.vision.spatial_merge_size ** 2
-        most_patches = 0 if grids is None else int(np.asarray(grids).prod(-1).max())
         offset = None
         if cache is not None:
             used = np.asarray(cache.length_b)
@@ -131,9 +123,7 @@ class Sampler:
             offset = np.asarray(cache.next_position_b)
         return prepare_inputs(
             self.config, right_ids, right_mask, batch.get("pixel_values"), grids, None,
-            num_image_rows=_bucket(num_images, 1),
-            patches_per_image=max(_bucket(most_patches, self.min_patches), unit),
-            position_offset_b=offset,
+            **image_buckets(self.config, grids, min_patches=self.min_patches), position_offset_b=offset,
         )
 
     def _place(self, inputs: ModelInputs) -> ModelInputs:
@@ -179,7 +169,7 @@ class Sampler:
         active_b = jnp.ones((self.batch_size,), bool) if active_b is None else jnp.asarray(active_b, bool)
         # Attend over a power-of-two window that holds every row's tokens to come, not the whole capacity:
         # each decode step reads every slot it attends to, so this is most of a step's cost for long caches.
-        slots = min(self.capacity, _bucket(int(np.asarray(cache.length_b).max()) + max_new_tokens, 64))
+        slots = min(self.capacity, bucket(int(np.asarray(cache.length_b).max()) + max_new_tokens, 64))
         out = self._decode(self.model, logits_bv, cache, rng, active_b, params, max_new_tokens, slots)
         tokens, logprobs, lengths, stopped, logits_bv, cache = out
         result = DecodeResult(np.asarray(tokens), np.asarray(logprobs), np.asarray(lengths), np.asarray(stopped))

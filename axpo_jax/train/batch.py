@@ -11,7 +11,9 @@ from __future__ import annotations
 import flax.struct
 import numpy as np
 
-from axpo_jax.models.qwen3_vl.inputs import ModelInputs, prepare_inputs
+from axpo_jax.rollout.agent_loop import trajectory_images
+
+from axpo_jax.models.qwen3_vl.inputs import ModelInputs, bucket, image_buckets, prepare_inputs
 
 
 @flax.struct.dataclass
@@ -21,11 +23,6 @@ class TrainBatch:
     loss_mask_bt: np.ndarray  # float32, 1 where token t+1 is trained
     advantages_bt: np.ndarray  # float32 (RL), 0 for SFT
     sampler_logprobs_bt: np.ndarray  # float32, the sampler's log-prob of token t+1 (RL), 0 elsewhere
-
-
-def bucket(n: int, minimum: int) -> int:
-    """The next power of two >= max(n, minimum)."""
-    return max(minimum, 1 << max(n - 1, 0).bit_length())
 
 
 def make_batch(config, token_ids: list[list[int]], trained: list[np.ndarray], *, pixel_values=None,
@@ -55,14 +52,11 @@ def make_batch(config, token_ids: list[list[int]], trained: list[np.ndarray], *,
             adv[b, : n - 1] = np.asarray(advantages[b], np.float32)[1:n]
         if sampler_logprobs is not None:
             old[b, : n - 1] = np.asarray(sampler_logprobs[b], np.float32)[1:n]
-    unit = config.vision.spatial_merge_size ** 2
-    grids = None if image_grid_thw is None else np.asarray(image_grid_thw)
-    num_images = 0 if grids is None else len(grids)
-    most_patches = 0 if grids is None else int(grids.prod(-1).max())
+    buckets = image_buckets(config, image_grid_thw)
     inputs = prepare_inputs(
-        config, ids, mask, pixel_values, grids,
-        num_image_rows=num_image_rows or bucket(num_images, 1),
-        patches_per_image=patches_per_image or max(bucket(most_patches, 64), unit),
+        config, ids, mask, pixel_values, image_grid_thw,
+        num_image_rows=num_image_rows or buckets["num_image_rows"],
+        patches_per_image=patches_per_image or buckets["patches_per_image"],
     )
     targets = np.concatenate([ids[:, 1:], np.full((rows, 1), pad_id)], axis=1).astype(np.int32)
     return TrainBatch(inputs, targets, weight, adv, old)
@@ -70,11 +64,7 @@ def make_batch(config, token_ids: list[list[int]], trained: list[np.ndarray], *,
 
 def trajectory_batch(config, processor, trajectories, trained, advantages=None, **buckets) -> TrainBatch:
     """A TrainBatch of agent trajectories: their images go through the checkpoint's image processor again."""
-    images = [image for t in trajectories for image in t.images]
-    pixel_values = grids = None
-    if images:
-        vision = processor.image_processor(images=images, return_tensors="np")
-        pixel_values, grids = vision["pixel_values"], vision["image_grid_thw"]
+    pixel_values, grids = trajectory_images(trajectories, processor)
     pad_id = processor.tokenizer.pad_token_id or 0
     return make_batch(config, [t.token_ids for t in trajectories], trained, pixel_values=pixel_values,
                       image_grid_thw=grids, advantages=advantages,

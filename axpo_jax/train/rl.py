@@ -17,7 +17,8 @@ from axpo_jax.algo.axpo import axpo_token_advantages, resample_budget
 from axpo_jax.algo.rewards import score_answer
 from axpo_jax.rollout.agent_loop import AgentLoop, Task, Trajectory
 from axpo_jax.rollout.sampler import SamplingParams
-from axpo_jax.train.batch import bucket, trajectory_batch
+from axpo_jax.models.qwen3_vl.inputs import bucket
+from axpo_jax.train.batch import trajectory_batch
 from axpo_jax.train.learner import Learner
 
 

@@ -116,6 +116,20 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
+def bucket(n: int, minimum: int) -> int:
+    """The next power of two >= max(n, minimum): few distinct shapes (each a compile), at most 2x padding."""
+    return max(minimum, 1 << max(n - 1, 0).bit_length())
+
+
+def image_buckets(config: Qwen3VLConfig, image_grid_thw, *, min_patches: int = 64) -> dict:
+    """Bucketed `num_image_rows` / `patches_per_image` for `prepare_inputs`, from a batch's image grids."""
+    grids = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw)
+    unit = config.vision.spatial_merge_size ** 2
+    most_patches = int(grids.prod(-1).max()) if len(grids) else 0
+    return {"num_image_rows": bucket(len(grids), 1),
+            "patches_per_image": max(bucket(most_patches, min_patches), unit)}
+
+
 def prepare_inputs(
     config: Qwen3VLConfig,
     input_ids,
