@@ -71,6 +71,7 @@ def get_config(arg=None):
         config.think_tokens = 96  # filler tokens per scripted turn (each one a real decode step)
         config.capacity = 1024  # KV-cache slots per row (decode cost grows with it: attention spans every slot)
         config.repeats = 3
+        config.pipeline_groups = 2  # the pipelined loop's row groups (the synchronous loop is timed beside it)
     else:  # memory
         config.presets = ("8b", "32b")
         config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1))

@@ -35,9 +35,11 @@ step, `think_tokens` filler tokens per turn) on the demo's tiny checkpoint (its 
 sampler's calls are timed, blocked until the device is done ("device" time includes the host-side input
 preparation inside `extend`), and the tool's calls logged, giving the union of device intervals, the union of
 tool intervals and the run's wall time: overlap = (device + tool - wall) / tool (host work outside both counts
-against it), and the directly measured fraction of tool time during which the device was busy. The loop is
-synchronous (decode every row, run the tools, extend), so both are ~0 (the first slightly negative): an honest
-baseline for an overlapped loop. The record's timings are those of the run with the median wall time.
+against it), and the directly measured fraction of tool time during which the device was busy. Two loops run
+interleaved on the same rows: the synchronous one (`pipeline_groups=1`: decode every row, run the tools,
+extend; overlap ~0, a baseline) and the pipelined one (`pipeline_groups` groups of rows take turns on the device
+while the others' tools run). The record's timings are those of each loop's run with the median wall time, and
+`synchronous_over_pipelined_wall` their ratio.
 """
 
 from __future__ import annotations
@@ -438,6 +440,19 @@ def _forced_decode_fn():
     return forced_decode
 
 
+def with_scripts(turn_loop, sampler, scripts):
+    """Drives one row group's turn loop (`AgentLoop._turn_loop`) with its rows' scripts on a scripted sampler
+    that the groups share: the scripts are put back on the sampler whenever this group resumes."""
+    outcomes = None
+    while True:
+        sampler.scripts = scripts
+        try:
+            future = turn_loop.send(outcomes)
+        except StopIteration as done:
+            return done.value
+        outcomes = yield future
+
+
 def _scripted_sampler_class():
     import jax
     import jax.numpy as jnp
@@ -525,28 +540,40 @@ def run_tool_overlap(config) -> dict[str, Any]:
     ScriptedSampler = _scripted_sampler_class()
 
     class ScriptedLoop(AgentLoop):
+        """Every row group shares the one scripted sampler of its batch size; each group's turn loop puts its
+        own rows' scripts on it whenever it resumes (the groups take turns, never at once)."""
+
         def sampler(self, batch_size):
             if batch_size not in self._samplers:
                 self._samplers[batch_size] = ScriptedSampler(
                     self.model, batch_size=batch_size, capacity=self.capacity, pad_id=self.pad_id)
             return self._samplers[batch_size]
 
+        def _turn_loop(self, sampler, trajectories, *args):
+            scripts = [[list(tool_turn)] * tool_turns + [list(answer_turn)] for _ in trajectories]
+            return with_scripts(super()._turn_loop(sampler, trajectories, *args), sampler, scripts)
+
     max_new = 1 << (turn_tokens - 1).bit_length()
-    loop = ScriptedLoop(model, processor, executor, max_turns=tool_turns + 1, max_new_tokens_per_turn=max_new,
-                        capacity=int(config.capacity), log=lambda message: None)
-    sampler = loop.sampler(rows)
+    groups = int(config.get("pipeline_groups", 2))
+    if rows % groups:
+        raise BenchError(f"rows ({rows}) must split into pipeline_groups ({groups}) equal groups")
+    loops = {name: ScriptedLoop(model, processor, executor, max_turns=tool_turns + 1,
+                                max_new_tokens_per_turn=max_new, capacity=int(config.capacity),
+                                pipeline_groups=g, log=lambda message: None)
+             for name, g in (("synchronous", 1), ("pipelined", groups))}
     rng = np.random.default_rng(seed)
     tasks = [Task("Which digit?", [Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8))], "7")
              for _ in range(tasks_n)]
 
-    def one_run() -> dict[str, Any]:
-        sampler.scripts = [[list(tool_turn)] * tool_turns + [list(answer_turn)] for _ in range(rows)]
+    def one_run(name: str) -> dict[str, Any]:
+        loop = loops[name]
+        sampler = loop.sampler(rows // loop.pipeline_groups)
         sampler.intervals, tool.intervals = [], []
         executor.reset_stats()
         start = time.perf_counter()
         rollout = loop.run(tasks, samples, jax.random.key(seed), SamplingParams(temperature=0.0))
         wall = time.perf_counter() - start
-        trajectories = getattr(rollout, "trajectories", rollout)  # a Rollout, or (before it) the list itself
+        trajectories = rollout.trajectories
         reasons = sorted({t.finish_reason for t in trajectories})
         statuses = sorted({s for t in trajectories for turn in t.turns for s in turn.statuses})
         if reasons != ["answer"] or statuses != ["ok"] or len(tool.intervals) != rows * tool_turns:
@@ -561,24 +588,34 @@ def run_tool_overlap(config) -> dict[str, Any]:
                     sampler_calls=len(sampler.intervals),
                     tokens=int(sum(len(t.token_ids) for t in trajectories)))
 
-    log(f"warm-up run (compiles): {rows} rows, {tool_turns} tool turns of {turn_tokens} tokens, "
-        f"tool sleeps {sleep_s}s")
-    warmup = one_run()
-    traces = dict(sampler.trace_counts + _FORCED_TRACES)
-    log(f"timing {repeats} run(s)")
+    def traces():
+        return sum((s.trace_counts for loop in loops.values() for s in loop._samplers.values()),
+                   collections.Counter()) + _FORCED_TRACES
+
+    log(f"warm-up runs (compile): {rows} rows, {tool_turns} tool turns of {turn_tokens} tokens, "
+        f"tool sleeps {sleep_s}s, pipelined in {groups} groups")
+    warmup = {name: one_run(name) for name in loops}
+    traces_before = traces()
+    log(f"timing {repeats} run(s) of each loop, interleaved")
     load_before = _load_average()
-    runs = [one_run() for _ in range(repeats)]
+    runs: dict[str, list] = {name: [] for name in loops}
+    for _ in range(repeats):
+        for name in loops:
+            runs[name].append(one_run(name))
     load_after = _load_average()
     executor.close()
 
-    median_run = sorted(runs, key=lambda r: r["wall_s"])[len(runs) // 2]  # its numbers belong together
+    def summary(name: str) -> dict[str, Any]:
+        median_run = sorted(runs[name], key=lambda r: r["wall_s"])[len(runs[name]) // 2]  # numbers that belong together
+        return dict(
+            warmup_wall_s=round(warmup[name]["wall_s"], 3),
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in median_run.items()},
+            runs=[{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in runs[name]],
+        )
 
-    def _r(key: str) -> float:
-        return round(median_run[key], 4)
-
+    synchronous, pipelined = summary("synchronous"), summary("pipelined")
     record = dict(
         mode="bench_tool_overlap",
-        loop="synchronous AgentLoop: decode all rows, run their tools, extend",
         num_params=num_params,
         rows=rows,
         tasks=tasks_n,
@@ -588,19 +625,18 @@ def run_tool_overlap(config) -> dict[str, Any]:
         tokens_per_turn=turn_tokens,
         tool_sleep_s=sleep_s,
         repeats=repeats,
-        warmup_wall_s=round(warmup["wall_s"], 3),
-        wall_s=_r("wall_s"),  # these are the run with the median wall time
-        device_s=_r("device_s"),
-        tool_s=_r("tool_s"),
-        tool_call_s_sum=_r("tool_call_s_sum"),
-        host_other_s=_r("host_other_s"),
-        overlap=_r("overlap"),
-        overlap_measured=_r("overlap_measured"),
-        runs=[{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()} for r in runs],
-        retraced_while_timing=dict(sampler.trace_counts + _FORCED_TRACES) != traces,
+        pipeline_groups=groups,
+        synchronous=synchronous,
+        pipelined=pipelined,
+        synchronous_over_pipelined_wall=round(synchronous["wall_s"] / pipelined["wall_s"], 3),
+        overlap=pipelined["overlap"],
+        overlap_measured=pipelined["overlap_measured"],
+        retraced_while_timing=traces() != traces_before,
         host_loaded=host_loaded(load_before, load_after, log=log),
         host=host_info(load_before, load_after),
     )
-    log(f"wall {record['wall_s']:.3f}s = device {record['device_s']:.3f}s + tools {record['tool_s']:.3f}s + host "
-        f"{record['host_other_s']:.3f}s; overlap {record['overlap']:.3f} (measured {record['overlap_measured']:.3f})")
+    for name, r in (("synchronous", synchronous), ("pipelined", pipelined)):
+        log(f"{name}: wall {r['wall_s']:.3f}s = device {r['device_s']:.3f}s + tools {r['tool_s']:.3f}s + host "
+            f"{r['host_other_s']:.3f}s; overlap {r['overlap']:.3f} (measured {r['overlap_measured']:.3f})")
+    log(f"synchronous / pipelined wall time: {record['synchronous_over_pipelined_wall']:.2f}x")
     return record

@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from axpo_jax.models.qwen3_vl.model import KVCache
 from axpo_jax.rollout.sampler import Sampler, SamplingParams
 from axpo_jax.tools.base import Observation, ToolContext
 from axpo_jax.tools.executor import ToolExecutor, ToolRequest
@@ -89,7 +90,7 @@ class AgentLoop:
 
     def __init__(self, model, processor, executor: ToolExecutor, *, max_turns: int = 3,
                  max_new_tokens_per_turn: int = 256, capacity: int = 2048, system_prompt: str | None = None,
-                 tool_timeout_s: float = 12.0, mesh=None, log=None):
+                 tool_timeout_s: float = 12.0, pipeline_groups: int = 1, mesh=None, log=None):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -100,6 +101,12 @@ class AgentLoop:
         self.capacity = capacity
         self.system_prompt = system_prompt
         self.tool_timeout_s = tool_timeout_s
+        if pipeline_groups < 1:
+            raise ValueError(f"pipeline_groups must be >= 1, got {pipeline_groups}")
+        # Rows split into groups that take turns on the device: while one group's tools run on the host, the next
+        # group decodes. 1 is synchronous. On an accelerator decode is memory-bound, so a half batch costs almost
+        # a whole one: 2 groups pay off when a turn's tool time is at least a decode turn's device time.
+        self.pipeline_groups = pipeline_groups
         self.mesh = mesh
         self.log = log or (lambda message: print(f"[rollout] {message}", file=sys.stderr, flush=True))
         vocab = self.tokenizer.get_vocab()
@@ -144,25 +151,32 @@ class AgentLoop:
 
     # ------------------------------------------------------------------------------------------------ rollout
     def run(self, tasks: list[Task], num_samples: int, rng, params: SamplingParams) -> "Rollout":
-        """num_samples trajectories per task, all rows decoded together; the Rollout keeps their KV cache so
-        AXPO can fork prefixes from it (`resample`)."""
+        """num_samples trajectories per task, decoded together (in `pipeline_groups` groups); the Rollout keeps
+        their KV caches so AXPO can fork prefixes from them (`resample`)."""
         rows = [(t, s) for t in range(len(tasks)) for s in range(num_samples)]
-        sampler = self.sampler(len(rows))
-        conversations = [self.prompt_messages(tasks[t]) for t, _ in rows]
-        prompt = self.processor.apply_chat_template(
-            conversations, tools=self.tool_schemas, add_generation_prompt=True, tokenize=True, return_dict=True,
-            return_tensors="np", processor_kwargs={"padding": True},
-        )
-        trajectories = []
-        for b, (t, s) in enumerate(rows):
-            ids = prompt["input_ids"][b][prompt["attention_mask"][b] > 0].tolist()
-            trajectories.append(Trajectory(t, s, ids, [0] * len(ids), [0.0] * len(ids), len(ids),
-                                           list(tasks[t].images), num_prompt_images=len(tasks[t].images)))
-        logits, cache = sampler.extend(prompt)
-        prompt_next_position = np.asarray(cache.next_position_b)
-        cache = self._turn_loop(sampler, trajectories, logits, cache, rng, params, [len(t.token_ids) for t in
-                                                                                   trajectories])
-        return Rollout(trajectories, cache, prompt_next_position)
+        trajectories, loops, caches, next_positions = [], [], [], []
+        run_id = uuid.uuid4().hex[:8]
+        groups = self._row_groups(len(rows))
+        for group, key in zip(groups, self._group_keys(rng, len(groups))):
+            sampler = self.sampler(len(group))
+            prompt = self.processor.apply_chat_template(
+                [self.prompt_messages(tasks[rows[r][0]]) for r in group], tools=self.tool_schemas,
+                add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np",
+                processor_kwargs={"padding": True},
+            )
+            group_trajectories = []
+            for b, r in enumerate(group):
+                t, s = rows[r]
+                ids = prompt["input_ids"][b][prompt["attention_mask"][b] > 0].tolist()
+                group_trajectories.append(Trajectory(t, s, ids, [0] * len(ids), [0.0] * len(ids), len(ids),
+                                                     list(tasks[t].images), num_prompt_images=len(tasks[t].images)))
+            logits, cache = sampler.extend(prompt)
+            next_positions.append(np.asarray(cache.next_position_b))
+            trajectories += group_trajectories
+            loops.append(self._turn_loop(sampler, group_trajectories, logits, cache, key, params,
+                                         [len(t.token_ids) for t in group_trajectories], f"{run_id}-{group[0]}"))
+        caches = self._run_groups(loops)
+        return Rollout(trajectories, caches, np.concatenate(next_positions))
 
     def resample(self, rollout: "Rollout", sources: list[int], k: int, rng, params: SamplingParams):
         """K continuations of each source trajectory's prefix, forked from its KV cache (AXPO.md §4.2, §4.5).
@@ -177,35 +191,73 @@ class AgentLoop:
         for source in sources:
             if rollout.trajectories[source].prefix_end is None:
                 raise ValueError(f"trajectory {source} made no tool call: it has no prefix to resample from")
-        sampler = self.sampler(len(rows))
-        cache = rollout.cache.take_rows(jnp.asarray(rows))
-        prefix_end = np.array([rollout.trajectories[r].prefix_end for r in rows])
-        prompt_length = np.array([rollout.trajectories[r].prompt_length for r in rows])
-        rewound_length = prefix_end - 1  # every slot before the <tool_call> tag
-        cache = cache.replace(
-            length_b=jnp.asarray(rewound_length, jnp.int32),
-            next_position_b=jnp.asarray(rollout.prompt_next_position[rows] + rewound_length - prompt_length,
-                                        jnp.int32),
-        )
-        tag = jnp.full((len(rows),), self.tool_call_open_id, jnp.int32)
-        logits, cache = _decode_step(self.model, tag, cache)
-        trajectories = []
-        for r in rows:
-            source = rollout.trajectories[r]
-            end = source.prefix_end
-            trajectories.append(Trajectory(
-                source.task_index, source.sample_index, source.token_ids[:end], source.policy_mask[:end],
-                source.logprobs[:end], source.prompt_length, source.images[: source.num_prompt_images],
-                num_prompt_images=source.num_prompt_images, prefix_end=end, resampled_from=int(r),
-            ))
-        self._turn_loop(sampler, trajectories, logits, cache, rng, params, list(prompt_length))
+        trajectories, loops = [], []
+        run_id = uuid.uuid4().hex[:8]
+        groups = self._row_groups(len(rows))
+        for group, key in zip(groups, self._group_keys(rng, len(groups))):
+            group_rows = rows[group]
+            sampler = self.sampler(len(group_rows))
+            cache = rollout.cache_rows(group_rows)
+            prefix_end = np.array([rollout.trajectories[r].prefix_end for r in group_rows])
+            prompt_length = np.array([rollout.trajectories[r].prompt_length for r in group_rows])
+            rewound_length = prefix_end - 1  # every slot before the <tool_call> tag
+            cache = cache.replace(
+                length_b=jnp.asarray(rewound_length, jnp.int32),
+                next_position_b=jnp.asarray(
+                    rollout.prompt_next_position[group_rows] + rewound_length - prompt_length, jnp.int32),
+            )
+            tag = jnp.full((len(group_rows),), self.tool_call_open_id, jnp.int32)
+            logits, cache = _decode_step(self.model, tag, cache)
+            group_trajectories = []
+            for r in group_rows:
+                source = rollout.trajectories[r]
+                end = source.prefix_end
+                group_trajectories.append(Trajectory(
+                    source.task_index, source.sample_index, source.token_ids[:end], source.policy_mask[:end],
+                    source.logprobs[:end], source.prompt_length, source.images[: source.num_prompt_images],
+                    num_prompt_images=source.num_prompt_images, prefix_end=end, resampled_from=int(r),
+                ))
+            trajectories += group_trajectories
+            loops.append(self._turn_loop(sampler, group_trajectories, logits, cache, key, params,
+                                         list(prompt_length), f"{run_id}-{group[0]}"))
+        self._run_groups(loops)
         return trajectories
 
-    def _turn_loop(self, sampler: Sampler, trajectories, logits, cache, rng, params, turn_start):
+    # ------------------------------------------------------------------------------------------- pipelining
+    def _row_groups(self, num_rows: int) -> list[np.ndarray]:
+        """Consecutive row groups of equal size (so they share one compiled sampler); one group when the rows
+        do not split evenly."""
+        groups = self.pipeline_groups if num_rows % self.pipeline_groups == 0 else 1
+        return np.split(np.arange(num_rows), groups)
+
+    @staticmethod
+    def _group_keys(rng, num_groups: int):
+        return [rng] if num_groups == 1 else list(jax.random.split(rng, num_groups))
+
+    @staticmethod
+    def _run_groups(turn_loops: list) -> list:
+        """Drives the groups' turn loops round-robin. Each runs on the device until its tool calls are
+        submitted; the next group then decodes while those tools run. Returns each loop's final cache."""
+        pending, caches = [None] * len(turn_loops), [None] * len(turn_loops)
+        running = list(range(len(turn_loops)))
+        while running:
+            for i in list(running):
+                try:
+                    outcomes = pending[i].result() if pending[i] is not None else None
+                    pending[i] = turn_loops[i].send(outcomes)
+                except StopIteration as done:
+                    caches[i] = done.value
+                    running.remove(i)
+        return caches
+
+    def _turn_loop(self, sampler: Sampler, trajectories, logits, cache, rng, params, turn_start, session: str):
         """Decode / execute tools / extend until every row is done; `turn_start[b]` is where row b's current
-        (first) turn starts in its token_ids, which is before any forked prefix tokens."""
+        (first) turn starts in its token_ids, which is before any forked prefix tokens.
+
+        A generator (driven by `_run_groups`): it yields the Future of each turn's tool calls and is sent their
+        observations back, so another row group can use the device meanwhile; it returns the final cache.
+        """
         batch_size = len(trajectories)
-        run_id = uuid.uuid4().hex[:8]
         turn_start = list(turn_start)
         active = np.ones(batch_size, bool)
         for turn in range(1, self.max_turns + 1):
@@ -229,8 +281,8 @@ class AgentLoop:
                 break
             self.log(f"turn {turn}: {len(requests)} of {batch_size} rows called tools")
             order = sorted(requests)
-            contexts = [ToolContext(trajectories[b].images, f"{run_id}-{b}", self.tool_timeout_s) for b in order]
-            outcomes = self.executor.execute([ToolRequest(requests[b], c) for b, c in zip(order, contexts)])
+            contexts = [ToolContext(trajectories[b].images, f"{session}-{b}", self.tool_timeout_s) for b in order]
+            outcomes = yield self.executor.submit([ToolRequest(requests[b], c) for b, c in zip(order, contexts)])
             texts, images = {}, {}
             for b, observations in zip(order, outcomes):
                 trajectory = trajectories[b]
@@ -254,7 +306,7 @@ class AgentLoop:
         for b in np.nonzero(active)[0]:
             trajectories[b].finish_reason = trajectories[b].finish_reason or "turn_limit"
         for b in range(batch_size):
-            self.executor.registry.close_session(f"{run_id}-{b}")
+            self.executor.registry.close_session(f"{session}-{b}")
         return cache
 
     def _chunk(self, texts: dict[int, str], images: dict[int, list], batch_size: int) -> dict:
@@ -306,8 +358,21 @@ class AgentLoop:
 @dataclasses.dataclass
 class Rollout:
     trajectories: list[Trajectory]
-    cache: object  # the rows' KVCache after the last turn; prefix slots are never overwritten
+    caches: list  # each row group's KVCache after its last turn; prefix slots are never overwritten
     prompt_next_position: np.ndarray  # rope position after each row's prompt
+
+    def cache_rows(self, rows) -> KVCache:
+        """A cache whose row i is a copy of trajectory rows[i]'s row (rows index the whole rollout)."""
+        rows = np.asarray(rows)
+        group_size = int(self.caches[0].length_b.shape[0])
+        group_r = rows // group_size
+        order = np.argsort(group_r, kind="stable")
+        pieces = [self.caches[g].take_rows(jnp.asarray(rows[order][group_r[order] == g] % group_size))
+                  for g in np.unique(group_r)]
+        if len(pieces) == 1:
+            return pieces[0]
+        grouped = jax.tree.map(lambda *parts: jnp.concatenate(parts), *pieces)
+        return grouped.take_rows(jnp.asarray(np.argsort(order)))  # back to the order of `rows`
 
 
 @nnx.jit

@@ -43,17 +43,23 @@ def test_fork_bench_micro_tokens_agree():
     assert not record["retraced_while_timing"]
 
 
-def test_tool_overlap_micro_synchronous_loop_hides_nothing():
+def test_tool_overlap_micro_pipelined_loop_hides_tool_time():
     record = sampler.run_tool_overlap(_config(mode="bench_tool_overlap", tasks=1, samples=2, tool_turns=1,
-                                              tool_sleep_s=0.05, think_tokens=4, capacity=1024, repeats=1))
-    assert {"wall_s", "device_s", "tool_s", "overlap", "overlap_measured", "host_other_s"} <= set(record)
-    assert record["rows"] == 2 and record["policy_turns"] == 2
-    run, = record["runs"]
-    assert run["sampler_calls"] == 4  # prompt extend, decode, observation extend, decode
-    assert 0.05 <= record["tool_s"] < 0.05 + 0.5  # the two rows' calls run concurrently
-    assert record["tool_call_s_sum"] >= 0.1
-    assert record["device_s"] > 0 and record["wall_s"] >= record["device_s"] + record["tool_s"] - 1e-3
-    assert record["overlap_measured"] == 0.0 and record["overlap"] <= 1e-3  # decode, then tools, then extend
+                                              tool_sleep_s=0.05, think_tokens=4, capacity=1024, repeats=1,
+                                              pipeline_groups=2))
+    assert record["rows"] == 2 and record["policy_turns"] == 2 and record["pipeline_groups"] == 2
+    sync, piped = record["synchronous"], record["pipelined"]
+    for r in (sync, piped):
+        assert {"wall_s", "device_s", "tool_s", "overlap", "overlap_measured", "host_other_s"} <= set(r)
+        assert r["device_s"] > 0 and r["tool_call_s_sum"] >= 0.1
+    assert sync["sampler_calls"] == 4  # prompt extend, decode, observation extend, decode
+    assert piped["sampler_calls"] == 8  # the same per group of one row
+    assert 0.05 <= sync["tool_s"] < 0.05 + 0.5  # the two rows' calls run concurrently
+    assert sync["wall_s"] >= sync["device_s"] + sync["tool_s"] - 1e-3
+    assert sync["overlap_measured"] == 0.0 and sync["overlap"] <= 1e-3  # decode, then tools, then extend
+    # group 1 decodes while group 0's tool sleeps
+    assert piped["overlap_measured"] > 0 and record["overlap"] == piped["overlap"]
+    assert record["synchronous_over_pipelined_wall"] > 0
     assert not record["retraced_while_timing"]
 
 

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from axpo_jax.bench.sampler import with_scripts
 from axpo_jax.data.processor import load_processor
 from axpo_jax.demo import build_tiny_checkpoint
 from axpo_jax.models import qwen3_vl
@@ -135,3 +136,52 @@ def test_resample_forks_the_prefix_from_the_cache(loop):
         sampled = np.asarray(trajectory.logprobs)[mask]
         assert sampled.size > 0
         np.testing.assert_allclose(rescored[b, : len(mask) - 1][mask[1:]], sampled, atol=1e-4)
+
+
+class GroupScriptedLoop(AgentLoop):
+    """Each row group's turn loop gets the next scripts of `group_scripts` on the scripted sampler of its size."""
+
+    group_scripts: list
+
+    def _turn_loop(self, sampler, trajectories, *args):
+        return with_scripts(super()._turn_loop(sampler, trajectories, *args), sampler, self.group_scripts.pop(0))
+
+
+def test_pipelined_groups_give_the_synchronous_trajectories(loop):
+    """Two row groups taking turns on the device (one decodes while the other's tools run) produce exactly the
+    synchronous loop's trajectories, and AXPO forks prefixes from rows of either group's cache."""
+    encode = lambda s: [loop.tokenizer.encode(t, add_special_tokens=False) for t in s]  # noqa: E731
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    tasks = [Task("Which digit?", [image], "7"), Task("Which digit?", [image], "3")]
+    loop._samplers[4].scripts = [encode(s) for s in SCRIPTS]
+    synchronous = loop.run(tasks, num_samples=2, rng=jax.random.key(0), params=SamplingParams()).trajectories
+
+    pipelined_loop = GroupScriptedLoop(loop.model, loop.processor, loop.executor, max_turns=3,
+                                       max_new_tokens_per_turn=64, capacity=1024, pipeline_groups=2,
+                                       log=lambda m: None)
+    pipelined_loop._samplers[2] = ScriptedSampler(loop.model, batch_size=2, capacity=1024, pad_id=loop.pad_id)
+    pipelined_loop.group_scripts = [[encode(s) for s in SCRIPTS[:2]], [encode(s) for s in SCRIPTS[2:]]]
+    rollout = pipelined_loop.run(tasks, num_samples=2, rng=jax.random.key(0), params=SamplingParams())
+    assert len(rollout.caches) == 2
+    for a, b in zip(synchronous, rollout.trajectories):
+        assert (a.task_index, a.sample_index, a.finish_reason, a.answer) == (b.task_index, b.sample_index,
+                                                                              b.finish_reason, b.answer)
+        assert a.token_ids == b.token_ids and a.policy_mask == b.policy_mask and a.prefix_end == b.prefix_end
+        assert [t.statuses for t in a.turns] == [t.statuses for t in b.turns]
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+    # rows 0 and 2 live in different groups' caches; each continuation re-scores as prefix + continuation
+    continuation = "\n{\"name\": \"image_zoom_in\", \"arguments\": {\"bbox_2d\": [0, 0, 9, 9]}}\n</tool_call>"
+    pipelined_loop.group_scripts = [[encode([continuation, f"<answer>\\boxed{{{digit}}}</answer>"]) for _ in range(2)]
+                                    for digit in (7, 1)]
+    continuations = pipelined_loop.resample(rollout, [0, 2], k=2, rng=jax.random.key(5), params=SamplingParams())
+    assert [c.resampled_from for c in continuations] == [0, 0, 2, 2]
+    assert [c.answer for c in continuations] == ["7", "7", "1", "1"]
+    rescored = _rescored_logprobs(loop, continuations)
+    for b, trajectory in enumerate(continuations):
+        source = rollout.trajectories[trajectory.resampled_from]
+        assert trajectory.token_ids[: source.prefix_end] == source.token_ids[: source.prefix_end]
+        mask = np.asarray(trajectory.policy_mask, bool)
+        mask[: trajectory.prefix_end] = False
+        np.testing.assert_allclose(rescored[b, : len(mask) - 1][mask[1:]], np.asarray(trajectory.logprobs)[mask],
+                                   atol=1e-4)
