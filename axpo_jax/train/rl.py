@@ -65,9 +65,19 @@ class RLTrainer:
         k = self.estimator.k
         resamples: list[Trajectory] = []
         resample_rewards_sk = np.zeros((len(selections), k))
-        if selections:
+        # the paper's ablations "resample from scratch" and "resample no-tool rollouts" (which have no tool call to
+        # branch at) draw K fresh responses to the question instead of forking a prefix
+        from_scratch = self._resamples_from_scratch()
+        if selections and from_scratch:
+            resamples = self.agent.run([tasks[s.question] for s in selections], k, rng_resample,
+                                       self.sampling).trajectories
+            for t in resamples:
+                selection = selections[t.task_index]
+                t.task_index, t.resampled_from = selection.question, selection.question * n + selection.rollout
+        elif selections:
             sources = [s.question * n + s.rollout for s in selections]
             resamples = self.agent.resample(rollout, sources, k, rng_resample, self.sampling)
+        if selections:
             resample_rewards_sk = np.array(
                 [reward(t, tasks[t.task_index], self.reward_kind) for t in resamples]).reshape(-1, k)
         rollout_seconds = time.perf_counter() - started
@@ -84,6 +94,7 @@ class RLTrainer:
         tokens = axpo_token_advantages(
             advantages, prefix_end_qn=prefix_end_qn, loss_mask_qnt=policy[: q * n].reshape(q, n, length),
             resample_loss_mask_skt=policy[q * n:].reshape(len(selections), k, length) if selections else None,
+            resample_from="scratch" if from_scratch else None,
         )
         adv_rows, mask_rows, _ = tokens.rows()
 
@@ -115,6 +126,10 @@ class RLTrainer:
             **advantages.metrics(),
         })
         return RLStep(trajectories, resamples, rewards_qn, resample_rewards_sk, advantages, metrics)
+
+    def _resamples_from_scratch(self) -> bool:
+        config = self.estimator.config
+        return getattr(config, "resample_from", "") == "scratch" or getattr(config, "candidates", "") == "no_tool"
 
     def _update(self, rows: list[Trajectory], adv_rows, mask_rows, length: int) -> dict:
         """Micro-batches of equal shape; the last one is filled with untrained copies so no new shape compiles."""

@@ -53,3 +53,30 @@ def test_axpo_step(loop):  # noqa: F811
     assert out.metrics["sampler_trainer_logprob_gap"] < 1e-3
     changed = [not np.array_equal(b, np.asarray(p)) for b, (_, p) in zip(before, qwen3_vl.named_parameters(loop.model))]
     assert any(changed)
+
+
+def test_resample_from_scratch_ablation(loop):  # noqa: F811
+    """`resample_from="scratch"`: K fresh responses to each selected question, no forked prefix; the sources keep
+    plain GRPO (nothing of theirs is masked)."""
+    scripted = loop._samplers[4]
+    # each row's rollout turns, then its turn in the 4-row batch of fresh responses (2 selections x K=2)
+    scripted.scripts = [[loop.tokenizer.encode(t, add_special_tokens=False) for t in s + ["<answer>\\boxed{7}</answer>"]]
+                        for s in SCRIPTS]
+    learner = Learner(loop.model, make_optimizer(learning_rate=1e-3, total_steps=10), LossConfig(kl_coef=0.0))
+    estimator = registry.make("axpo", ratio=1.5, k=2, resample_from="scratch")
+    trainer = RLTrainer(learner, loop, estimator, num_samples=2, micro_batch_size=4)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    out = trainer.step([Task("Which digit?", [image], "7"), Task("Which digit?", [image], "3")],
+                       jax.random.key(0), step=0)
+
+    assert len(out.resamples) == 4 and {t.resampled_from for t in out.resamples} == {0, 1}
+    for t in out.resamples:
+        source = out.trajectories[t.resampled_from]
+        assert t.task_index == 0 and t.prompt_length == source.prompt_length
+        assert t.token_ids[: t.prompt_length] == source.token_ids[: source.prompt_length]
+        assert loop.tokenizer.decode(t.token_ids[t.prompt_length:]).startswith("<answer>")  # no source prefix
+    np.testing.assert_array_equal(out.resample_rewards_sk, np.ones((2, 2)))
+    assert out.metrics["recovery_rate"] == 1.0
+    adv = out.advantages
+    assert (adv.prefix_stream_qn[0] != STREAM_PREFIX).all()  # no prefix credit from scratch
+    assert np.isfinite(out.metrics["loss"])
