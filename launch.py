@@ -25,7 +25,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_dict, config_flags
 
-# Nothing here imports jax: the mode's module does, after _apply_env has run.
+# Nothing here imports jax: the mode's module (and, just before it, jax.distributed's start-up) does, after
+# _apply_env has run.
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -185,10 +186,24 @@ def main(argv: list[str]) -> None:
 
     _apply_env(config)
     logging.info("config (mode=%s): %s", mode, ", ".join(_flatten(config)))
+    # Libraries log through absl too (orbax: several INFO lines per checkpoint); modes report progress themselves.
+    logging.set_verbosity(logging.WARNING)
 
     if _DRY_RUN.value:
         result = {"dry_run": True, "mode": mode, "config": config.to_dict()}
     else:
+        # ---- multi-host (issue 6): join jax.distributed before the mode starts jax, on every host of a pod -------
+        # config.distributed: "auto" (JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID when set, else
+        # jax's TPU-pod / SLURM detection, else one process) | "env" | "off". See axpo_jax/parallel/distributed.py.
+        from axpo_jax.parallel import distributed
+
+        try:
+            process = distributed.initialize_from_env(config.get("distributed", "auto"))
+        except (distributed.DistributedError, ValueError, RuntimeError) as e:
+            _fail(f"jax.distributed: {_one_line(str(e))}", code=1)
+        if process.process_count > 1:
+            print(f"[{_PROG}] jax.distributed: {process.describe()}", file=sys.stderr, flush=True)
+        # ---- end multi-host ------------------------------------------------------------------------------------
         try:
             result = modes.run(config)
         except modes.ModeError as e:

@@ -20,12 +20,17 @@ ModeFn = Callable[[Any], Mapping[str, Any]]
 
 _MODES: dict[str, str | ModeFn] = {
     "demo": "axpo_jax.demo:run",
+    "sft": "axpo_jax.train.sft_run:run",
+    "rl": "axpo_jax.train.rl_run:run",
     "bench_forward": "axpo_jax.bench.forward:run",
     "bench_update": "axpo_jax.bench.update:run",
     "bench_sampler": "axpo_jax.bench.sampler:run_sampler",
     "bench_fork": "axpo_jax.bench.sampler:run_fork",
     "bench_tool_overlap": "axpo_jax.bench.sampler:run_tool_overlap",
+    "bench_algos": "axpo_jax.bench.algos:run",
     "memory_plan": "axpo_jax.bench.memory:run",
+    "eval": "axpo_jax.eval.run:run",
+    "compare": "axpo_jax.bench.compare:run",
 }
 
 

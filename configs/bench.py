@@ -6,12 +6,16 @@
     python launch.py --config configs/bench.py:sampler   # mode bench_sampler: KV-cache sampler vs HF generate
     python launch.py --config configs/bench.py:fork      # mode bench_fork: forking a prefix vs re-prefilling it
     python launch.py --config configs/bench.py:tool_overlap  # mode bench_tool_overlap: tool time hidden by device
+    python launch.py --config configs/bench.py:algos     # mode bench_algos: AXPO vs GRPO at equal sampled tokens
 """
+
+import importlib.util
+import os
 
 import ml_collections
 
 _MODES = {"forward": "bench_forward", "update": "bench_update", "memory": "memory_plan", "sampler": "bench_sampler",
-          "fork": "bench_fork", "tool_overlap": "bench_tool_overlap"}
+          "fork": "bench_fork", "tool_overlap": "bench_tool_overlap", "algos": "bench_algos"}
 
 
 def get_config(arg=None):
@@ -72,10 +76,22 @@ def get_config(arg=None):
         config.capacity = 1024  # KV-cache slots per row (decode cost grows with it: attention spans every slot)
         config.repeats = 3
         config.pipeline_groups = 2  # the pipelined loop's row groups (the synchronous loop is timed beside it)
+    elif arg == "algos":
+        spec = importlib.util.spec_from_file_location("_demo_config", os.path.join(os.path.dirname(__file__), "demo.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config.workdir = "runs/axpo_vs_grpo"
+        config.demo = module.get_config()  # the SFT policy every run starts from, and the RL settings
+        config.seeds = (0, 1, 2)
+        config.variants = ("axpo", "grpo_equal")  # + "grpo" (same N as AXPO)
+        config.steps = 8
+        config.eval_tasks = 16
+        config.eval_every = 4
     else:  # memory
         config.presets = ("8b", "32b")
         config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1))
-        config.device_memory_gib = 95  # TPU v5p HBM
+        config.device_memory_gib = 95.0  # TPU v5p HBM
+        config.fail_if_not_fit = True  # exit 1 with a one-line error when a preset's RL plan exceeds the device
         config.seq_len = 2048
         config.batch_per_device = 1
         config.images_per_sample = 1

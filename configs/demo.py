@@ -1,9 +1,22 @@
 """Demo: SFT then AXPO on the synthetic zoom task with a tiny random Qwen3-VL, on a laptop CPU in minutes.
 
-    python launch.py --config configs/demo.py [--config.algo=grpo --config.seed=1 ...]
+    python launch.py --config configs/demo.py [--config.rl.algo=grpo --config.seed=1 ...]
+
+The two stages are the `sft` and `rl` modes with their own configs (configs/sft.py, configs/rl.py) as sub-configs;
+the demo fills in the checkpoint folders and data it makes.
 """
 
+import importlib.util
+import os
+
 import ml_collections
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_{name}_config", os.path.join(os.path.dirname(__file__), f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def get_config():
@@ -15,29 +28,16 @@ def get_config():
     # the tiny model (tiny_config_dict fields)
     config.model = ml_collections.ConfigDict(dict(hidden_size=64, num_hidden_layers=3, vision_depth=2,
                                                   deepstack_visual_indexes=(0, 1)))
-    # agent loop (paper: 3 turns in training)
-    config.max_turns = 3
-    config.max_new_tokens_per_turn = 128
-    config.capacity = 1024  # KV-cache slots per trajectory
-    config.tool_timeout_s = 12.0
-    config.eval_tasks = 8
+    config.eval_tasks = 8  # held-out synthetic tasks, greedy, before SFT / after SFT / during and after RL
 
-    # SFT on expert trajectories
+    # SFT on generated expert trajectories, written as JSONL + PNGs and read back through the sft mode
     config.sft_examples = 64
     config.sft_tool_fraction = 0.9
-    config.sft_steps = 120
-    config.sft_batch = 4
-    config.sft_lr = 5e-3
+    config.sft = _load("sft")
+    config.sft.length_bucket = 1024  # every demo conversation fits: one compiled shape
+    config.sft.checkpoint_every = 40
 
-    # RL
-    config.algo = "axpo"  # "axpo" | "grpo"
-    config.rl_steps = 8
-    config.rl_tasks = 256
-    config.questions_per_step = 4
-    config.num_samples = 4  # N
-    config.k = 2  # K continuations per selected prefix
-    config.ratio = 0.5  # r: extra continuations <= r * B * N
-    config.rl_lr = 5e-4  # 10x below the SFT rate, as RL recipes do
-    config.kl_coef = 1e-3  # β, toward the SFT model
-    config.micro_batch_size = 4
+    # RL (configs/rl.py's tiny defaults: AXPO, N=4, K=2, r=0.5, 8 steps on 4 questions, lr 5e-4, β 1e-3)
+    config.rl = _load("rl")
+    config.rl.eval_every = 0  # the demo evaluates after the last step only
     return config

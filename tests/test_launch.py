@@ -47,7 +47,9 @@ def _error_line(proc):
 
 
 def test_builtin_modes_registered():
-    assert {"demo", "bench_forward", "memory_plan"} <= set(modes.available())
+    assert {"demo", "sft", "rl", "eval", "compare", "bench_forward", "bench_algos", "memory_plan"} <= set(modes.available())
+    for name in modes.available():  # every registered mode's module and function exist
+        assert callable(modes.resolve(name))
 
 
 def test_unknown_mode_names_registered_modes():
@@ -95,7 +97,9 @@ def test_non_dict_result_is_an_error(monkeypatch):
 @pytest.mark.parametrize(
     "spec, mode",
     [("configs/demo.py", "demo"), ("configs/bench.py:forward", "bench_forward"), ("configs/bench.py:memory", "memory_plan"),
-     ("configs/bench.py:update", "bench_update")],
+     ("configs/bench.py:update", "bench_update"), ("configs/bench.py:algos", "bench_algos"), ("configs/sft.py", "sft"),
+     ("configs/rl.py", "rl"), ("configs/rl.py:8b,v5p-16", "rl"), ("configs/sft.py:32b,v6e-64", "sft"),
+     ("configs/eval.py", "eval")],
 )
 def test_valid_config_parses(spec, mode):
     proc = _launch("--config", spec, "--config.seed=3", "--dry_run")

@@ -20,17 +20,31 @@ sequence for rollouts. Backward-pass activations are NOT included (the compiled 
 Compiling the unrolled 36-/64-layer decoder on CPU is slow; `compile_layers=L` (> 0) compiles the model with L
 and 2L decoder layers instead and extrapolates the compiled temp / code bytes linearly to the full depth
 (the record says "extrapolated from L and 2L layers"); parameter bytes are always exact.
+
+The RL plan and the refusal. `rl_memory_plan` adds up, per device and without compiling anything, what one RL
+step holds at its two peaks: the rollout phase (policy + reference weights, optimizer state, the rollout KV
+cache) and the update phase (the same weights and optimizer state, gradients, activations); see `RLMemorySettings`
+for the assumptions. `check_fits` raises `PlanDoesNotFit` (one line naming every component) when the larger
+phase exceeds the device memory less a headroom, and `ensure_plan_fits` is what a training mode calls before it
+allocates anything. The `memory_plan` mode reports this plan for each preset too and, with `fail_if_not_fit`
+(default on), ends with that one-line error when a preset does not fit. `python -m axpo_jax.bench.memory`
+prints the table of the smallest TPU slice each preset needs (tpu/README.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from axpo_jax import modes
+from axpo_jax.bench import devices
 
 GIB = 1024**3
 _TARGETS = ("logits", "token_logprobs")
@@ -265,6 +279,239 @@ def plan_preset(name: str, config, mesh, settings: dict[str, Any]) -> dict[str, 
     )
 
 
+# --------------------------------------------------------------------------------------------- the RL plan
+
+
+class PlanDoesNotFit(modes.ModeError, ValueError):
+    """A memory plan larger than the device. A ModeError, so launch.py ends the run with this one-line message
+    instead of a traceback (the point is to stop before anything is allocated)."""
+
+
+class _MeshShape:
+    """Axis sizes standing in for a `jax.sharding.Mesh` where only `.shape` is read (param_spec, shard_bytes)."""
+
+    def __init__(self, shape: Mapping[str, int]):
+        from axpo_jax.parallel.mesh import MESH_AXES
+
+        unknown = set(shape) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"unknown mesh axes {sorted(unknown)}; axes are {MESH_AXES}")
+        self.shape = {axis: int(shape.get(axis, 1)) for axis in MESH_AXES}
+
+
+def _mesh_shape(mesh) -> _MeshShape:
+    return _MeshShape(dict(mesh.shape) if hasattr(mesh, "shape") else dict(mesh))
+
+
+@dataclasses.dataclass(frozen=True)
+class RLMemorySettings:
+    """What one RL step holds, per the paper's recipe where it says, and assumptions (marked) where it does not.
+
+    Update phase: the policy's weights, gradients and AdamW moments, the frozen reference (SFT) weights for the KL
+    term (paper: beta = 1e-3), and the activations of one micro-batch of `micro_batch_per_device` sequences of
+    `seq_len` tokens. Rollout phase: the same weights and optimizer state (they stay resident) plus the KV cache of
+    `rollout_rows` trajectories of `kv_cache_tokens` slots, split over the data x fsdp devices.
+
+    Activations (an estimate, bf16): with `remat`, each decoder layer's input (L x tokens x hidden) plus one layer
+    recomputed at a time during the backward pass; without it, every layer's. One layer holds its norms and
+    residuals (4 x hidden), q/k/v and the attention output, the MLP's gate/up/product (3 x intermediate) per token,
+    and the attention scores (fp32) and probabilities (bf16) of every head: the model materializes the S x S
+    matrix. Heads and the MLP width split over `tensor`. Plus one chunk of `logprob_chunk` positions of fp32 logits
+    and their softmax. The vision tower's activations are not counted (one image row per sample is small next to
+    the decoder's).
+    """
+
+    seq_len: int = 8192  # assumption: prompt + 3 policy turns + tool observations (the paper does not say)
+    micro_batch_per_device: int = 1
+    rollout_rows: int = 320  # assumption: B=32 questions x N=8 rollouts + r*B*N = 64 AXPO continuations (r=0.25)
+    kv_cache_tokens: int = 8192
+    param_bytes: int = 2  # bf16 weights
+    grad_bytes: int = 2  # gradients in the weights' dtype
+    optimizer_bytes_per_param: int = 8  # AdamW m and v in fp32
+    reference_model: bool = True
+    remat: bool = True  # assumption: per-layer rematerialization in the update (see the class docstring)
+    logprob_chunk: int = 256
+    headroom: float = 0.10  # share of device memory kept free for XLA's own buffers, fragmentation, collectives
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per device of each component, and which components are live together in each phase."""
+
+    components: dict[str, int]
+    phases: dict[str, tuple[str, ...]]
+
+    def phase_bytes(self, phase: str) -> int:
+        return sum(self.components[c] for c in self.phases[phase])
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phase_bytes)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.phase_bytes(self.peak_phase)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(components_gib={k: _gib(v) for k, v in self.components.items()},
+                    phases_gib={p: _gib(self.phase_bytes(p)) for p in self.phases},
+                    phases={p: list(c) for p, c in self.phases.items()},
+                    peak_phase=self.peak_phase, peak_gib=_gib(self.peak_bytes), bytes=dict(self.components))
+
+
+@functools.lru_cache(maxsize=8)
+def param_shapes(config) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """(transformers name, shape) of every parameter, from the abstract model (no memory; a few seconds for 32B)."""
+    import jax
+    from flax import nnx
+
+    from axpo_jax.models import qwen3_vl
+    from axpo_jax.models.qwen3_vl.checkpoint import _param_name
+
+    _, state = nnx.split(qwen3_vl.abstract_model(config))
+    leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(state))
+    return tuple((_param_name(path), tuple(leaf.shape)) for path, leaf in leaves)
+
+
+def _split(n: int, parts: int) -> int:
+    """Per-device share of `n` split `parts` ways when it divides (the sharding rules replicate otherwise)."""
+    return n // parts if parts > 1 and n % parts == 0 else n
+
+
+def activation_bytes(text, mesh_shape: Mapping[str, int], settings: RLMemorySettings) -> int:
+    """Update-phase activations per device (see RLMemorySettings)."""
+    tensor = mesh_shape.get("tensor", 1)
+    b, s, d = settings.micro_batch_per_device, settings.seq_len, text.hidden_size
+    tokens = b * s
+    heads, kv_heads = _split(text.num_attention_heads, tensor), _split(text.num_key_value_heads, tensor)
+    width = 4 * d + (2 * heads + 2 * kv_heads) * text.head_dim + 3 * _split(text.intermediate_size, tensor)
+    one_layer = tokens * width * 2 + b * heads * s * s * (4 + 2)
+    layers = text.num_hidden_layers
+    kept = layers * tokens * d * 2 + one_layer if settings.remat else layers * one_layer
+    return kept + b * settings.logprob_chunk * text.vocab_size * 4 * 2
+
+
+def rl_memory_plan(model_config, mesh, settings: RLMemorySettings = RLMemorySettings()) -> MemoryPlan:
+    """The RL step's per-device memory for `model_config` on `mesh` (a Mesh or {axis: size}); nothing compiled."""
+    from axpo_jax.parallel.sharding import BATCH_AXES, param_spec
+
+    shape = _mesh_shape(mesh)
+    shapes = param_shapes(model_config)
+    specs = [(s, param_spec(name, s, shape)) for name, s in shapes]
+
+    def sharded(itemsize):
+        return sum(shard_bytes(s, itemsize, spec, shape) for s, spec in specs)
+
+    text = model_config.text
+    batch_devices = int(np.prod([shape.shape[a] for a in BATCH_AXES]))
+    rows = -(-settings.rollout_rows // batch_devices)
+    kv_heads = _split(text.num_key_value_heads, shape.shape["tensor"])
+    components = dict(
+        params=sharded(settings.param_bytes),
+        reference=sharded(settings.param_bytes) if settings.reference_model else 0,
+        optimizer=sharded(settings.optimizer_bytes_per_param),
+        grads=sharded(settings.grad_bytes),
+        activations=activation_bytes(text, shape.shape, settings),
+        kv_cache=text.num_hidden_layers * 2 * kv_heads * text.head_dim * settings.kv_cache_tokens * rows * 2,
+    )
+    resident = ("params", "reference", "optimizer")
+    return MemoryPlan(components, {"rollout": resident + ("kv_cache",),
+                                   "update": resident + ("grads", "activations")})
+
+
+def check_fits(plan: MemoryPlan, device_memory_bytes: int, headroom: float = 0.10, *, what: str = "the plan") -> int:
+    """Returns the bytes to spare in the plan's largest phase; raises PlanDoesNotFit (one line) when there are none."""
+    usable = int(device_memory_bytes * (1.0 - headroom))
+    phase = plan.peak_phase
+    need = plan.phase_bytes(phase)
+    if need <= usable:
+        return usable - need
+    parts = ", ".join(f"{c} {_size(plan.components[c])}" for c in plan.phases[phase] if plan.components[c])
+    raise PlanDoesNotFit(
+        f"{what} does not fit: its {phase} phase needs {_size(need)} per device ({parts}) but the device has "
+        f"{_size(device_memory_bytes)}, {_size(usable)} usable with {headroom:.0%} headroom; use more devices "
+        f"(fsdp), split heads (tensor), a shorter sequence or a smaller batch"
+    )
+
+
+def _size(n: int) -> str:
+    """Bytes in the largest binary unit that keeps the number >= 1 ("3.50 GiB", "96.0 KiB")."""
+    for unit, scale in (("GiB", GIB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}" if unit == "GiB" else f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def device_memory_bytes_of_current_device() -> int | None:
+    """What the first JAX device says it can hold (memory_stats), else the device table, else None (CPU)."""
+    import jax
+
+    device = jax.devices()[0]
+    try:
+        stats = device.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - backends without memory_stats raise or return None
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    spec = devices.lookup(device.device_kind)
+    return spec.memory_bytes if spec else None
+
+
+def ensure_plan_fits(model_config, mesh, settings: RLMemorySettings = RLMemorySettings(),
+                     device_memory_gib: float | None = None) -> MemoryPlan:
+    """For a training mode to call before it allocates: raises PlanDoesNotFit when the RL step's plan (analytic)
+    exceeds the device; returns the plan otherwise. `device_memory_gib=None` asks the running device, and a device
+    with no known size (the CPU) is not checked."""
+    plan = rl_memory_plan(model_config, mesh, settings)
+    capacity = device_memory_gib * GIB if device_memory_gib else device_memory_bytes_of_current_device()
+    if capacity:
+        shape = _mesh_shape(mesh).shape
+        check_fits(plan, int(capacity), settings.headroom, what=f"the RL memory plan on mesh {shape}")
+    return plan
+
+
+# --------------------------------------------------------------------------------------------- slices per preset
+
+
+def smallest_fitting_slice(model_config, generation: str, settings: RLMemorySettings = RLMemorySettings(),
+                           tensor_sizes=(1, 2, 4, 8)) -> dict[str, Any] | None:
+    """The smallest slice of a TPU generation ("v5p", "v6e", "v5e", "v4") whose chips hold the RL plan, with the
+    first mesh (all chips on fsdp, or fsdp x tensor) that fits; None when even the largest listed slice does not."""
+    spec = devices.TPU_GENERATIONS[generation]
+    for accelerator_type, chips in devices.tpu_slices(generation):
+        for tensor in tensor_sizes:
+            if chips % tensor:
+                continue
+            mesh = {"data": 1, "fsdp": chips // tensor, "tensor": tensor}
+            plan = rl_memory_plan(model_config, mesh, settings)
+            try:
+                spare = check_fits(plan, spec.memory_bytes, settings.headroom)
+            except PlanDoesNotFit:
+                continue
+            return dict(accelerator_type=accelerator_type, chips=chips, mesh=mesh, peak_phase=plan.peak_phase,
+                        peak_gib=_gib(plan.peak_bytes), spare_gib=_gib(spare), device_gib=_gib(spec.memory_bytes))
+    return None
+
+
+def slice_table(presets=("2b", "4b", "8b", "32b"), generations=("v5p", "v6e", "v5e", "v4"),
+                settings: RLMemorySettings = RLMemorySettings()) -> str:
+    """Markdown: the smallest slice per preset and generation (what tpu/README.md shows)."""
+    lines = ["| preset | " + " | ".join(generations) + " |", "|---|" + "---|" * len(generations)]
+    for name in presets:
+        config = config_for(name)
+        cells = []
+        for generation in generations:
+            found = smallest_fitting_slice(config, generation, settings)
+            if found is None:
+                cells.append("none listed")
+                continue
+            mesh = found["mesh"]
+            layout = f"fsdp={mesh['fsdp']}" + (f" tensor={mesh['tensor']}" if mesh["tensor"] > 1 else "")
+            cells.append(f"{found['accelerator_type']} ({layout}; {found['peak_gib']:.0f}/{found['device_gib']:.0f} GiB)")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _params_bytes_at(layers: int, config, mesh, dtype) -> int:
     import jax.numpy as jnp
 
@@ -285,6 +532,12 @@ def _print_table(results: dict[str, Any], mesh_shape: dict[str, int], device_gib
                      f"KV cache ({a['kv_cache_tokens']} tok) {a['kv_cache_gib']:.2f}; train step >= "
                      f"{a['train_step_lower_bound_gib']:.2f} ({'fits' if a['train_step_lower_bound_fits'] else 'DOES NOT FIT'}"
                      f", backward activations excluded); rollout params+KV {a['rollout_params_plus_kv_gib']:.2f}")
+        rl = r.get("rl_plan")
+        if rl:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in rl["components_gib"].items())
+            phases = ", ".join(f"{p} {v:.2f}" for p, v in rl["phases_gib"].items())
+            lines.append(f"{name:>6} {'RL step':>15} {parts}; phases {phases}: "
+                         f"{'fits' if rl['fits'] else 'DOES NOT FIT'}")
     print("\n".join(lines), file=sys.stderr, flush=True)
 
 
@@ -318,13 +571,36 @@ def run(config) -> dict[str, Any]:
         device_memory_gib=float(config.device_memory_gib),
         targets=targets,
     )
-    _log(f"mesh {mesh_shape} on {needed} {jax.default_backend()} device(s); settings {settings}")
+    from axpo_jax.parallel.sharding import BATCH_AXES
+
+    batch_devices = int(np.prod([mesh_shape[a] for a in BATCH_AXES]))
+    rl_settings = RLMemorySettings(
+        seq_len=settings["seq_len"], micro_batch_per_device=settings["batch_per_device"],
+        rollout_rows=int(config.get("rollout_rows", settings["batch_per_device"] * batch_devices)),
+        kv_cache_tokens=settings["kv_cache_tokens"], logprob_chunk=settings["logprob_chunk"],
+        remat=bool(config.get("remat", True)), reference_model=bool(config.get("reference_model", True)),
+        headroom=float(config.get("headroom", RLMemorySettings.headroom)),
+    )
+    _log(f"mesh {mesh_shape} on {needed} {jax.default_backend()} device(s); settings {settings}; RL {rl_settings}")
     results = {}
+    refusals = {}
     start = time.perf_counter()
     for name in config.presets:
         model_config = config_for(name)
         results[name] = plan_preset(name, model_config, mesh, settings)
+        plan = rl_memory_plan(model_config, mesh_shape, rl_settings)
+        try:
+            spare = check_fits(plan, int(settings["device_memory_gib"] * GIB), rl_settings.headroom,
+                               what=f"preset {name} on mesh {mesh_shape}")
+            results[name]["rl_plan"] = dict(plan.to_dict(), fits=True, spare_gib=_gib(spare))
+        except PlanDoesNotFit as e:
+            refusals[name] = e
+            results[name]["rl_plan"] = dict(plan.to_dict(), fits=False, spare_gib=None)
     _print_table(results, mesh_shape, settings["device_memory_gib"])
+    if refusals and bool(config.get("fail_if_not_fit", True)):
+        first, error = next(iter(refusals.items()))
+        others = [n for n in refusals if n != first]
+        raise PlanDoesNotFit(str(error) + (f" (also too large: {', '.join(others)})" if others else ""))
     return dict(
         mode="memory_plan",
         mesh=mesh_shape,
@@ -332,6 +608,7 @@ def run(config) -> dict[str, Any]:
         device_kind=jax.devices()[0].device_kind,
         dtype="bfloat16",
         settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in settings.items()},
+        rl_settings=dataclasses.asdict(rl_settings),
         seconds=round(time.perf_counter() - start, 1),
         presets=results,
     )
@@ -345,3 +622,8 @@ def config_for(name: str):
     if name in forward.PRESETS:
         return qwen3_vl.Qwen3VLConfig.from_dict(forward.hf_config_dict(name))
     return qwen3_vl.preset(name)
+
+
+if __name__ == "__main__":
+    # The slice table of tpu/README.md, from the RL plan with its default (paper-recipe) settings.
+    print(slice_table())

@@ -32,6 +32,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from axpo_jax.data.tasks import load_image, scan_jsonl
 from axpo_jax.rollout.agent_loop import Task, prompt_messages
 from axpo_jax.tools.base import ToolContext
 from axpo_jax.tools.image_zoom_in import RELATIVE_SCALE, ImageZoomIn
@@ -308,12 +309,6 @@ def write_sft_jsonl(path: str | os.PathLike, conversations: Iterable[Sequence[di
     return count
 
 
-def _load_image(path: str) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()  # decode fully now: a truncated or corrupt file fails here, not later in the processor
-        return image.convert("RGB")
-
-
 class SFTSource(grain.sources.RandomAccessDataSource):
     """The conversations of an SFT JSONL file with their images loaded as PIL (a grain random-access source).
 
@@ -328,21 +323,9 @@ class SFTSource(grain.sources.RandomAccessDataSource):
         self.path = os.fspath(path)
         self.folder = os.path.dirname(os.path.abspath(self.path))
         self.validate_images = validate_images
-        self.skipped = 0
-        self.skip_reasons: list[str] = []
-        self._offsets: list[int] = []
-        with open(self.path, "rb") as f:
-            offset = 0
-            for line_number, line in enumerate(f):
-                start, offset = offset, offset + len(line)
-                if not line.strip():
-                    continue
-                try:
-                    self._decode(json.loads(line), load=validate_images)
-                except Exception as error:  # noqa: BLE001 - any bad record is skipped, not fatal
-                    self._skip(f"line {line_number + 1}: {type(error).__name__}: {error}")
-                    continue
-                self._offsets.append(start)
+        self._offsets, self.skip_reasons = scan_jsonl(self.path,
+                                                      lambda record, _: self._decode(record, load=validate_images))
+        self.skipped = len(self.skip_reasons)
 
     def _skip(self, reason: str) -> None:
         self.skipped += 1
@@ -358,7 +341,7 @@ class SFTSource(grain.sources.RandomAccessDataSource):
                     if item.get("type") == "image" and isinstance(item.get("image"), str):
                         image_path = os.path.join(self.folder, item["image"])
                         if load:
-                            item = {**item, "image": _load_image(image_path)}
+                            item = {**item, "image": load_image(image_path)}
                         elif not os.path.exists(image_path):
                             raise FileNotFoundError(image_path)
                     content.append(item)

@@ -30,3 +30,11 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
     if int(np.prod(sizes)) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, have {len(devices)}")
     return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+
+
+def mesh_from_config(shape: Mapping[str, int] | None) -> Mesh | None:
+    """A run's mesh from its config's {"data": .., "fsdp": .., "tensor": ..}; None when everything is one device of
+    one process (the single-device code path, no sharding annotations)."""
+    if jax.process_count() == 1 and len(jax.devices()) == 1:
+        return None
+    return make_mesh(dict(shape) if shape else None)

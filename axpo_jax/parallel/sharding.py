@@ -39,8 +39,8 @@ def param_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
 
 
 def param_sharding(name: str, shape: tuple[int, ...], mesh: Mesh | None):
-    if mesh is None:
-        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if mesh is None:  # this process's first device (with several processes, a process-local copy)
+        return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return NamedSharding(mesh, param_spec(name, shape, mesh))
 
 
@@ -51,13 +51,30 @@ def batch_spec(shape: tuple[int, ...], mesh: Mesh, batch_axis: int = 0) -> P:
     return P(*spec)
 
 
-def shard_model_inputs(inputs, mesh: Mesh):
-    """Places `ModelInputs` on the mesh: token arrays split by sample, image arrays split by image row."""
+def shard_model_inputs(inputs, mesh: Mesh, *, spatial_merge_size: int | None = None):
+    """Places `ModelInputs` on the mesh: token arrays split by sample, image arrays split by image row.
+
+    `inputs` holds this process's rows (all of them with one process). With several data shards (see
+    `distributed.data_shard`) every process passes inputs of the same shapes, and its image-token indices, which
+    count image rows from its own first one, are moved to where its image rows sit in the global batch: that
+    needs the vision tower's `spatial_merge_size` (merged tokens per image row = patches per row / merge^2).
+    """
+    from axpo_jax.parallel import distributed
+
+    shard = distributed.data_shard(mesh)
+    if shard.count > 1:
+        if spatial_merge_size is None:
+            raise ValueError("shard_model_inputs over several processes needs spatial_merge_size")
+        rows_nlp = np.shape(inputs.pixel_patches_nlp)
+        merged_per_image_row = rows_nlp[1] // spatial_merge_size**2
+        index_bt = np.asarray(inputs.vision_token_index_bt)
+        shift = shard.index * rows_nlp[0] * merged_per_image_row
+        inputs = inputs.replace(vision_token_index_bt=np.where(index_bt >= 0, index_bt + shift, index_bt))
 
     def place(path, x):
         name = jax.tree_util.keystr(path)
         axis = 1 if "position_ids_3bt" in name else 0
-        return jax.device_put(x, NamedSharding(mesh, batch_spec(np.shape(x), mesh, axis)))
+        return distributed.global_from_local(x, mesh, axis)
 
     return jax.tree_util.tree_map_with_path(place, inputs)
 

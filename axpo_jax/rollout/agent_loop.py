@@ -16,13 +16,13 @@ import sys
 import uuid
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image
 
 from axpo_jax.models.qwen3_vl.model import KVCache
-from axpo_jax.rollout.sampler import Sampler, SamplingParams
+from axpo_jax.parallel import distributed
+from axpo_jax.rollout.sampler import Sampler, SamplingParams, gather_cache_rows
 from axpo_jax.tools.base import Observation, ToolContext
 from axpo_jax.tools.executor import ToolExecutor, ToolRequest
 from axpo_jax.tools.protocol import extract_answer, observation_messages, parse_tool_calls
@@ -171,7 +171,7 @@ class AgentLoop:
                 group_trajectories.append(Trajectory(t, s, ids, [0] * len(ids), [0.0] * len(ids), len(ids),
                                                      list(tasks[t].images), num_prompt_images=len(tasks[t].images)))
             logits, cache = sampler.extend(prompt)
-            next_positions.append(np.asarray(cache.next_position_b))
+            next_positions.append(sampler.rows(cache.next_position_b))
             trajectories += group_trajectories
             loops.append(self._turn_loop(sampler, group_trajectories, logits, cache, key, params,
                                          [len(t.token_ids) for t in group_trajectories], f"{run_id}-{group[0]}"))
@@ -186,10 +186,14 @@ class AgentLoop:
         turn without one ends the rollout), so the prefix slots are untouched in the source's cache: each copy
         is rewound to just before the tag and the tag is fed again, which yields the logits after it without
         recomputing the prefix.
+
+        A `None` source is padding (multi-host: every process forks the same number of rows): its K rows take part
+        in the device work but start finished, and are not returned.
         """
-        rows = np.repeat(np.asarray(sources, np.int32), k)
+        is_padding = np.repeat([s is None for s in sources], k)
+        rows = np.repeat(np.asarray([0 if s is None else s for s in sources], np.int32), k)
         for source in sources:
-            if rollout.trajectories[source].prefix_end is None:
+            if source is not None and rollout.trajectories[source].prefix_end is None:
                 raise ValueError(f"trajectory {source} made no tool call: it has no prefix to resample from")
         trajectories, loops = [], []
         run_id = uuid.uuid4().hex[:8]
@@ -198,15 +202,16 @@ class AgentLoop:
             group_rows = rows[group]
             sampler = self.sampler(len(group_rows))
             cache = rollout.cache_rows(group_rows)
-            prefix_end = np.array([rollout.trajectories[r].prefix_end for r in group_rows])
             prompt_length = np.array([rollout.trajectories[r].prompt_length for r in group_rows])
+            prefix_end = np.array([rollout.trajectories[r].prefix_end or rollout.trajectories[r].prompt_length
+                                   for r in group_rows])  # (a padding row's source may have no prefix)
             rewound_length = prefix_end - 1  # every slot before the <tool_call> tag
             cache = cache.replace(
-                length_b=jnp.asarray(rewound_length, jnp.int32),
-                next_position_b=jnp.asarray(
-                    rollout.prompt_next_position[group_rows] + rewound_length - prompt_length, jnp.int32),
+                length_b=sampler.device_rows(rewound_length, np.int32),
+                next_position_b=sampler.device_rows(
+                    rollout.prompt_next_position[group_rows] + rewound_length - prompt_length, np.int32),
             )
-            tag = jnp.full((len(group_rows),), self.tool_call_open_id, jnp.int32)
+            tag = sampler.device_rows(np.full((len(group_rows),), self.tool_call_open_id), np.int32)
             logits, cache = _decode_step(self.model, tag, cache)
             group_trajectories = []
             for r in group_rows:
@@ -219,9 +224,9 @@ class AgentLoop:
                 ))
             trajectories += group_trajectories
             loops.append(self._turn_loop(sampler, group_trajectories, logits, cache, key, params,
-                                         list(prompt_length), f"{run_id}-{group[0]}"))
+                                         list(prompt_length), f"{run_id}-{group[0]}", ~is_padding[group]))
         self._run_groups(loops)
-        return trajectories
+        return [t for t, padding in zip(trajectories, is_padding) if not padding]
 
     # ------------------------------------------------------------------------------------------- pipelining
     def _row_groups(self, num_rows: int) -> list[np.ndarray]:
@@ -250,7 +255,8 @@ class AgentLoop:
                     running.remove(i)
         return caches
 
-    def _turn_loop(self, sampler: Sampler, trajectories, logits, cache, rng, params, turn_start, session: str):
+    def _turn_loop(self, sampler: Sampler, trajectories, logits, cache, rng, params, turn_start, session: str,
+                   active=None):
         """Decode / execute tools / extend until every row is done; `turn_start[b]` is where row b's current
         (first) turn starts in its token_ids, which is before any forked prefix tokens.
 
@@ -259,11 +265,13 @@ class AgentLoop:
         """
         batch_size = len(trajectories)
         turn_start = list(turn_start)
-        active = np.ones(batch_size, bool)
+        active = np.ones(batch_size, bool) if active is None else np.array(active, bool)
         for turn in range(1, self.max_turns + 1):
-            if not active.any():  # every row ended (e.g. its observation no longer fit the cache)
+            # Multi-host: every process decodes and extends together, so a turn runs while any process has a row
+            # left (one with none takes part with inactive rows and no tool calls).
+            if not distributed.any_process(active.any()):  # every row ended (e.g. its observation did not fit)
                 break
-            room = self.capacity - int(np.asarray(cache.length_b)[active].max())
+            room = self.capacity - sampler.longest(cache, active)
             max_new = min(self.max_new_tokens_per_turn, room)
             rng, key = jax.random.split(rng)
             result, logits, cache = sampler.decode(logits, cache, key, params, max_new, active_b=active)
@@ -277,7 +285,7 @@ class AgentLoop:
                     active[b] = False
                 else:
                     requests[b] = text
-            if not requests:
+            if not distributed.any_process(bool(requests)):
                 break
             self.log(f"turn {turn}: {len(requests)} of {batch_size} rows called tools")
             order = sorted(requests)
@@ -292,7 +300,7 @@ class AgentLoop:
                 texts[b] = self.observation_text(observations, trajectory.token_ids[-1] == self.end_of_turn_id)
             chunk = self._chunk(texts, images, batch_size)
             # a row whose observation would not fit its cache (with room for one more token) ends here
-            overflow = np.asarray(cache.length_b) + chunk["attention_mask"].sum(axis=1) + 1 > self.capacity
+            overflow = sampler.rows(cache.length_b) + chunk["attention_mask"].sum(axis=1) + 1 > self.capacity
             if overflow.any():
                 for b in np.nonzero(overflow)[0]:
                     trajectories[b].finish_reason, active[b] = "length", False
@@ -363,16 +371,7 @@ class Rollout:
 
     def cache_rows(self, rows) -> KVCache:
         """A cache whose row i is a copy of trajectory rows[i]'s row (rows index the whole rollout)."""
-        rows = np.asarray(rows)
-        group_size = int(self.caches[0].length_b.shape[0])
-        group_r = rows // group_size
-        order = np.argsort(group_r, kind="stable")
-        pieces = [self.caches[g].take_rows(jnp.asarray(rows[order][group_r[order] == g] % group_size))
-                  for g in np.unique(group_r)]
-        if len(pieces) == 1:
-            return pieces[0]
-        grouped = jax.tree.map(lambda *parts: jnp.concatenate(parts), *pieces)
-        return grouped.take_rows(jnp.asarray(np.argsort(order)))  # back to the order of `rows`
+        return gather_cache_rows(self.caches, rows)
 
 
 @nnx.jit

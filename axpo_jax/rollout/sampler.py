@@ -4,6 +4,10 @@ The host prepares every multimodal chunk (prompts, observations with new images)
 `prepare_inputs`; the device keeps one KV cache row per trajectory. Shapes are bucketed (token counts, image
 rows, patches per image) so a steady stream of turns reuses a handful of compiled programs; `trace_counts`
 records each compilation so tests and benchmarks can check that none happen in steady state.
+
+Multi-host: the device side runs on global arrays over the mesh (every process's rows); everything a caller
+passes in or gets back is this process's rows (`rows`, `device_rows`, `gather_cache_rows`), and every
+shape-deciding number (chunk width, image buckets, the longest row) is agreed by all processes first.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from flax import nnx
 
 from axpo_jax.models.qwen3_vl.inputs import ModelInputs, bucket, image_buckets, prepare_inputs
 from axpo_jax.models.qwen3_vl.model import KVCache, Qwen3VL
+from axpo_jax.parallel import distributed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +69,12 @@ class Sampler:
                  pad_id: int = 0, min_chunk: int = 16, min_patches: int = 64, cache_dtype=None, mesh=None):
         self.model = model
         self.config = model.config
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # this process's rows (with one process: all of them)
+        # Over several processes the cache, logits and sampling run on global arrays of every process's rows (each
+        # provides the same number, split over the mesh's batch axes); what goes in and comes out of this class is
+        # always this process's rows, as host arrays, so callers are written as for one process.
+        self.shard = distributed.data_shard(mesh)
+        self.global_batch_size = batch_size * self.shard.count
         self.capacity = capacity
         self.pad_id = pad_id
         self.min_chunk = min_chunk
@@ -85,45 +95,77 @@ class Sampler:
             self._stop_sequences[i, width - len(seq):] = seq
         self.trace_counts: collections.Counter = collections.Counter()
 
+    # ------------------------------------------------------------------------------------------ process rows
+    def rows(self, x) -> np.ndarray:
+        """This process's rows of a per-row device array (cache lengths, positions, tokens) as a host array."""
+        if self.mesh is None:
+            return np.asarray(x)
+        return distributed.local_rows(x, self.mesh)
+
+    def device_rows(self, x_local, dtype=None):
+        """A per-row device array (every process's rows, laid out like the cache) from this process's rows."""
+        x_local = np.asarray(x_local, dtype)
+        if x_local.shape[0] != self.batch_size:
+            raise ValueError(f"{x_local.shape[0]} rows given, the sampler holds {self.batch_size} per process")
+        if self.mesh is None:
+            return jnp.asarray(x_local)
+        return distributed.global_from_local(x_local, self.mesh)
+
+    def longest(self, cache: KVCache, rows_b=None) -> int:
+        """The most filled slots of any row (of `rows_b`, this process's rows to look at) on any process; 0 when
+        there is none. Every process gets the same number, so shapes that depend on it agree."""
+        length_b = self.rows(cache.length_b)
+        if rows_b is not None:
+            length_b = length_b[np.asarray(rows_b, bool)]
+        most = int(length_b.max()) if length_b.size else 0
+        return int(distributed.max_across_processes(np.int64(most))) if self.shard.count > 1 else most
+
     # ------------------------------------------------------------------------------------------------ cache
     def empty_cache(self) -> KVCache:
-        cache = KVCache.empty(self.config.text, self.batch_size, self.capacity, self.cache_dtype)
-        if self.mesh is not None:
-            from axpo_jax.parallel.sharding import batch_spec
+        make = functools.partial(KVCache.empty, self.config.text, self.global_batch_size, self.capacity,
+                                 self.cache_dtype)
+        if self.mesh is None:
+            return make()
+        from axpo_jax.parallel.sharding import batch_spec
 
-            def place(x):
-                return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, batch_spec(x.shape, self.mesh)))
-
-            cache = jax.tree.map(place, cache)
-        return cache
+        # made in place, split by row: a global cache never exists whole on one device or host
+        shardings = jax.tree.map(lambda x: jax.sharding.NamedSharding(self.mesh, batch_spec(x.shape, self.mesh)),
+                                 jax.eval_shape(make))
+        return jax.jit(make, out_shardings=shardings)()
 
     def chunk_inputs(self, batch: dict, cache: KVCache | None) -> ModelInputs:
         """Processor outputs of one chunk per row (any padding) -> right-padded, bucketed ModelInputs whose rope
-        positions continue each row's cache."""
+        positions continue each row's cache. With several processes the buckets (tokens, image rows, patches)
+        are agreed on by all of them."""
         ids = np.asarray(batch["input_ids"])
         mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
         if ids.shape[0] != self.batch_size:
             raise ValueError(f"chunk has {ids.shape[0]} rows, the sampler was built for {self.batch_size}")
         lengths = mask.sum(axis=1)
+        grids = batch.get("image_grid_thw")
+        buckets = image_buckets(self.config, grids, min_patches=self.min_patches)
         width = bucket(int(lengths.max()), self.min_chunk)
+        if self.shard.count > 1:
+            width, rows, patches = (int(v) for v in distributed.max_across_processes(
+                np.array([width, buckets["num_image_rows"], buckets["patches_per_image"]], np.int64)))
+            buckets = {"num_image_rows": self.shard.round_rows(rows), "patches_per_image": patches}
         right_ids = np.full((self.batch_size, width), self.pad_id, np.int64)
         right_mask = np.zeros_like(right_ids)
         for b in range(self.batch_size):
             right_ids[b, : lengths[b]] = ids[b][mask[b] > 0]
             right_mask[b, : lengths[b]] = 1
-        grids = batch.get("image_grid_thw")
         offset = None
         if cache is not None:
-            used = np.asarray(cache.length_b)
+            used = self.rows(cache.length_b)
             if np.any(used + lengths > self.capacity):
                 raise ValueError(
                     f"chunk does not fit the cache: rows {np.nonzero(used + lengths > self.capacity)[0].tolist()} "
                     f"would exceed capacity {self.capacity}"
                 )
-            offset = np.asarray(cache.next_position_b)
+            offset = self.rows(cache.next_position_b)
         return prepare_inputs(
             self.config, right_ids, right_mask, batch.get("pixel_values"), grids, None,
-            **image_buckets(self.config, grids, min_patches=self.min_patches), position_offset_b=offset,
+            **buckets, position_offset_b=offset,
         )
 
     def _place(self, inputs: ModelInputs) -> ModelInputs:
@@ -131,14 +173,14 @@ class Sampler:
             return jax.tree.map(jnp.asarray, inputs)
         from axpo_jax.parallel.sharding import shard_model_inputs
 
-        return shard_model_inputs(inputs, self.mesh)
+        return shard_model_inputs(inputs, self.mesh, spatial_merge_size=self.config.vision.spatial_merge_size)
 
     def extend(self, batch: dict, cache: KVCache | None = None, logits_bv=None):
         """Appends one chunk per row (a prompt when `cache` is None); returns (next-token logits [B, V], cache).
         A row whose chunk is empty keeps its cache and its `logits_bv` row (the logits it had before)."""
         if cache is None:
             cache = self.empty_cache()
-            logits_bv = jnp.zeros((self.batch_size, self.config.text.vocab_size), jnp.float32)
+            logits_bv = self.device_rows(np.zeros((self.batch_size, self.config.text.vocab_size), np.float32))
         elif logits_bv is None:
             raise ValueError("extending a cache needs the rows' current logits (from decode or an earlier extend)")
         inputs = self._place(self.chunk_inputs(batch, cache))
@@ -163,16 +205,19 @@ class Sampler:
 
         Returns (DecodeResult, next-token logits [B, V], cache) so a forked row or an extend can go on from here.
         """
-        room = self.capacity - int(np.asarray(cache.length_b).max())
+        active_local_b = np.ones(self.batch_size, bool) if active_b is None else np.asarray(active_b, bool)
+        # only rows that decode need room: a finished row may be fuller than any running one (it writes nothing)
+        longest = self.longest(cache, active_local_b)
+        room = self.capacity - longest
         if max_new_tokens > room:
             raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the cache room left ({room})")
-        active_b = jnp.ones((self.batch_size,), bool) if active_b is None else jnp.asarray(active_b, bool)
+        active_b = self.device_rows(active_local_b, bool)
         # Attend over a power-of-two window that holds every row's tokens to come, not the whole capacity:
         # each decode step reads every slot it attends to, so this is most of a step's cost for long caches.
-        slots = min(self.capacity, bucket(int(np.asarray(cache.length_b).max()) + max_new_tokens, 64))
+        slots = min(self.capacity, bucket(longest + max_new_tokens, 64))
         out = self._decode(self.model, logits_bv, cache, rng, active_b, params, max_new_tokens, slots)
         tokens, logprobs, lengths, stopped, logits_bv, cache = out
-        result = DecodeResult(np.asarray(tokens), np.asarray(logprobs), np.asarray(lengths), np.asarray(stopped))
+        result = DecodeResult(self.rows(tokens), self.rows(logprobs), self.rows(lengths), self.rows(stopped))
         return result, logits_bv, cache
 
     @functools.partial(nnx.jit, static_argnums=(0, 6, 7, 8))
@@ -230,3 +275,45 @@ class Sampler:
             length_b=cache.length_b, next_position_b=cache.next_position_b,
         )
         return tokens, logprobs, cache.length_b - start_length, stopped, logits_bv, cache
+
+
+def gather_cache_rows(caches: list[KVCache], rows) -> KVCache:
+    """A cache whose row i copies row `rows[i]` of the caches laid end to end (each holds the same number of rows;
+    `rows` counts this process's rows only, group after group): forking prefixes K ways copies their rows.
+
+    With several processes every process passes the same number of rows (its own) and its copies become its rows of
+    the result, so each process forks only the trajectories it owns, while the copy itself is one global program.
+    """
+    rows = np.asarray(rows, np.int64)
+    sharding = caches[0].length_b.sharding
+    mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
+    shard = distributed.data_shard(mesh)
+    if shard.count == 1:
+        group_size = int(caches[0].length_b.shape[0])
+        group_r = rows // group_size
+        order = np.argsort(group_r, kind="stable")
+        pieces = [caches[g].take_rows(jnp.asarray(rows[order][group_r[order] == g] % group_size))
+                  for g in np.unique(group_r)]
+        if len(pieces) == 1:
+            return pieces[0]
+        grouped = jax.tree.map(lambda *parts: jnp.concatenate(parts), *pieces)
+        return grouped.take_rows(jnp.asarray(np.argsort(order)))  # back to the order of `rows`
+    per_process = int(caches[0].length_b.shape[0]) // shard.count  # a group's rows on one process
+    group, row = rows // per_process, rows % per_process
+    global_rows = group * per_process * shard.count + shard.index * per_process + row
+    every_row = jnp.asarray(distributed.concat_shards(global_rows, mesh), jnp.int32)  # same on every process
+    return _row_taker(mesh)(tuple(caches), every_row)
+
+
+@functools.lru_cache(maxsize=None)
+def _row_taker(mesh):
+    """A jitted row copy of caches laid end to end whose result is split by row over `mesh` like any cache."""
+    from axpo_jax.parallel.sharding import batch_spec
+
+    def take(caches, every_row):
+        whole = caches[0] if len(caches) == 1 else jax.tree.map(lambda *parts: jnp.concatenate(parts), *caches)
+        taken = whole.take_rows(every_row)
+        return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+            x, jax.sharding.NamedSharding(mesh, batch_spec(x.shape, mesh))), taken)
+
+    return jax.jit(take)

@@ -1,6 +1,10 @@
 """Checkpoints with orbax: asynchronous, atomic (orbax commits a step only when all of it is written), the last N
 kept, and everything a run needs to resume exactly: parameters, optimizer state, step, RNG key and the data
 iterator's state. SIGTERM (a TPU preemption notice) asks the loop to save and stop at the next step boundary.
+
+Multi-host: every process calls `save` / `restore` with the same step (orbax coordinates them: each process
+writes and reads its own shards, process 0 the metadata); each process's own data-iterator state is gathered
+into the metadata and handed back to the same process index on restore.
 """
 
 from __future__ import annotations
@@ -13,6 +17,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from axpo_jax.parallel import distributed
+
+_PER_PROCESS = "per_process"
 
 
 class Checkpointer:
@@ -28,11 +36,19 @@ class Checkpointer:
         return {"model": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
                 "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
 
-    def save(self, step: int, model, optimizer, *, rng=None, extra: dict | None = None, force: bool = False):
-        """Starts writing step `step` (returns before it is on disk when async); `extra` must be JSON."""
+    def save(self, step: int, model, optimizer, *, rng=None, extra: dict | None = None,
+             process_extra=None, force: bool = False):
+        """Starts writing step `step` (returns before it is on disk when async); `extra` must be JSON.
+
+        Every process calls this with the same step: each writes its shards of the (global) model and optimizer
+        arrays, process 0 writes the JSON meta. `process_extra` (JSON) is this process's own state, e.g. its data
+        iterator's position over its shard of the data; all processes' values go into the meta, in process order.
+        """
         meta = dict(extra or {})
         if rng is not None:
             meta["rng"] = np.asarray(jax.random.key_data(rng)).tolist()
+        if process_extra is not None:
+            meta[_PER_PROCESS] = distributed.allgather_json(process_extra)
         self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(self._state(model, optimizer)),
@@ -45,7 +61,8 @@ class Checkpointer:
 
     def restore(self, model, optimizer, step: int | None = None):
         """Loads a step (default: the latest) into `model` and `optimizer` in place; returns (step, rng, extra)
-        or None when there is no checkpoint."""
+        or None when there is no checkpoint. Every process calls it; each reads the shards its devices hold, and
+        `extra["process_extra"]` is what this process passed as `process_extra` when saving."""
         step = self.manager.latest_step() if step is None else step
         if step is None:
             return None
@@ -60,6 +77,12 @@ class Checkpointer:
         nnx.replace_by_pure_dict(optimizer_state, restored["state"]["optimizer"])
         nnx.update(optimizer, optimizer_state)
         meta = dict(restored["meta"])
+        if _PER_PROCESS in meta:  # this process's own part (saved by `process_extra`)
+            per_process = meta.pop(_PER_PROCESS)
+            if len(per_process) != jax.process_count():
+                raise ValueError(f"step {step} holds per-process state of {len(per_process)} processes, this run "
+                                 f"has {jax.process_count()}: resume with the same process count")
+            meta["process_extra"] = per_process[jax.process_index()]
         rng = meta.pop("rng", None)
         if rng is not None:
             rng = jax.random.wrap_key_data(np.asarray(rng, np.uint32))
@@ -92,3 +115,26 @@ class StopRequest:
 
     def __bool__(self) -> bool:
         return self._event.is_set()
+
+
+def restore_model_params(directory: str, target: dict, step: int | None = None) -> tuple[int, dict]:
+    """Only the model parameters of a checkpoint that `Checkpointer` wrote (for evaluation: the optimizer state
+    is never read). `target` is the pure dict of the model's parameters (`nnx.to_pure_dict(nnx.state(model,
+    nnx.Param))`), arrays or `jax.ShapeDtypeStruct`s with shardings: the restored arrays take its dtypes (a cast
+    when they differ, e.g. fp32 training weights evaluated in bf16) and shardings. Returns (step, parameters)."""
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoint directory {directory}")
+    manager = ocp.CheckpointManager(directory)
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"{directory} holds no finished checkpoint step")
+    step = steps[-1] if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"{directory} has no step {step}; its steps are {steps}")
+    model_target = {"model": jax.tree.map(ocp.utils.to_shape_dtype_struct, target)}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=model_target, restore_args=ocp.checkpoint_utils.construct_restore_args(model_target),
+        partial_restore=True)))
+    manager.close()
+    return step, restored["state"]["model"]

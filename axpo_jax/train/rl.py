@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
 
-from axpo_jax.algo.axpo import axpo_token_advantages, resample_budget
+from axpo_jax.algo.axpo import Advantages, axpo_token_advantages, resample_budget
 from axpo_jax.algo.rewards import score_answer
+from axpo_jax.parallel import distributed
 from axpo_jax.rollout.agent_loop import AgentLoop, Task, Trajectory
 from axpo_jax.rollout.sampler import SamplingParams
 from axpo_jax.models.qwen3_vl.inputs import bucket
@@ -29,7 +31,12 @@ def reward(trajectory: Trajectory, task: Task, kind: str) -> float:
 
 @dataclasses.dataclass
 class RLStep:
-    """The step's trajectories and what was computed from them (kept for tests and analysis)."""
+    """The step's trajectories and what was computed from them (kept for tests and analysis).
+
+    Multi-host: `trajectories` and `resamples` are this process's (its questions' rollouts and its forks; their
+    `task_index` / `resampled_from` index this process's lists); `rewards_qn`, `resample_rewards_sk`, `advantages`
+    and `metrics` are the whole step's, the same on every process.
+    """
 
     trajectories: list[Trajectory]
     resamples: list[Trajectory]
@@ -40,8 +47,23 @@ class RLStep:
 
 
 class RLTrainer:
+    """One RL step over the agent and learner.
+
+    Multi-host (the agent and learner on one mesh over several processes): each process passes its own questions
+    (the same number everywhere; process i's are rows [i*Q, (i+1)*Q) of the step's), rolls them out and runs
+    their tools; rewards, tool use and confidences are gathered so every process selects the same AXPO prefixes;
+    each process forks the selected sources it owns, padded to one count so the forked batch has the same shape
+    everywhere; the update trains on every process's rows as one global batch.
+
+    `micro_batch_size` is rows per micro-batch on each process. `layout_shards` is how many blocks the step's
+    questions are laid out in for forking, each block's forks padded to one count: by default the mesh's data
+    shards over processes (1 on one process). A single process given a multi-process run's count builds exactly
+    that run's global batches, with the same rows in the same places (how the multi-host tests compare the two).
+    """
+
     def __init__(self, learner: Learner, agent: AgentLoop, estimator, *, num_samples: int, micro_batch_size: int,
-                 sampling: SamplingParams = SamplingParams(), reward_kind: str = "exact"):
+                 sampling: SamplingParams = SamplingParams(), reward_kind: str = "exact",
+                 reward_fn: Callable[[Trajectory, Task], float] | None = None, layout_shards: int | None = None):
         self.learner = learner
         self.agent = agent
         self.estimator = estimator
@@ -49,6 +71,14 @@ class RLTrainer:
         self.micro_batch_size = micro_batch_size
         self.sampling = sampling
         self.reward_kind = reward_kind
+        # how a finished trajectory is scored: by default AXPO.md's binary answer correctness
+        self.reward_fn = reward_fn or (lambda trajectory, task: reward(trajectory, task, reward_kind))
+        self.mesh = agent.mesh
+        self.shard = distributed.data_shard(self.mesh)
+        self.layout_shards = layout_shards or self.shard.count
+        if self.layout_shards % self.shard.count:
+            raise ValueError(f"layout_shards={self.layout_shards} is not a multiple of the {self.shard.count} data "
+                             f"shards over processes")
 
     def step(self, tasks: list[Task], rng, step: int) -> RLStep:
         n = self.num_samples
@@ -57,29 +87,27 @@ class RLTrainer:
         rng_rollout, rng_resample = jax.random.split(rng)
         rollout = self.agent.run(tasks, n, rng_rollout, self.sampling)
         trajectories = rollout.trajectories
-        rewards_qn = np.array([reward(t, tasks[t.task_index], self.reward_kind) for t in trajectories]).reshape(-1, n)
-        used_qn = np.array([t.used_tool for t in trajectories]).reshape(-1, n)
-        confidence_qn = np.array([t.tool_call_confidence for t in trajectories]).reshape(-1, n)
+        q_here = len(tasks)
+        first_question = self.shard.index * q_here  # this process's first question in the step's numbering
+
+        def everywhere(values_here):  # this process's [Q_here, N] -> the step's [Q, N]
+            return distributed.concat_shards(np.asarray(values_here).reshape(q_here, n), self.mesh)
+
+        rewards_qn = everywhere([self.reward_fn(t, tasks[t.task_index]) for t in trajectories])
+        used_qn = everywhere([t.used_tool for t in trajectories])
+        confidence_qn = everywhere([t.tool_call_confidence for t in trajectories])
+        answered_qn = everywhere([t.answer is not None for t in trajectories])
 
         selections = self.estimator.select(rewards_qn, used_qn, confidence_qn, seed=step)
         k = self.estimator.k
-        resamples: list[Trajectory] = []
-        resample_rewards_sk = np.zeros((len(selections), k))
         # the paper's ablations "resample from scratch" and "resample no-tool rollouts" (which have no tool call to
         # branch at) draw K fresh responses to the question instead of forking a prefix
         from_scratch = self._resamples_from_scratch()
-        if selections and from_scratch:
-            resamples = self.agent.run([tasks[s.question] for s in selections], k, rng_resample,
-                                       self.sampling).trajectories
-            for t in resamples:
-                selection = selections[t.task_index]
-                t.task_index, t.resampled_from = selection.question, selection.question * n + selection.rollout
-        elif selections:
-            sources = [s.question * n + s.rollout for s in selections]
-            resamples = self.agent.resample(rollout, sources, k, rng_resample, self.sampling)
+        mine, resamples = self._resample(tasks, rollout, selections, first_question, rng_resample, from_scratch)
+        resample_rewards_sk = np.zeros((len(selections), k))
         if selections:
-            resample_rewards_sk = np.array(
-                [reward(t, tasks[t.task_index], self.reward_kind) for t in resamples]).reshape(-1, k)
+            rewards_here = [self.reward_fn(t, tasks[t.task_index]) for t in resamples]
+            resample_rewards_sk = self._gather_resample_rewards(mine, rewards_here, len(selections), k)
         rollout_seconds = time.perf_counter() - started
         del rollout  # its KV cache is no longer needed
 
@@ -89,11 +117,11 @@ class RLTrainer:
         policy = np.zeros((len(everything), length), np.float32)
         for b, t in enumerate(everything):
             policy[b, : len(t.policy_mask)] = t.policy_mask
-        q = len(tasks)
-        prefix_end_qn = np.array([t.prefix_end or 0 for t in trajectories]).reshape(q, n)
+        prefix_end_qn = np.array([t.prefix_end or 0 for t in trajectories]).reshape(q_here, n)
         tokens = axpo_token_advantages(
-            advantages, prefix_end_qn=prefix_end_qn, loss_mask_qnt=policy[: q * n].reshape(q, n, length),
-            resample_loss_mask_skt=policy[q * n:].reshape(len(selections), k, length) if selections else None,
+            _rows_of(advantages, first_question, q_here, mine), prefix_end_qn=prefix_end_qn,
+            loss_mask_qnt=policy[: q_here * n].reshape(q_here, n, length),
+            resample_loss_mask_skt=policy[q_here * n:].reshape(len(mine), k, length) if mine else None,
             resample_from="scratch" if from_scratch else None,
         )
         adv_rows, mask_rows, _ = tokens.rows()
@@ -104,38 +132,99 @@ class RLTrainer:
 
         tool_stats = self.agent.executor.stats()
         num_tokens = sum(int(np.sum(t.policy_mask)) for t in everything)
+        # what the sampler produced this step: a forked continuation's copy of its source's prefix was not sampled
+        copied = 0 if from_scratch else sum(int(np.sum(t.policy_mask[: t.prefix_end])) for t in resamples)
+        # counts of every process's rows (one process per data shard: processes of a shard hold the same rows)
+        calls, failures, num_tokens, copied = distributed.concat_shards(np.array([[
+            tool_stats["calls"], sum(tool_stats["failures_per_status"].values()), num_tokens, copied]]),
+            self.mesh).sum(axis=0).tolist()
         tool_subgroup = used_qn.any(axis=1)
         all_wrong_tool = tool_subgroup & ~((rewards_qn >= 1) & used_qn).any(axis=1)
-        budget, _ = resample_budget(q, n, self.estimator.config) if k else (0, 0)
+        budget, _ = resample_budget(len(rewards_qn), n, self.estimator.config) if k else (0, 0)
         metrics.update({
             "reward": float(rewards_qn.mean()),
             "pass@1": float(rewards_qn.mean()),
             "tool_use_rate": float(used_qn.mean()),
             "all_wrong_tool_subgroup_rate": float(all_wrong_tool.mean()),
-            "answer_rate": float(np.mean([t.answer is not None for t in trajectories])),
-            "resamples_used": len(resamples),
+            "answer_rate": float(answered_qn.mean()),
+            "resamples_used": int(resample_rewards_sk.size),
             "resample_budget": int(budget),
             "recovery_rate": float((resample_rewards_sk.max(axis=1) >= 1).mean()) if selections else 0.0,
-            "tool_calls": tool_stats["calls"],
-            "tool_failures": int(sum(tool_stats["failures_per_status"].values())),
+            "tool_calls": calls,
+            "tool_failures": failures,
             "policy_tokens": num_tokens,
+            "sampled_tokens": num_tokens - copied,
             "tokens_per_s": num_tokens / max(time.perf_counter() - started, 1e-9),
-            "time_rollout_s": rollout_seconds - tool_stats["tool_seconds"],
+            "time_rollout_s": rollout_seconds - tool_stats["tool_seconds"],  # this process's
             "time_tools_s": tool_stats["tool_seconds"],
             "time_update_s": update_seconds,
             **advantages.metrics(),
         })
         return RLStep(trajectories, resamples, rewards_qn, resample_rewards_sk, advantages, metrics)
 
+    def _resample(self, tasks, rollout, selections, first_question: int, rng, from_scratch: bool):
+        """Forks (or, from scratch, re-rolls) the selections whose question this process owns.
+
+        Returns (mine, resamples): the selection indices handled here, block by block, and their K resamples
+        each in that order. Every block's selections are padded to the most any block of any process has (and to
+        a row count the mesh splits evenly), so every process runs the same device programs on one global batch.
+        """
+        n, k = self.num_samples, self.estimator.k
+        if not selections:  # the same decision on every process: the selections are computed from global arrays
+            return [], []
+        blocks_here = self.layout_shards // self.shard.count
+        per_block = len(tasks) // blocks_here
+        if per_block * blocks_here != len(tasks):
+            raise ValueError(f"{len(tasks)} questions do not split into {blocks_here} layout blocks")
+        blocks = [[i for i, s in enumerate(selections)
+                   if first_question + b * per_block <= s.question < first_question + (b + 1) * per_block]
+                  for b in range(blocks_here)]
+        width = int(distributed.max_across_processes(np.int64(max(len(block) for block in blocks))))
+        while (width * k) % self.shard.positions:  # each process's forked rows split evenly over its devices
+            width += 1
+        mine = [i for block in blocks for i in block]
+        if from_scratch:
+            # padding re-rolls this process's first question and is dropped
+            chosen = [[tasks[selections[i].question - first_question] for i in block]
+                      + [tasks[0]] * (width - len(block)) for block in blocks]
+            rolled = self.agent.run([t for block in chosen for t in block], k, rng, self.sampling).trajectories
+            keep = [b * width + j for b, block in enumerate(blocks) for j in range(len(block))]
+            resamples = [rolled[entry * k + r] for entry in keep for r in range(k)]
+            for t, i in zip(resamples, np.repeat(mine, k)):
+                selection = selections[i]
+                t.task_index = selection.question - first_question
+                t.resampled_from = t.task_index * n + selection.rollout
+            return mine, resamples
+        sources = [source for block in blocks for source in
+                   [(selections[i].question - first_question) * n + selections[i].rollout for i in block]
+                   + [None] * (width - len(block))]
+        return mine, self.agent.resample(rollout, sources, k, rng, self.sampling)
+
+    def _gather_resample_rewards(self, mine: list[int], rewards_here: list[float], num_selections: int, k: int):
+        """[S, K] rewards of every selection's resamples, from the processes that ran them."""
+        rewards_sk = np.full((num_selections, k), np.nan)
+        rewards_sk[mine] = np.asarray(rewards_here, np.float64).reshape(len(mine), k)
+        if self.shard.count > 1:
+            for part in distributed.allgather_json({"selections": mine, "rewards": rewards_sk[mine].tolist()}):
+                if part["selections"]:
+                    rewards_sk[part["selections"]] = np.asarray(part["rewards"], np.float64)
+        if np.isnan(rewards_sk).any():
+            raise RuntimeError(f"no process resampled selections {np.nonzero(np.isnan(rewards_sk).any(1))[0].tolist()}")
+        return rewards_sk
+
     def _resamples_from_scratch(self) -> bool:
         config = self.estimator.config
         return getattr(config, "resample_from", "") == "scratch" or getattr(config, "candidates", "") == "no_tool"
 
     def _update(self, rows: list[Trajectory], adv_rows, mask_rows, length: int) -> dict:
-        """Micro-batches of equal shape; the last one is filled with untrained copies so no new shape compiles."""
-        mb = self.micro_batch_size
+        """Micro-batches of equal shape; the last one is filled with untrained copies so no new shape compiles
+        (and, multi-host, whole untrained micro-batches make every process's count the same)."""
+        mb = self.shard.round_rows(self.micro_batch_size)
         order = list(range(len(rows)))
-        order += [0] * (-len(order) % mb)
+        micro_batches = -(-len(order) // mb)
+        if self.shard.count > 1:
+            micro_batches = int(distributed.max_across_processes(np.int64(micro_batches)))
+        order += [0] * (micro_batches * mb - len(order))
         micro = []
         for start in range(0, len(order), mb):
             chunk = order[start : start + mb]
@@ -148,3 +237,20 @@ class RLTrainer:
                 length=length, num_image_rows=bucket(images, 4),
             ))
         return self.learner.step(micro)
+
+
+def _rows_of(advantages: Advantages, first_question: int, num_questions: int, selections: list[int]) -> Advantages:
+    """The part of a step's advantages that this process's rows carry: its questions (renumbered from 0) and the
+    selections it resampled, in the order of its resample rows."""
+    questions = slice(first_question, first_question + num_questions)
+    picked = np.asarray(selections, np.int64)
+    return dataclasses.replace(
+        advantages,
+        prefix_adv_qn=advantages.prefix_adv_qn[questions], cont_adv_qn=advantages.cont_adv_qn[questions],
+        prefix_stream_qn=advantages.prefix_stream_qn[questions], cont_stream_qn=advantages.cont_stream_qn[questions],
+        grpo_adv_qn=advantages.grpo_adv_qn[questions], triggered_q=advantages.triggered_q[questions],
+        resample_adv_sk=advantages.resample_adv_sk[picked], resample_stream_sk=advantages.resample_stream_sk[picked],
+        r_prefix_s=advantages.r_prefix_s[picked], resample_rewards_sk=advantages.resample_rewards_sk[picked],
+        selections=tuple(dataclasses.replace(advantages.selections[i], question=advantages.selections[i].question
+                                             - first_question) for i in selections),
+    )

@@ -183,3 +183,20 @@ def test_chunk_padding_past_capacity_never_overwrites_the_cache(models):
         logits, cache = sampler.extend(chunk, cache, logits)
         results.append(np.asarray(logits))
     np.testing.assert_allclose(results[0], results[1], atol=1e-5)
+
+
+def test_a_finished_row_fuller_than_the_room_does_not_block_the_others(models, sampler):
+    """Room for new tokens is checked on the rows that decode: a finished row may be nearly full."""
+    hf, _ = models
+    batch = make_batch(hf.config, PROMPTS, padding="left")
+    logits, cache = sampler.extend(batch)
+    lengths = np.asarray(cache.length_b).copy()
+    full = lengths.copy()
+    full[2] = sampler.capacity - 2  # row 2 finished with its cache nearly full
+    cache = cache.replace(length_b=jnp.asarray(full, jnp.int32))
+    active = np.array([True, True, False, True])
+    result, _, after = sampler.decode(logits, cache, jax.random.key(0), GREEDY, 10, active_b=active)
+    np.testing.assert_array_equal(result.lengths_b, [10, 10, 0, 10])
+    np.testing.assert_array_equal(np.asarray(after.length_b), full + np.where(active, 10, 0))
+    with pytest.raises(ValueError, match="cache room"):
+        sampler.decode(logits, cache, jax.random.key(0), GREEDY, 10, active_b=np.ones(4, bool))

@@ -116,3 +116,20 @@ def test_restore_continues_exactly(tmp_path):
     np.testing.assert_array_equal(jax.random.key_data(rng), jax.random.key_data(jax.random.key(2)))
     losses = [resumed.step([b])["loss"] for b in batches[2:]]
     assert losses == expected[2:]
+
+
+def test_remat_gives_the_same_gradients():
+    """Rematerialized decoder layers change memory, not math: the same loss and gradients."""
+    from axpo_jax.train.learner import _grads
+
+    batch = jax.tree.map(jnp.asarray, sft_batch(seed=2))
+    model = fresh_model()
+    zeros = jnp.zeros_like(batch.loss_mask_bt)
+    denominator = batch.loss_mask_bt.sum()
+    out = {remat: _grads(model, batch, zeros, zeros, denominator, LossConfig(kind="sft", remat=remat))
+           for remat in (False, True)}
+    np.testing.assert_allclose(out[True][0], out[False][0], rtol=1e-6)
+    grads = [jax.tree.leaves(out[remat][2]) for remat in (False, True)]
+    assert len(grads[0]) == len(grads[1]) > 10
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)

@@ -316,6 +316,10 @@ class DecoderLayer(nnx.Module):
         return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), kv
 
 
+def _run_layer(decoder_layer, x_btd, cos_bte, sin_bte, mask_bts):
+    return decoder_layer(x_btd, cos_bte, sin_bte, mask_bts)
+
+
 class TextModel(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -324,11 +328,12 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
     def __call__(self, x_btd, position_ids_3bt, attention_mask_bt, vision_index_bt, deepstack_rows_md,
-                 cache: KVCache | None = None):
+                 cache: KVCache | None = None, remat: bool = False):
         """Final-norm hidden states [B, T, D], and the cache with these tokens appended when one is given.
 
         With a cache, x holds each row's new tokens right-padded (attention_mask_bt marks the real ones); a new
-        token attends to the row's cached slots and to the new tokens up to itself.
+        token attends to the row's cached slots and to the new tokens up to itself. `remat` (training, no cache)
+        keeps only each layer's input for the backward pass and recomputes the layer's insides from it.
         """
         cos_bte, sin_bte = mrope_cos_sin(self.cfg, position_ids_3bt, x_btd.dtype)
         b, t, _ = x_btd.shape
@@ -345,7 +350,10 @@ class TextModel(nnx.Module):
         keys, values = [], []
         for layer, decoder_layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[layer], cache.values[layer])
-            x_btd, kv = decoder_layer(constrain_batch(x_btd), cos_bte, sin_bte, mask_bts, kv, write_at_b)
+            if remat and cache is None:
+                x_btd, kv = nnx.remat(_run_layer)(decoder_layer, constrain_batch(x_btd), cos_bte, sin_bte, mask_bts)
+            else:
+                x_btd, kv = decoder_layer(constrain_batch(x_btd), cos_bte, sin_bte, mask_bts, kv, write_at_b)
             x_btd = constrain_batch(x_btd)
             if kv is not None:
                 keys.append(kv[0])
@@ -369,7 +377,7 @@ class Qwen3VLModel(nnx.Module):
         self.visual = VisionModel(cfg.vision, dtype=dtype, rngs=rngs)
         self.language_model = TextModel(cfg.text, dtype=dtype, rngs=rngs)
 
-    def __call__(self, inputs: ModelInputs, cache: KVCache | None = None):
+    def __call__(self, inputs: ModelInputs, cache: KVCache | None = None, remat: bool = False):
         merged_nmd, deepstack_nmd = self.visual(inputs)
         d = merged_nmd.shape[-1]
         vision_rows_md = merged_nmd.reshape(-1, d)
@@ -379,7 +387,8 @@ class Qwen3VLModel(nnx.Module):
         x_btd = jnp.where((vision_index_bt >= 0)[..., None], from_vision_btd, x_btd)
         deepstack_rows_md = [f.reshape(-1, d) for f in deepstack_nmd]
         return self.language_model(
-            x_btd, inputs.position_ids_3bt, inputs.attention_mask_bt, vision_index_bt, deepstack_rows_md, cache
+            x_btd, inputs.position_ids_3bt, inputs.attention_mask_bt, vision_index_bt, deepstack_rows_md, cache,
+            remat=remat,
         )
 
     def decode_step(self, token_ids_bt, cache: KVCache, active_b):
@@ -411,9 +420,9 @@ class Qwen3VL(nnx.Module):
             return self.model.language_model.embed_tokens.weight[...]
         return self.lm_head.weight[...]
 
-    def hidden_states(self, inputs: ModelInputs):
-        """Final-norm hidden states [B, T, D]."""
-        return self.model(inputs)[0]
+    def hidden_states(self, inputs: ModelInputs, remat: bool = False):
+        """Final-norm hidden states [B, T, D] (`remat`: decoder layers recomputed in the backward pass)."""
+        return self.model(inputs, remat=remat)[0]
 
     def extend(self, inputs: ModelInputs, cache: KVCache):
         """Appends a multimodal chunk (a prompt, or a tool observation with new images) to each row's cache.
@@ -441,14 +450,16 @@ class Qwen3VL(nnx.Module):
         h_btd = self.hidden_states(inputs)
         return jnp.einsum("btd,vd->btv", h_btd, self.lm_head_weight_vd())
 
-    def token_logprobs(self, inputs: ModelInputs, targets_bt, *, chunk_size: int = 256, with_entropy: bool = False):
+    def token_logprobs(self, inputs: ModelInputs, targets_bt, *, chunk_size: int = 256, with_entropy: bool = False,
+                       remat: bool = False):
         """log p(targets_bt[b, t] | tokens <= t), float32 [B, T], without holding [B, T, V] logits (and the
         entropy of p(. | tokens <= t) too, without gradient, when `with_entropy`).
 
         The vocabulary projection and log-softmax run over chunks of positions, each rematerialized in the
         backward pass, so peak memory holds one chunk's logits [B, chunk, V] instead of the whole sequence's.
+        With `remat`, the decoder layers are rematerialized too (activations: one layer's at a time).
         """
-        h_btd = self.hidden_states(inputs)
+        h_btd = self.hidden_states(inputs, remat=remat)
         return chunked_token_logprobs(h_btd, self.lm_head_weight_vd(), targets_bt, chunk_size=chunk_size,
                                       with_entropy=with_entropy)
 

@@ -1,0 +1,99 @@
+"""RL questions from a JSONL file: one task per line, `{"question": str, "images": [path, ...], "answer": str or
+[str, ...], "task_id": str}` (image paths relative to the file's folder), as a grain random-access source.
+
+A line that is not valid JSON, lacks a field, or names a missing or undecodable image is skipped and counted, never
+fatal: a run over 37K questions should not die on one bad file. `task_source("synthetic:N")` gives the built-in
+zoom task instead (axpo_jax/data/synthetic.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import grain
+from PIL import Image
+
+from axpo_jax.rollout.agent_loop import Task
+
+
+def load_image(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        image.load()  # decode fully now: a truncated or corrupt file fails here, not later in the processor
+        return image.convert("RGB")
+
+
+def scan_jsonl(path: str, check) -> tuple[list[int], list[str]]:
+    """The byte offsets of the lines of a JSONL file whose record passes `check(record, line_index)` (blank lines
+    ignored), and a reason for each line that did not (bad JSON, or whatever `check` raised): records are read
+    again by offset, so a big file is never held in memory."""
+    offsets, skip_reasons = [], []
+    with open(path, "rb") as f:
+        offset = 0
+        for line_number, line in enumerate(f):
+            start, offset = offset, offset + len(line)
+            if not line.strip():
+                continue
+            try:
+                check(json.loads(line), line_number)
+            except Exception as error:  # noqa: BLE001 - any bad record is skipped, not fatal
+                skip_reasons.append(f"{path}:{line_number + 1}: {type(error).__name__}: {error}")
+                continue
+            offsets.append(start)
+    return offsets, skip_reasons
+
+
+class TaskFileSource(grain.sources.RandomAccessDataSource):
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"task file {self.path!r} does not exist")
+        self.folder = os.path.dirname(os.path.abspath(self.path))
+        self._offsets, self.skip_reasons = scan_jsonl(self.path, self._decode)
+        self.skipped = len(self.skip_reasons)
+        if not self._offsets:
+            raise ValueError(f"task file {self.path!r} has no usable task ({self.skipped} skipped: "
+                             f"{self.skip_reasons[:3]})")
+
+    def _decode(self, record: dict, index: int) -> Task:
+        missing = [k for k in ("question", "answer") if k not in record]
+        if missing:
+            raise KeyError(f"missing field(s) {missing}")
+        images = [load_image(os.path.join(self.folder, p)) for p in record.get("images", [])]
+        return Task(str(record["question"]), images, record["answer"], str(record.get("task_id", index)))
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index: int) -> Task:
+        with open(self.path, "rb") as f:
+            f.seek(self._offsets[index])
+            return self._decode(json.loads(f.readline()), index)
+
+    def __repr__(self) -> str:
+        return f"TaskFileSource({self.path!r}, tasks={len(self)}, skipped={self.skipped})"
+
+
+def write_task_jsonl(path: str | os.PathLike, tasks: list[Task]) -> None:
+    """Writes tasks in the format TaskFileSource reads, images as PNGs in `<stem>_images/` beside the file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    images_dir = os.path.splitext(os.path.basename(path))[0] + "_images"
+    os.makedirs(os.path.join(folder, images_dir), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for i, task in enumerate(tasks):
+            names = []
+            for j, image in enumerate(task.images):
+                names.append(f"{images_dir}/{i:06d}_{j}.png")
+                image.save(os.path.join(folder, names[-1]), format="PNG")
+            f.write(json.dumps({"question": task.question, "images": names, "answer": task.answer,
+                                "task_id": task.task_id or str(i)}) + "\n")
+
+
+def task_source(spec: str, *, seed: int = 0):
+    """"synthetic:N" (N zoom tasks of the given seed) or the path of a task JSONL file."""
+    if spec.startswith("synthetic:"):
+        from axpo_jax.data.synthetic import SyntheticTaskSource
+
+        return SyntheticTaskSource(int(spec.split(":", 1)[1]), seed)
+    return TaskFileSource(spec)

@@ -1,0 +1,110 @@
+"""Evaluating a policy on benchmark questions: batches of questions x samples through the agent loop, each
+sample scored, one record per question.
+
+Batches are fixed by position (question i is in batch i // batch_size) and each batch samples with its own key,
+`fold_in(benchmark key, batch number)`; a batch that is short (the last one, or one whose other questions already
+have records) is padded with copies of its last question to `batch_size` questions, whose trajectories are
+dropped. So every batch has the same shape (one compiled sampler per run) and a question's samples depend only
+on the seed and its batch's questions: a resumed run redoes nothing that has a record and reproduces an
+uninterrupted run exactly when it stopped between batches.
+
+`evaluate` is the in-memory form for evaluation during RL: it returns flat metrics
+({"eval/<benchmark>/pass@1": ..., "eval/average/pass@4": ...}) and writes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+
+import jax
+
+from axpo_jax.eval.benchmarks.base import EvalItem, ImageSource
+from axpo_jax.eval.metrics import benchmark_metrics, flat_metrics
+from axpo_jax.eval.records import RecordStore, sample_record
+from axpo_jax.eval.scoring import JudgeFn, describe_scorer, is_correct
+from axpo_jax.eval.settings import PAPER_EVAL_SETTINGS, EvalSettings
+from axpo_jax.rollout.agent_loop import AgentLoop, Task
+from axpo_jax.tools.executor import ToolExecutor
+
+
+def make_agent(model, processor, executor: ToolExecutor, settings: EvalSettings = PAPER_EVAL_SETTINGS, *,
+               system_prompt: str | None = None, mesh=None, log=None) -> AgentLoop:
+    """An agent loop with the evaluation's turn and token limits (its own samplers: build it once, reuse it)."""
+    return AgentLoop(model, processor, executor, max_turns=settings.max_turns,
+                     max_new_tokens_per_turn=min(settings.max_new_tokens_per_turn, settings.max_total_tokens),
+                     capacity=settings.max_total_tokens, system_prompt=system_prompt, mesh=mesh,
+                     log=log or (lambda message: None))
+
+
+def benchmark_key(rng, name: str):
+    """A key per benchmark that does not depend on which other benchmarks run, or in what order."""
+    return jax.random.fold_in(rng, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+
+
+def items_from_tasks(benchmark: str, tasks: Sequence[Task], kind: str) -> list[EvalItem]:
+    """Plain agent-loop tasks (e.g. held-out training tasks) as questions scored with reward kind `kind`."""
+    return [EvalItem(benchmark, task.task_id or str(i), task.question, [ImageSource(image=im) for im in task.images],
+                     [task.answer], kind) for i, task in enumerate(tasks)]
+
+
+def run_benchmark(agent: AgentLoop, items: Sequence[EvalItem], rng, settings: EvalSettings, *,
+                  judge: JudgeFn | None = None, batch_size: int = 8, store: RecordStore | None = None,
+                  prompt_suffix: str = "", save_responses: bool = False, progress=None) -> tuple[list[dict], int]:
+    """Runs every question that has no record in `store`; returns (every question's record in order, the number
+    of questions run now). `rng` is the benchmark's key (`benchmark_key`); `progress` (a tqdm bar or None) counts
+    finished questions, those with records included."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    done = store.load() if store is not None else {}
+    for index, record in done.items():
+        if index < len(items) and record.get("task_id") != items[index].task_id:
+            raise ValueError(f"{store.path}: the record of question {index} is for {record.get('task_id')!r} but the "
+                             f"data has {items[index].task_id!r} there: the records were made from other data; use "
+                             f"a new output directory")
+    if progress is not None:
+        progress.update(sum(1 for index in done if index < len(items)))
+    ran = 0
+    for batch in range(math.ceil(len(items) / batch_size)):
+        indices = [i for i in range(batch * batch_size, min((batch + 1) * batch_size, len(items))) if i not in done]
+        if not indices:
+            continue
+        tasks = [items[i].task(prompt_suffix) for i in indices]
+        tasks += [tasks[-1]] * (batch_size - len(tasks))  # same shape every batch; padding rows are dropped
+        rollout = agent.run(tasks, settings.num_samples, jax.random.fold_in(rng, batch), settings.sampling)
+        by_task: dict[int, list] = {}
+        for trajectory in rollout.trajectories:
+            by_task.setdefault(trajectory.task_index, []).append(trajectory)
+        del rollout  # frees the batch's KV cache before scoring (a judge may take a while)
+        records = []
+        for position, index in enumerate(indices):
+            item = items[index]
+            trajectories = sorted(by_task[position], key=lambda t: t.sample_index)
+            samples = [sample_record(t, is_correct(item, t.answer, judge), save_response=save_responses)
+                       for t in trajectories]
+            records.append({"index": index, "task_id": item.task_id, "scorer": describe_scorer(item, judge),
+                            "references": item.references, "samples": samples})
+        if store is not None:
+            store.append(records)
+        done.update({record["index"]: record for record in records})
+        ran += len(indices)
+        if progress is not None:
+            progress.update(len(indices))
+    return [done[i] for i in range(len(items))], ran
+
+
+def evaluate(agent: AgentLoop, items_by_benchmark: Mapping[str, Sequence[EvalItem]], rng,
+             settings: EvalSettings = PAPER_EVAL_SETTINGS, *, judge: JudgeFn | None = None, batch_size: int = 8,
+             prefix: str = "eval") -> dict:
+    """Pass@k, tool use and turns of `agent`'s policy on each benchmark's questions, as flat metrics
+    ("eval/<benchmark>/pass@1", ..., "eval/average/pass@<num_samples>"); for evaluation during RL.
+
+    The agent's own turn and token limits apply: build it with `make_agent(..., settings)` for the paper's.
+    """
+    metrics = {}
+    for name, items in items_by_benchmark.items():
+        records, _ = run_benchmark(agent, list(items), benchmark_key(rng, name), settings, judge=judge,
+                                   batch_size=batch_size)
+        metrics[name] = benchmark_metrics(records, settings.pass_k)
+    return flat_metrics(metrics, settings.pass_k, prefix)

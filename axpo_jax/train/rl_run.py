@@ -1,0 +1,225 @@
+"""The RL mode: AXPO (or GRPO, or an ablation) from a transformers checkpoint folder, usually the SFT result.
+
+    python launch.py --config configs/rl.py[:preset] --config.checkpoint=<folder> --config.tasks=<tasks.jsonl>
+
+Each step (axpo_jax/train/rl.py): rollouts of `questions_per_step` x N with real tools, rewards, AXPO selection and
+forked continuations, two-stream advantages, the clipped update against the reference (the starting checkpoint).
+Orbax checkpoints hold params, optimizer, step, RNG and the data iterator, so a killed run resumes exactly;
+SIGTERM (a TPU preemption) saves and exits. Metrics go to `<workdir>/rl_metrics.jsonl` and TensorBoard, held-out
+evaluations every `eval_every` steps into the same records, learning curves to `<workdir>/learning_curves.png`,
+and the final policy to `<workdir>/hf_checkpoint` (a transformers folder).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _log(message: str) -> None:
+    print(f"[rl] {message}", file=sys.stderr, flush=True)
+
+
+def sampling_params(config):
+    from axpo_jax.rollout.sampler import SamplingParams
+
+    return SamplingParams(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                          presence_penalty=config.presence_penalty)
+
+
+def make_estimator(config):
+    """The advantage estimator named by `config.algo` with its fields from `config.axpo` (AXPOConfig)."""
+    from axpo_jax.algo import registry
+
+    if config.algo == "axpo":
+        return registry.make("axpo", config.axpo.to_dict())
+    return registry.make(config.algo)
+
+
+def eval_settings(config):
+    """The evaluation during training (axpo_jax/eval/settings.py) from the config's eval_* fields."""
+    from axpo_jax.eval.settings import EvalSettings
+
+    return EvalSettings(num_samples=config.eval_samples, temperature=config.eval_temperature, top_p=config.eval_top_p,
+                        top_k=config.eval_top_k, presence_penalty=config.eval_presence_penalty,
+                        max_turns=config.eval_max_turns, max_total_tokens=config.eval_capacity,
+                        max_new_tokens_per_turn=config.eval_max_new_tokens_per_turn)
+
+
+def eval_items(config) -> dict:
+    """Held-out questions by benchmark: "heldout" from `eval_tasks` (a task source spec), plus every benchmark of
+    `eval_benchmarks` read from `eval_data_dir` (axpo_jax/eval/benchmarks)."""
+    from axpo_jax.data.tasks import task_source
+    from axpo_jax.eval.benchmarks import load_benchmark
+    from axpo_jax.eval.runner import items_from_tasks
+
+    items = {}
+    if config.eval_tasks:
+        source = task_source(config.eval_tasks, seed=config.seed + 10_000)
+        items["heldout"] = items_from_tasks("heldout", [source[i] for i in range(len(source))], config.reward_kind)
+    for name in config.eval_benchmarks:
+        items[name] = load_benchmark(name, config.eval_data_dir, max_questions=config.eval_max_questions)[1]
+    return items
+
+
+def memory_settings(config, batch_devices: int):
+    """What one RL step of this config holds (axpo_jax/bench/memory.py's RLMemorySettings)."""
+    from axpo_jax.algo.axpo import AXPOConfig, resample_budget
+    from axpo_jax.bench.memory import RLMemorySettings
+
+    extra = resample_budget(config.questions_per_step, config.num_samples, AXPOConfig(**config.axpo.to_dict()))[0] \
+        if config.algo == "axpo" else 0
+    half = config.dtype == "bfloat16"
+    return RLMemorySettings(
+        seq_len=config.capacity, kv_cache_tokens=config.capacity,
+        micro_batch_per_device=-(-config.micro_batch_size // batch_devices),
+        rollout_rows=config.questions_per_step * config.num_samples + extra,
+        param_bytes=2 if half else 4, grad_bytes=2 if half else 4, reference_model=bool(config.kl_coef),
+        remat=config.remat, logprob_chunk=config.logprob_chunk)
+
+
+def check_memory(config, mesh) -> None:
+    """Refuses (PlanDoesNotFit, one line) a run whose RL step would not fit the device, before anything is
+    allocated: the analytic plan of axpo_jax/bench/memory.py for this config's model, mesh and rollout size."""
+    from axpo_jax.bench.memory import ensure_plan_fits
+    from axpo_jax.models.qwen3_vl import Qwen3VLConfig
+
+    batch_devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
+    ensure_plan_fits(Qwen3VLConfig.from_pretrained(config.checkpoint), mesh or {"fsdp": 1},
+                     memory_settings(config, batch_devices), device_memory_gib=config.device_memory_gib or None)
+
+
+def bench_record(config, records: list[dict], text_config):
+    """The run as one benchmark record (axpo_jax/bench/record.py), comparable with other machines and with verl:
+    medians over the steps after the first (which compiles). Update tokens are the trained (policy) tokens."""
+    from axpo_jax.bench import record as bench
+
+    timed = records[1:] or records
+
+    def median(key: str) -> float:
+        return float(np.median([r[key] for r in timed]))
+
+    return bench.make_record(
+        label=f"{config.algo} {os.path.basename(os.path.normpath(config.checkpoint))}", **bench.current_devices(),
+        text_config=text_config, seq_len=config.capacity, decode_context=config.capacity, step_s=median("step_s"),
+        rollout_s=median("time_rollout_s"), tools_s=median("time_tools_s"), update_s=median("time_update_s"),
+        rollout_tokens=int(median("sampled_tokens")), update_tokens=int(median("trained_tokens")), steps=len(timed))
+
+
+def run(config) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from tqdm.auto import tqdm
+
+    from axpo_jax.data.processor import load_processor
+    from axpo_jax.data.synthetic import task_dataset
+    from axpo_jax.data.tasks import task_source
+    from axpo_jax.models import qwen3_vl
+    from axpo_jax.parallel.mesh import mesh_from_config
+    from axpo_jax.rollout.agent_loop import AgentLoop
+    from axpo_jax.eval.runner import evaluate, make_agent
+    from axpo_jax.tools.executor import ToolExecutor
+    from axpo_jax.tools.registry import build_registry
+    from axpo_jax.train.checkpoints import Checkpointer, StopRequest
+    from axpo_jax.train.learner import Learner, LossConfig
+    from axpo_jax.train.metrics import MetricsLog
+    from axpo_jax.train.optimizer import make_optimizer
+    from axpo_jax.train.plots import plot_rl_run
+    from axpo_jax.train.rl import RLTrainer
+
+    started = time.perf_counter()
+    stop = StopRequest().install()
+    workdir = os.path.abspath(config.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    primary = jax.process_index() == 0
+    mesh = mesh_from_config(config.mesh.to_dict())
+    dtype = jnp.dtype(config.dtype) if config.dtype else jnp.float32
+    check_memory(config, mesh)
+    model = qwen3_vl.from_pretrained(config.checkpoint, dtype=dtype, mesh=mesh)
+    reference = (qwen3_vl.from_pretrained(config.reference or config.checkpoint, dtype=dtype, mesh=mesh)
+                 if config.kl_coef else None)
+    processor = load_processor(config.checkpoint)
+    executor = ToolExecutor(build_registry(list(config.tools), search_corpus=config.search_corpus or None),
+                            timeout_s=config.tool_timeout_s)
+    agent = AgentLoop(model, processor, executor, max_turns=config.max_turns,
+                      max_new_tokens_per_turn=config.max_new_tokens_per_turn, capacity=config.capacity,
+                      pipeline_groups=config.pipeline_groups, mesh=mesh, log=lambda m: None)
+    learner = Learner(model, make_optimizer(learning_rate=config.learning_rate, total_steps=config.steps,
+                                            warmup_steps=int(config.warmup_fraction * config.steps),
+                                            weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm),
+                      LossConfig(kind="rl", eps_low=config.eps_low, eps_high=config.eps_high,
+                                 kl_coef=config.kl_coef, kl_kind=config.kl_kind, logprob_chunk=config.logprob_chunk,
+                                 remat=config.remat),
+                      reference=reference, mesh=mesh)
+    trainer = RLTrainer(learner, agent, make_estimator(config), num_samples=config.num_samples,
+                        micro_batch_size=config.micro_batch_size, sampling=sampling_params(config),
+                        reward_kind=config.reward_kind)
+    source = task_source(config.tasks, seed=config.seed + 1)
+    _log(f"{len(source)} training tasks from {config.tasks}")
+    dataset = iter(task_dataset(source, seed=config.seed, batch_size=config.questions_per_step))
+    evaluations = eval_items(config) if config.eval_every else {}
+    settings = eval_settings(config)
+    # its own samplers (the evaluation's limits), the same policy object: it evaluates the weights being trained
+    eval_agent = make_agent(model, processor, executor, settings, mesh=mesh) if evaluations else None
+
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    rng, first_step = jax.random.key(config.seed), 0
+    restored = checkpointer.restore(model, learner.optimizer)
+    if restored is not None:
+        first_step, rng, extra = restored
+        dataset.set_state(extra["data"])
+        _log(f"resumed from step {first_step}")
+    metrics = MetricsLog(workdir, resume_step=first_step, name="rl_metrics", tensorboard=config.tensorboard,
+                         primary=primary)
+    progress = tqdm(range(first_step, config.steps), desc=f"RL ({config.algo})", file=sys.stderr, mininterval=1.0,
+                    dynamic_ncols=True, initial=first_step, total=config.steps)
+    for step in progress:
+        rng, key = jax.random.split(rng)
+        step_started = time.perf_counter()
+        out = trainer.step(next(dataset), key, step)
+        record = {k: v for k, v in out.metrics.items() if np.isscalar(v)}
+        record["step_s"] = time.perf_counter() - step_started
+        if evaluations and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
+            record.update(evaluate(eval_agent, evaluations, jax.random.key(config.seed + 2), settings,
+                                   batch_size=config.eval_batch_size))
+        record = metrics.write(step + 1, record)
+        progress.set_postfix(reward=f"{record['reward']:.2f}", loss=f"{record['loss']:.4f}",
+                             resamples=f"{record['resamples_used']}/{record['resample_budget']}")
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or stop:
+            checkpointer.save(step + 1, model, learner.optimizer, rng=rng, extra={"data": dataset.get_state()})
+        if stop:
+            checkpointer.close()
+            _log(f"{stop.signal_name}: checkpoint of step {step + 1} saved; stopping (rerun to resume)")
+            return {"stopped_at_step": step + 1, "signal": stop.signal_name}
+    checkpointer.close()
+    metrics.close()
+    executor.close()
+    output = os.path.join(workdir, "hf_checkpoint")
+    qwen3_vl.save_pretrained(model, output)
+    plot = os.path.join(workdir, "learning_curves.png")
+    if primary:
+        processor.save_pretrained(output)
+        plot_rl_run(plot, metrics.records)
+    records = metrics.records
+    evals = [r for r in records if "eval/average/pass@1" in r]
+    record = bench_record(config, records, model.config.text) if records else None
+    if record is not None and primary:
+        from axpo_jax.bench.record import append_jsonl
+
+        append_jsonl(record, os.path.join(workdir, "bench_records.jsonl"))
+    return {
+        "algo": config.algo,
+        "steps": config.steps,
+        "final_reward": records[-1]["reward"] if records else None,
+        "mean_reward": float(np.mean([r["reward"] for r in records])) if records else None,
+        "final_eval_pass@1": evals[-1]["eval/average/pass@1"] if evals else None,
+        "sampled_tokens": int(sum(r["sampled_tokens"] for r in records)),
+        "checkpoint": output,
+        "metrics": metrics.path,
+        "plot": plot,
+        "bench_record": record.to_dict() if record is not None else None,
+        "seconds": round(time.perf_counter() - started, 1),
+    }

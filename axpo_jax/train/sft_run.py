@@ -1,0 +1,142 @@
+"""The SFT mode: multi-turn tool-use trajectories (JSONL + image files) -> the policy RL starts from.
+
+    python launch.py --config configs/sft.py --config.checkpoint=<transformers folder> --config.data=<sft.jsonl>
+
+Each JSONL line is a conversation (`{"messages": [...]}`, images as paths relative to the file, see
+`axpo_jax/data/synthetic.py:write_sft_jsonl`). Tokens the policy writes (assistant turns) are trained; prompts and
+tool observations are masked. Records whose line or image is bad are skipped and counted by the source; a
+conversation the chat template cannot mask, or longer than `max_length`, is skipped at batching and counted.
+Checkpoints (orbax, with the data iterator) make an interrupted run resume exactly; the end result is saved as a
+transformers folder (`<workdir>/hf_checkpoint`) that `rl` and `eval` load like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+
+def _log(message: str) -> None:
+    print(f"[sft] {message}", file=sys.stderr, flush=True)
+
+
+def sft_micro_batches(examples: list[dict], model_config, pad_id: int, micro_batch_size: int,
+                      length_bucket: int = 64):
+    """Same-shaped micro-batches of SFT examples (`sft_example` dicts); rows beyond the examples are untrained
+    copies, so every step of a run reuses a few compiled shapes."""
+    from axpo_jax.models.qwen3_vl.inputs import bucket
+    from axpo_jax.train.batch import make_batch
+
+    rows = examples + [dict(examples[0], loss_mask=np.zeros_like(examples[0]["loss_mask"]))
+                       for _ in range(-len(examples) % micro_batch_size)]
+    chunks = [rows[i: i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+    length = bucket(max(len(e["input_ids"]) for e in rows), length_bucket)
+    image_rows = bucket(max(sum(len(e.get("image_grid_thw", ())) for e in c) for c in chunks), 4)
+    batches = []
+    for chunk in chunks:
+        with_images = [e for e in chunk if "pixel_values" in e]
+        batches.append(make_batch(
+            model_config, [e["input_ids"].tolist() for e in chunk], [e["loss_mask"] for e in chunk],
+            pixel_values=np.concatenate([e["pixel_values"] for e in with_images]) if with_images else None,
+            image_grid_thw=np.concatenate([e["image_grid_thw"] for e in with_images]) if with_images else None,
+            length=length, num_image_rows=image_rows, pad_id=pad_id,
+        ))
+    return batches
+
+
+def run(config) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from tqdm.auto import tqdm
+
+    from axpo_jax.data.processor import load_processor
+    from axpo_jax.data.synthetic import SFTSource, sft_example, task_dataset
+    from axpo_jax.models import qwen3_vl
+    from axpo_jax.parallel.mesh import mesh_from_config
+    from axpo_jax.tools.registry import build_registry
+    from axpo_jax.train.checkpoints import Checkpointer, StopRequest
+    from axpo_jax.train.learner import Learner, LossConfig
+    from axpo_jax.train.metrics import MetricsLog
+    from axpo_jax.train.optimizer import make_optimizer
+
+    started = time.perf_counter()
+    stop = StopRequest().install()
+    workdir = os.path.abspath(config.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = mesh_from_config(config.mesh.to_dict())
+    model = qwen3_vl.from_pretrained(config.checkpoint, mesh=mesh,
+                                     dtype=jnp.dtype(config.dtype) if config.dtype else jnp.float32)
+    processor = load_processor(config.checkpoint)
+    pad_id = processor.tokenizer.pad_token_id or 0
+    # the tool schemas the conversations were written against: they are part of the rendered system prompt
+    schemas = build_registry(list(config.tools)).schemas() if config.tools else None
+    source = SFTSource(config.data)
+    _log(f"{len(source)} conversations in {config.data} ({source.skipped} skipped: {source.skip_reasons[:3]})")
+    dataset = iter(task_dataset(source, seed=config.seed, batch_size=config.batch_size))
+    learner = Learner(model, make_optimizer(learning_rate=config.learning_rate, total_steps=config.steps,
+                                            warmup_steps=int(config.warmup_fraction * config.steps),
+                                            weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm),
+                      LossConfig(kind="sft", logprob_chunk=config.logprob_chunk, remat=config.remat), mesh=mesh)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    first_step, skipped_examples = 0, 0
+    restored = checkpointer.restore(model, learner.optimizer)
+    if restored is not None:
+        first_step, _, extra = restored
+        dataset.set_state(extra["data"])
+        skipped_examples = extra.get("skipped_examples", 0)
+        _log(f"resumed from step {first_step}")
+    metrics = MetricsLog(workdir, resume_step=first_step, name="sft_metrics", tensorboard=config.tensorboard,
+                         primary=jax.process_index() == 0)
+    progress = tqdm(range(first_step, config.steps), desc="SFT", file=sys.stderr, mininterval=2.0,
+                    dynamic_ncols=True, initial=first_step, total=config.steps)
+    for step in progress:
+        examples = []
+        for record in next(dataset):
+            try:
+                example = sft_example(record["messages"], processor, schemas)
+            except ValueError as error:  # the template cannot mask it: skip, count, go on
+                skipped_examples += 1
+                _log(f"skipped a conversation: {error}")
+                continue
+            if len(example["input_ids"]) > config.max_length:
+                skipped_examples += 1
+                continue
+            examples.append(example)
+        if not examples:
+            _log(f"step {step + 1}: every conversation of the batch was skipped")
+            continue
+        step_started = time.perf_counter()
+        out = learner.step(sft_micro_batches(examples, model.config, pad_id, config.micro_batch_size,
+                                             config.length_bucket))
+        out.update(skipped_examples=skipped_examples, step_s=time.perf_counter() - step_started,
+                   tokens_per_s=out["trained_tokens"] / max(time.perf_counter() - step_started, 1e-9))
+        metrics.write(step + 1, out)
+        progress.set_postfix(loss=f"{out['loss']:.3f}")
+        last = step + 1 == config.steps
+        if (step + 1) % config.checkpoint_every == 0 or last or stop:
+            checkpointer.save(step + 1, model, learner.optimizer,
+                              extra={"data": dataset.get_state(), "skipped_examples": skipped_examples})
+        if stop:
+            checkpointer.close()
+            _log(f"{stop.signal_name}: checkpoint of step {step + 1} saved; stopping (rerun to resume)")
+            return {"stopped_at_step": step + 1, "signal": stop.signal_name}
+    checkpointer.close()
+    metrics.close()
+    output = os.path.join(workdir, "hf_checkpoint")
+    qwen3_vl.save_pretrained(model, output)
+    if jax.process_index() == 0:
+        processor.save_pretrained(output)
+    losses = [r["loss"] for r in metrics.records]
+    return {
+        "steps": config.steps,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "skipped_records": source.skipped,
+        "skipped_examples": skipped_examples,
+        "checkpoint": output,
+        "metrics": metrics.path,
+        "seconds": round(time.perf_counter() - started, 1),
+    }

@@ -1,0 +1,136 @@
+"""RL with AXPO (or GRPO / an ablation) from a transformers checkpoint folder.
+
+    python launch.py --config configs/rl.py --config.checkpoint=runs/sft/hf_checkpoint --config.tasks=tasks.jsonl
+    python launch.py --config configs/rl.py:8b,v5p-16 --config.checkpoint=/mnt/gcs/<bucket>/sft_8b/hf_checkpoint \
+        --config.tasks=/mnt/gcs/<bucket>/rl_tasks.jsonl   (tpu/pod.py mounts gs://<bucket> at /mnt/gcs/<bucket>)
+
+Without an argument: the tiny defaults the tests and the demo use (a synthetic task, CPU). With `<size>,<hardware>`
+(size: 2b | 4b | 8b | 32b; hardware: v5p-<cores> | v6e-<chips> | 8xh100 | 8xa100): the paper's recipe (N=8, K=4,
+r=0.25, ε 0.2/0.4, β 1e-3 toward the SFT model, 3 turns, temperature 1.0) on that machine's mesh. What the paper does
+not state is chosen here and marked "unstated" (AXPO.md §3): learning rate, questions per step, token limits.
+Check that a plan fits before renting: configs/bench.py:memory (and tpu/README.md's table); the mode itself
+refuses a plan that does not fit the device (axpo_jax/bench/memory.py:ensure_plan_fits).
+"""
+
+import ml_collections
+
+_GPU_MACHINES = {"8xh100": 8, "8xa100": 8}  # GPUs per machine name
+
+
+def _devices(hardware: str) -> int:
+    """JAX devices of a machine name: a GPU machine above, or a TPU slice (v5p-<cores>, v6e-<chips>, ...)."""
+    from axpo_jax.bench.devices import chips_of
+
+    if hardware in _GPU_MACHINES:
+        return _GPU_MACHINES[hardware]
+    try:
+        return chips_of(hardware)
+    except ValueError as error:
+        raise ValueError(f"unknown hardware {hardware!r}; use a TPU slice such as v5p-16 or v6e-16, 8xh100 or "
+                         f"8xa100") from error
+
+
+def get_config(arg=None):
+    config = ml_collections.ConfigDict()
+    config.mode = "rl"
+    config.seed = 0
+    config.workdir = "runs/rl"
+    config.checkpoint = ""  # transformers folder of the starting policy (the SFT result)
+    config.reference = ""  # the KL reference; "" = the starting checkpoint
+    config.dtype = ""  # "" = the checkpoint's; "bfloat16" on accelerators
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: every remaining device
+    config.device_memory_gib = 0.0  # > 0: refuse a plan above this per device; 0: the device's own size (if known)
+
+    # data: "synthetic:<n>" or a task JSONL ({"question", "images", "answer"}; axpo_jax/data/tasks.py)
+    config.tasks = "synthetic:256"
+    config.reward_kind = "exact"  # axpo_jax/algo/rewards.py: exact | numeric | choice | math | f1
+    config.tools = ("image_zoom_in",)  # + "python", "search"
+    config.search_corpus = ""  # JSONL corpus for the offline BM25 search backend
+
+    # the agent loop (paper: 3 turns in training)
+    config.max_turns = 3
+    config.max_new_tokens_per_turn = 128
+    config.capacity = 1024  # KV-cache slots per trajectory: prompt + every turn + observations
+    config.pipeline_groups = 1  # 2: half the rows decode while the other half's tools run
+    config.tool_timeout_s = 12.0
+    config.temperature = 1.0  # paper: 1.0 in training
+    config.top_p = 1.0
+    config.top_k = 0
+    config.presence_penalty = 0.0
+
+    # algorithm (paper §3-4); axpo fields = AXPOConfig, every ablation one switch
+    config.algo = "axpo"  # axpo | grpo
+    config.num_samples = 4  # N
+    config.questions_per_step = 4  # B (unstated)
+    config.axpo = ml_collections.ConfigDict(dict(
+        ratio=0.5, k=2, ranking="confidence", resample_from="first_tool_call", candidates="failed_tool",
+        prefix_credit=True, merge_into_source_group=False, renormalize_whole_group=False,
+        budget_unit="continuations"))
+    config.eps_low, config.eps_high = 0.2, 0.4
+    config.kl_coef = 1e-3  # β toward the reference
+    config.kl_kind = "low_var_kl"
+
+    # optimization (unstated in the paper)
+    config.steps = 8
+    config.learning_rate = 5e-4
+    config.warmup_fraction = 0.0
+    config.weight_decay = 0.0
+    config.max_grad_norm = 1.0
+    config.micro_batch_size = 4
+    config.logprob_chunk = 256
+    config.remat = False  # recompute decoder layers in the backward pass (True on pods: activations of one layer)
+
+    # bookkeeping
+    config.checkpoint_every = 1
+    config.keep_checkpoints = 2
+    config.tensorboard = True
+    # evaluation during training (axpo_jax/eval), logged with the step's metrics as eval/<benchmark>/...
+    config.eval_every = 4  # steps; 0 = never (the last step is always evaluated otherwise)
+    config.eval_tasks = "synthetic:8"  # held-out questions ("heldout"), a task source spec; "" = none
+    config.eval_benchmarks = ()  # e.g. ("vstar", "hrbench4k"): the paper's benchmarks, read from eval_data_dir
+    config.eval_data_dir = "data/eval"
+    config.eval_max_questions = 0  # per benchmark; 0 = all
+    config.eval_batch_size = 8  # questions per rollout batch
+    # greedy, one sample, training's limits: the tiny model is derailed by the paper's presence penalty
+    config.eval_samples = 1
+    config.eval_temperature = 0.0
+    config.eval_top_p = 1.0
+    config.eval_top_k = 0
+    config.eval_presence_penalty = 0.0
+    config.eval_max_turns = 3
+    config.eval_capacity = 1024
+    config.eval_max_new_tokens_per_turn = 128
+
+    if arg:
+        size, _, hardware = arg.partition(",")
+        if size not in ("2b", "4b", "8b", "32b") or not hardware:
+            raise ValueError(f"configs/rl.py takes '<size>,<hardware>' (size 2b|4b|8b|32b), got {arg!r}")
+        devices = _devices(hardware)
+        config.workdir = f"runs/rl_{size}_{hardware}"
+        config.dtype = "bfloat16"
+        # 32B does not fit pure FSDP on v6e's 32 GiB chips at these lengths: heads/MLP split 2 ways too
+        # (tpu/README.md's table, from the memory plan)
+        tensor = 2 if size == "32b" and hardware.startswith("v6e") else 1
+        config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=devices // tensor, tensor=tensor))
+        config.tasks = ""  # must be given: the RL question set (the paper: ~37K questions)
+        config.tools = ("image_zoom_in", "python", "search")
+        config.max_new_tokens_per_turn = 2048  # unstated
+        config.capacity = 8192  # unstated: prompt with images + 3 turns + observations (the KV cache of every row)
+        config.num_samples = 8  # paper N
+        config.questions_per_step = 16  # unstated; B x N + r B N = 160 rows decode together (KV cache: memory plan)
+        config.axpo.ratio, config.axpo.k = 0.25, 4  # paper r, K
+        config.steps = 400  # unstated
+        config.learning_rate = 1e-6  # unstated; a common value for RL of 2-8B VLMs
+        config.warmup_fraction = 0.02
+        config.micro_batch_size = max(1, devices // 2)
+        config.remat = True
+        config.checkpoint_every = 10
+        config.keep_checkpoints = 3
+        # the paper's evaluation settings, on whichever benchmarks are given (eval_benchmarks, eval_data_dir)
+        config.eval_tasks = ""
+        config.eval_every = 50
+        config.eval_samples, config.eval_temperature, config.eval_top_p = 4, 0.7, 0.8
+        config.eval_top_k, config.eval_presence_penalty = 20, 1.5
+        config.eval_max_turns, config.eval_capacity, config.eval_max_new_tokens_per_turn = 5, 32768, 32768
+        config.eval_batch_size = 1
+    return config

@@ -1,0 +1,45 @@
+"""The AXPO-vs-GRPO comparison's pieces: the equal-budget GRPO group size, the per-variant summary, the plot (the
+runs themselves are `rl` mode runs, tested in tests/train/test_modes.py)."""
+
+import importlib.util
+import os
+
+import numpy as np
+
+from axpo_jax.bench.algos import plot, summarize, variant_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _rl_config():
+    spec = importlib.util.spec_from_file_location("_rl", os.path.join(ROOT, "configs", "rl.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def test_variants(tmp_path):
+    rl = _rl_config()  # N=4, r=0.5, K=2: AXPO adds at most r*B*N continuations, GRPO gets N' = N(1 + r) = 6
+    axpo, grpo_equal, grpo = (variant_config(rl, v, 3, str(tmp_path)) for v in ("axpo", "grpo_equal", "grpo"))
+    assert (axpo.algo, axpo.num_samples, axpo.seed) == ("axpo", 4, 3)
+    assert (grpo_equal.algo, grpo_equal.num_samples) == ("grpo", 6)
+    assert (grpo.algo, grpo.num_samples) == ("grpo", 4)
+    assert axpo.workdir.endswith("axpo_seed3") and rl.algo == "axpo" and rl.num_samples == 4  # rl untouched
+
+
+def test_summary_and_plot(tmp_path):
+    def run(rewards, evals, tokens):
+        records = [{"step": i + 1, "reward": r, "sampled_tokens": tokens} for i, r in enumerate(rewards)]
+        for step, value in evals.items():
+            records[step - 1]["eval/average/pass@1"] = value
+        return records
+
+    runs = {"axpo": [run([0.0, 0.5, 1.0, 1.0], {2: 0.25, 4: 0.5}, 100), run([0, 0, 0, 0.5], {4: 0.0}, 80)],
+            "grpo_equal": [run([0, 0, 0.5, 0.5], {4: 0.25}, 120)]}
+    summary = summarize(runs)
+    assert summary["axpo"]["final_eval_pass@1_per_seed"] == [0.5, 0.0]
+    assert np.isclose(summary["axpo"]["final_eval_pass@1_mean"], 0.25)
+    assert np.isclose(summary["axpo"]["late_rollout_reward_mean"], (1.0 + 0.25) / 2)  # steps 3-4 of each seed
+    assert summary["axpo"]["sampled_tokens_per_seed"] == [400, 320] and summary["grpo_equal"]["seeds"] == 1
+    path = plot(str(tmp_path / "p.png"), runs, start=[0.0, 0.0])
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,42 @@
+"""RL question files: read back what was written, skip and count bad lines and images, clear errors."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from axpo_jax.data.tasks import TaskFileSource, task_source, write_task_jsonl
+from axpo_jax.rollout.agent_loop import Task
+
+
+def _image(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+
+
+def test_round_trip_and_bad_records_are_skipped(tmp_path):
+    path = tmp_path / "tasks.jsonl"
+    write_task_jsonl(path, [Task("What digit?", [_image(0)], "7", "a"), Task("Sum?", [], ["4", "four"], "b")])
+    with open(path, "a") as f:
+        f.write("{not json\n")
+        f.write(json.dumps({"question": "q", "images": ["tasks_images/missing.png"], "answer": "1"}) + "\n")
+        f.write(json.dumps({"question": "no answer"}) + "\n")
+        (tmp_path / "tasks_images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+        f.write(json.dumps({"question": "q", "images": ["tasks_images/broken.png"], "answer": "1"}) + "\n")
+    source = TaskFileSource(path)
+    assert len(source) == 2 and source.skipped == 4
+    assert any("JSONDecodeError" in r for r in source.skip_reasons) and any("missing" in r for r in source.skip_reasons)
+    first, second = source[0], source[1]
+    assert (first.question, first.answer, first.task_id) == ("What digit?", "7", "a")
+    np.testing.assert_array_equal(np.asarray(first.images[0]), np.asarray(_image(0)))
+    assert second.images == [] and second.answer == ["4", "four"]
+
+
+def test_clear_errors_and_the_synthetic_spec(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        TaskFileSource(tmp_path / "nope.jsonl")
+    (tmp_path / "bad.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="no usable task"):
+        TaskFileSource(tmp_path / "bad.jsonl")
+    synthetic = task_source("synthetic:3", seed=5)
+    assert len(synthetic) == 3 and synthetic[2].answer == task_source("synthetic:3", seed=5)[2].answer

@@ -1,0 +1,60 @@
+"""The paper-recipe configs (configs/rl.py:<size>,<hardware>, configs/sft.py:...) carry the paper's numbers and fit
+the machines they name by the memory plan that the rl mode checks before it allocates; plans that cannot fit are
+refused."""
+
+import importlib.util
+import os
+
+import pytest
+
+from axpo_jax.bench import devices
+from axpo_jax.bench.memory import PlanDoesNotFit, check_fits, rl_memory_plan
+from axpo_jax.models.qwen3_vl import preset
+from axpo_jax.train.rl_run import memory_settings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MEMORY = {"v5p": devices.TPU_V5P, "v6e": devices.TPU_V6E, "8xh100": devices.H100_SXM,
+          "8xa100": devices.lookup("NVIDIA A100-SXM4-80GB")}
+# the smallest slice documented for each preset (README, tpu/README.md) and the paper's 8 x A100
+FITS = [("2b", "v5p-8"), ("4b", "v5p-8"), ("8b", "v5p-8"), ("32b", "v5p-32"), ("2b", "v6e-8"), ("4b", "v6e-8"),
+        ("8b", "v6e-16"), ("32b", "v6e-64"), ("2b", "8xa100"), ("4b", "8xa100"), ("8b", "8xa100"), ("8b", "8xh100")]
+TOO_SMALL = [("8b", "v6e-8"), ("32b", "v5p-16"), ("32b", "v6e-32"), ("32b", "8xh100")]
+
+
+def _config(name: str, arg=None):
+    spec = importlib.util.spec_from_file_location(f"_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def _check(size: str, hardware: str):
+    config = _config("rl", f"{size},{hardware}")
+    mesh = dict(config.mesh)
+    assert mesh["data"] * mesh["fsdp"] * mesh["tensor"] == (8 if hardware.startswith("8x") else
+                                                            devices.chips_of(hardware))
+    settings = memory_settings(config, mesh["data"] * mesh["fsdp"])
+    spec = MEMORY[hardware.split("-")[0]]
+    return check_fits(rl_memory_plan(preset(size), mesh, settings), spec.memory_bytes, settings.headroom)
+
+
+@pytest.mark.parametrize("size,hardware", FITS)
+def test_paper_recipe_fits(size, hardware):
+    config = _config("rl", f"{size},{hardware}")
+    assert (config.num_samples, config.axpo.k, config.axpo.ratio, config.eps_low, config.eps_high,
+            config.kl_coef, config.max_turns, config.temperature) == (8, 4, 0.25, 0.2, 0.4, 1e-3, 3, 1.0)
+    assert config.remat and config.dtype == "bfloat16"
+    _check(size, hardware)
+
+
+@pytest.mark.parametrize("size,hardware", TOO_SMALL)
+def test_plans_that_do_not_fit_are_refused(size, hardware):
+    with pytest.raises(PlanDoesNotFit, match="does not fit"):
+        _check(size, hardware)
+
+
+def test_sft_recipe_follows_the_rl_machine():
+    sft, rl = _config("sft", "8b,v5p-16"), _config("rl", "8b,v5p-16")
+    assert sft.mode == "sft" and dict(sft.mesh) == dict(rl.mesh) and sft.tools == rl.tools
+    with pytest.raises(ValueError, match="hardware"):
+        _config("rl", "8b,tpu-9000")
