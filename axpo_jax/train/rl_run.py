@@ -118,6 +118,7 @@ def run(config) -> dict:
     from axpo_jax.data.synthetic import task_dataset
     from axpo_jax.data.tasks import task_source
     from axpo_jax.models import qwen3_vl
+    from axpo_jax.parallel.distributed import data_shard
     from axpo_jax.parallel.mesh import mesh_from_config
     from axpo_jax.rollout.agent_loop import AgentLoop
     from axpo_jax.eval.runner import evaluate, make_agent
@@ -157,6 +158,7 @@ def run(config) -> dict:
     trainer = RLTrainer(learner, agent, make_estimator(config), num_samples=config.num_samples,
                         micro_batch_size=config.micro_batch_size, sampling=sampling_params(config),
                         reward_kind=config.reward_kind)
+    shard = data_shard(mesh)
     source = task_source(config.tasks, seed=config.seed + 1)
     _log(f"{len(source)} training tasks from {config.tasks}")
     dataset = iter(task_dataset(source, seed=config.seed, batch_size=config.questions_per_step))
@@ -179,7 +181,8 @@ def run(config) -> dict:
     for step in progress:
         rng, key = jax.random.split(rng)
         step_started = time.perf_counter()
-        out = trainer.step(next(dataset), key, step)
+        questions = next(dataset)  # every process reads the same batch and runs its own share of the questions
+        out = trainer.step(questions[shard.rows(len(questions))], key, step)
         record = {k: v for k, v in out.metrics.items() if np.isscalar(v)}
         record["step_s"] = time.perf_counter() - step_started
         if evaluations and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):

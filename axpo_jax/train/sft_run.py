@@ -55,6 +55,7 @@ def run(config) -> dict:
     from axpo_jax.data.processor import load_processor
     from axpo_jax.data.synthetic import SFTSource, sft_example, task_dataset
     from axpo_jax.models import qwen3_vl
+    from axpo_jax.parallel.distributed import data_shard
     from axpo_jax.parallel.mesh import mesh_from_config
     from axpo_jax.tools.registry import build_registry
     from axpo_jax.train.checkpoints import Checkpointer, StopRequest
@@ -76,6 +77,7 @@ def run(config) -> dict:
     source = SFTSource(config.data)
     _log(f"{len(source)} conversations in {config.data} ({source.skipped} skipped: {source.skip_reasons[:3]})")
     dataset = iter(task_dataset(source, seed=config.seed, batch_size=config.batch_size))
+    shard = data_shard(mesh)
     learner = Learner(model, make_optimizer(learning_rate=config.learning_rate, total_steps=config.steps,
                                             warmup_steps=int(config.warmup_fraction * config.steps),
                                             weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm),
@@ -94,7 +96,8 @@ def run(config) -> dict:
                     dynamic_ncols=True, initial=first_step, total=config.steps)
     for step in progress:
         examples = []
-        for record in next(dataset):
+        records = next(dataset)  # every process reads the same batch and trains on its own share of the rows
+        for record in records[shard.rows(len(records))]:
             try:
                 example = sft_example(record["messages"], processor, schemas)
             except ValueError as error:  # the template cannot mask it: skip, count, go on
