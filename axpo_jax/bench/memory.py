@@ -544,7 +544,6 @@ def _print_table(results: dict[str, Any], mesh_shape: dict[str, int], device_gib
 def run(config) -> dict[str, Any]:
     import jax
 
-    from axpo_jax.models import qwen3_vl
     from axpo_jax.parallel.mesh import MESH_AXES, make_mesh
 
     mesh_shape = {axis: int(config.mesh.get(axis, 1)) for axis in MESH_AXES}

@@ -3,7 +3,6 @@
 import math
 
 import ml_collections
-import numpy as np
 import pytest
 
 from axpo_jax.bench import forward, memory

@@ -3,7 +3,6 @@ continuations from the real sampler, two-stream advantages, and the update."""
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image
 
 from axpo_jax.algo import registry
