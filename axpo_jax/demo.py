@@ -73,12 +73,6 @@ def prepare_sft_policy(config, sft, *, before_sft=None) -> dict | None:
 
 
 def run(config) -> dict:
-    import jax
-
-    from axpo_jax.data.processor import load_processor
-    from axpo_jax.eval.runner import evaluate as evaluate_benchmarks
-    from axpo_jax.eval.runner import make_agent
-    from axpo_jax.models import qwen3_vl
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
     from axpo_jax.train import rl_run
@@ -90,7 +84,6 @@ def run(config) -> dict:
     sft, rl = stage_configs(config)
     executor = ToolExecutor(build_registry(list(rl.tools)), timeout_s=rl.tool_timeout_s)
     rl.eval_tasks = f"synthetic:{config.eval_tasks}"  # held-out: another seed than the training tasks
-    items, settings = rl_run.eval_items(rl), rl_run.eval_settings(rl)
     evals_path = os.path.join(workdir, "evals.json")
     evals = json.load(open(evals_path)) if os.path.isfile(evals_path) else {}
 
@@ -99,8 +92,7 @@ def run(config) -> dict:
         # of 1.5 (its tool-call JSON and answers repeat tokens); the eval mode defaults to the paper's settings.
         if stage in evals:
             return
-        agent = make_agent(qwen3_vl.from_pretrained(folder), load_processor(folder), executor, settings)
-        metrics = evaluate_benchmarks(agent, items, jax.random.key(config.seed + 1), settings)
+        metrics = rl_run.evaluate_checkpoint(rl, folder, executor)
         evals[stage] = {k: metrics[f"eval/heldout/{k}"] for k in ("pass@1", "tool_use_rate", "answer_rate")}
         _log(f"{stage}: {evals[stage]} ({time.perf_counter() - started:.0f}s)")
         with open(evals_path, "w") as f:

@@ -52,25 +52,14 @@ def variant_config(rl, variant: str, seed: int, workdir: str):
 
 def starting_pass_at_1(rl, seed: int) -> float:
     """Held-out Pass@1 of the starting (SFT) policy on the evaluation tasks of the runs of `seed`."""
-    import jax
-
-    from axpo_jax.data.processor import load_processor
-    from axpo_jax.eval.runner import evaluate, make_agent
-    from axpo_jax.models import qwen3_vl
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
     from axpo_jax.train import rl_run
 
     cfg = rl.copy_and_resolve_references()
     cfg.seed = seed
-    settings = rl_run.eval_settings(cfg)
     with ToolExecutor(build_registry(list(cfg.tools))) as executor:
-        agent = make_agent(qwen3_vl.from_pretrained(cfg.checkpoint), load_processor(cfg.checkpoint), executor,
-                           settings)
-        # the same tasks and key as the runs' own evaluations (rl_run.run)
-        metrics = evaluate(agent, rl_run.eval_items(cfg), jax.random.key(cfg.seed + 2), settings,
-                           batch_size=cfg.eval_batch_size)
-    return float(metrics["eval/average/pass@1"])
+        return float(rl_run.evaluate_checkpoint(cfg, cfg.checkpoint, executor)["eval/average/pass@1"])
 
 
 def summarize(runs: dict[str, list[list[dict]]]) -> dict:

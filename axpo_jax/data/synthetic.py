@@ -32,7 +32,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from axpo_jax.data.tasks import load_image, scan_jsonl
+from axpo_jax.data.tasks import images_dir, load_image, scan_jsonl
 from axpo_jax.rollout.agent_loop import Task, prompt_messages
 from axpo_jax.tools.base import ToolContext
 from axpo_jax.tools.image_zoom_in import RELATIVE_SCALE, ImageZoomIn
@@ -271,19 +271,14 @@ def sft_example(messages: Sequence[dict], processor, tools_schemas: Sequence[dic
 
 
 # ---------------------------------------------------------------------------------------------- SFT JSONL
-def _images_dir(path: str) -> str:
-    stem = os.path.splitext(os.path.basename(path))[0]
-    return f"{stem}_images"
-
-
 def write_sft_jsonl(path: str | os.PathLike, conversations: Iterable[Sequence[dict] | dict]) -> int:
     """Writes one conversation per line as `{"messages": [...], ...metadata}`; every PIL image becomes a PNG in
     `<stem>_images/` next to the file, referenced by its path relative to the file's folder. A conversation may
     be a message list or a dict with "messages" and extra JSON metadata. Returns the number written."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    images_dir = _images_dir(path)
-    os.makedirs(os.path.join(folder, images_dir), exist_ok=True)
+    images = images_dir(path)
+    os.makedirs(os.path.join(folder, images), exist_ok=True)
     count = 0
     with open(path, "w", encoding="utf-8") as f:
         for index, conversation in enumerate(conversations):
@@ -296,7 +291,7 @@ def write_sft_jsonl(path: str | os.PathLike, conversations: Iterable[Sequence[di
                     content = []
                     for item in message["content"]:
                         if item.get("type") == "image" and isinstance(item.get("image"), Image.Image):
-                            relative = f"{images_dir}/{index:06d}_{image_number}.png"
+                            relative = f"{images}/{index:06d}_{image_number}.png"
                             image_number += 1
                             item["image"].save(os.path.join(folder, relative), format="PNG")
                             item = {**item, "image": relative}

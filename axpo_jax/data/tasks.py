@@ -17,6 +17,11 @@ from PIL import Image
 from axpo_jax.rollout.agent_loop import Task
 
 
+def images_dir(path: str) -> str:
+    """The folder, beside a JSONL file, that holds its images: `<stem>_images` (paths in the file are relative)."""
+    return os.path.splitext(os.path.basename(path))[0] + "_images"
+
+
 def load_image(path: str) -> Image.Image:
     with Image.open(path) as image:
         image.load()  # decode fully now: a truncated or corrupt file fails here, not later in the processor
@@ -78,13 +83,13 @@ def write_task_jsonl(path: str | os.PathLike, tasks: list[Task]) -> None:
     """Writes tasks in the format TaskFileSource reads, images as PNGs in `<stem>_images/` beside the file."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    images_dir = os.path.splitext(os.path.basename(path))[0] + "_images"
-    os.makedirs(os.path.join(folder, images_dir), exist_ok=True)
+    images = images_dir(path)
+    os.makedirs(os.path.join(folder, images), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for i, task in enumerate(tasks):
             names = []
             for j, image in enumerate(task.images):
-                names.append(f"{images_dir}/{i:06d}_{j}.png")
+                names.append(f"{images}/{i:06d}_{j}.png")
                 image.save(os.path.join(folder, names[-1]), format="PNG")
             f.write(json.dumps({"question": task.question, "images": names, "answer": task.answer,
                                 "task_id": task.task_id or str(i)}) + "\n")

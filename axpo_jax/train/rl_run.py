@@ -65,6 +65,21 @@ def eval_items(config) -> dict:
     return items
 
 
+def evaluate_checkpoint(config, folder: str, executor) -> dict:
+    """The evaluation `run` does during training (the same questions, settings and key) of the policy saved in
+    `folder`: flat metrics, eval/<benchmark>/pass@1, ... (e.g. of the starting policy, before any step)."""
+    import jax
+
+    from axpo_jax.data.processor import load_processor
+    from axpo_jax.eval.runner import evaluate, make_agent
+    from axpo_jax.models import qwen3_vl
+
+    settings = eval_settings(config)
+    agent = make_agent(qwen3_vl.from_pretrained(folder), load_processor(folder), executor, settings)
+    return evaluate(agent, eval_items(config), jax.random.key(config.seed + 2), settings,
+                    batch_size=config.eval_batch_size)
+
+
 def memory_settings(config, batch_devices: int):
     """What one RL step of this config holds (axpo_jax/bench/memory.py's RLMemorySettings)."""
     from axpo_jax.algo.axpo import AXPOConfig, resample_budget
