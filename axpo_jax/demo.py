@@ -25,15 +25,17 @@ def _log(message: str) -> None:
     print(f"[demo] {message}", file=sys.stderr, flush=True)
 
 
-def build_tiny_checkpoint(folder: str, *, seed: int, **model_overrides) -> dict:
-    """Processor files + random weights in one transformers-format folder; returns the config dict."""
+def build_tiny_checkpoint(folder: str, *, seed: int, via: str = "flax", torch_device: str = "cpu",
+                          **model_overrides) -> dict:
+    """Processor files + random weights in one transformers-format folder; returns the config dict. `via`,
+    `torch_device`: who initializes the weights (models/qwen3_vl/tiny.py write_random_checkpoint)."""
     from axpo_jax.data.tiny_processor import build_tiny_processor
     from axpo_jax.models.qwen3_vl.tiny import tiny_config_dict, write_random_checkpoint
 
     special = build_tiny_processor(folder, patch_size=8, min_pixels=32 * 32, max_pixels=96 * 96)
     config = tiny_config_dict(vocab_size=special["vocab_size"], patch_size=8, num_position_embeddings=64,
                               special_token_ids=special, **model_overrides)
-    write_random_checkpoint(folder, config, seed=seed)
+    write_random_checkpoint(folder, config, seed=seed, via=via, torch_device=torch_device)
     return config
 
 

@@ -48,6 +48,8 @@ def get_config(arg=None):
         config.max_loss_rel_diff = 1e-4  # first-step JAX-vs-torch agreement, else the run fails
         config.max_logprob_diff = 1e-4
         config.max_grad_norm_rel_diff = 1e-3
+        config.dtype = "float32"  # "bfloat16" on accelerators (then loosen the three checks above)
+        config.torch_device = "cpu"  # "auto": CUDA when JAX and torch both see a GPU; "cuda"
     elif arg == "sampler":
         config.preset = "tiny"  # see axpo_jax/bench/forward.py PRESETS
         config.batch = 8
@@ -57,6 +59,8 @@ def get_config(arg=None):
         config.repeats = 3  # timed runs of each, interleaved generate / sampler
         config.torch_threads = 0  # 0: os.cpu_count()
         config.min_identical_rows = 1.0  # fp32: every row must generate exactly transformers' tokens
+        config.dtype = "float32"  # "bfloat16" on accelerators (then min_identical_rows=0: rounding differs)
+        config.torch_device = "cpu"  # "auto": CUDA when JAX and torch both see a GPU; "cuda"
     elif arg == "fork":
         config.preset = "tiny"
         config.prefixes = 2

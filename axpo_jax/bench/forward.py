@@ -46,6 +46,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         vision=dict(depth=4, hidden_size=256, intermediate_size=1024, num_heads=4, patch_size=16,
                     num_position_embeddings=576, deepstack_visual_indexes=[0, 1, 2]),
     ),
+    # Qwen3-VL-2B's published shapes (its config.json), random weights: for accelerator runs (bf16, GPU / TPU).
+    "2b": dict(
+        text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                  num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, patch_size=16,
+                    num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17]),
+        tie_word_embeddings=True,
+    ),
 }
 
 _TORCH_MISSING = "bench_forward compares against transformers' PyTorch model; pip install -e '.[test]'"
@@ -89,7 +97,7 @@ def hf_config_dict(preset: str) -> dict[str, Any]:
         vision_end_token_id=vocab - 3,
         image_token_id=vocab - 2,
         video_token_id=vocab - 1,
-        tie_word_embeddings=False,
+        tie_word_embeddings=bool(PRESETS[preset].get("tie_word_embeddings", False)),
     )
 
 
@@ -283,10 +291,12 @@ def run(config) -> dict[str, Any]:
     return record
 
 
-def build_models(preset: str | dict[str, Any], seed: int, log=_log):
-    """The random transformers model of `preset` (a `PRESETS` name, or a config.json-shaped dict) in eval mode and
-    the same weights loaded into Flax, both float32: built with transformers, saved with `save_pretrained`, loaded
-    back with `qwen3_vl.from_pretrained`. Returns (hf_model, flax_model, num_params)."""
+def build_models(preset: str | dict[str, Any], seed: int, log=_log, *, torch_device: str = "cpu",
+                 dtype: str = "float32"):
+    """The random transformers model of `preset` (a `PRESETS` name, or a config.json-shaped dict) in eval mode on
+    `torch_device` and the same weights loaded into Flax, both in `dtype` ("float32" on the CPU, "bfloat16" for
+    accelerator timings): built with transformers, saved with `save_pretrained`, loaded back with
+    `qwen3_vl.from_pretrained`. Returns (hf_model, flax_model, num_params)."""
     try:
         import torch
         import transformers
@@ -296,17 +306,51 @@ def build_models(preset: str | dict[str, Any], seed: int, log=_log):
 
     from axpo_jax.models import qwen3_vl
 
+    if dtype not in ("float32", "bfloat16"):
+        raise BenchError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     hf = hf_config_dict(preset) if isinstance(preset, str) else preset
     transformers.utils.logging.disable_progress_bar()
-    log(f"building the random transformers model ({f'preset {preset!r}' if isinstance(preset, str) else 'given config'})")
+    log(f"building the random transformers model ({f'preset {preset!r}' if isinstance(preset, str) else 'given config'}"
+        f", {dtype}, on {torch_device})")
     torch.manual_seed(seed)
-    hf_model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**hf)).eval()
+    with torch.device(torch_device):  # initialised where it runs: a 2B model's random init is slow on a CPU
+        hf_model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**hf))
+    hf_model = hf_model.to(getattr(torch, dtype)).eval()
     num_params = sum(p.numel() for p in hf_model.parameters())
     with tempfile.TemporaryDirectory(prefix="axpo_bench_") as tmp:
         hf_model.save_pretrained(tmp)
         log(f"saved {num_params / 1e6:.2f}M parameters; loading them into Flax")
-        flax_model = qwen3_vl.from_pretrained(tmp, dtype=jnp.float32)
+        flax_model = qwen3_vl.from_pretrained(tmp, dtype=getattr(jnp, dtype))
     return hf_model, flax_model, int(num_params)
+
+
+def torch_device_for(requested: str) -> str:
+    """"auto": CUDA when both JAX and torch see a GPU (each implementation on the same accelerator), else the CPU."""
+    if requested != "auto":
+        return requested
+    import jax
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def device_copy_gbps(size_mib: int = 2048, repeats: int = 20) -> float | None:
+    """Measured device memory bandwidth of this JAX device: a jitted elementwise copy of a `size_mib` array, bytes
+    read plus written, over `repeats` calls queued back to back (per-call timing would add the host's dispatch and
+    sync, ~0.1 ms, to a ~1 ms copy). The ceiling a decode step is held to; None on the CPU."""
+    import jax
+    import jax.numpy as jnp
+
+    if jax.default_backend() == "cpu":
+        return None
+    x = jnp.ones((size_mib * 2**20 // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a * 1.0001)
+    copy(x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        y = copy(x)
+    y.block_until_ready()
+    return round(2 * x.nbytes * repeats / (time.perf_counter() - start) / 1e9, 1)
 
 
 def host_loaded(load_before: float | None, load_after: float | None, log=_log) -> bool:

@@ -13,7 +13,12 @@ generated tokens must be identical: the fraction of identical rows is reported, 
 `min_identical_rows` (1.0) raises `BenchError` after the record has been written to stderr. Both are warmed up
 (the Flax compile of extend and decode is reported separately) and timed over `repeats` interleaved runs:
 prefill+decode for each, our decode alone (extend timed apart), and `generate` with one new token as
-transformers' prefill, so the decode-only rates of both can be compared too.
+transformers' prefill, so the decode-only rates of both can be compared too. On an accelerator
+(`torch_device="auto"`: CUDA when JAX and torch both see a GPU; `dtype="bfloat16"`, `preset="2b"`) the record
+adds the decode's achieved bandwidth (the fewest bytes a step must read over its time) beside the device's copy
+bandwidth measured in the same run; in bfloat16 the two implementations round differently, so the greedy tokens
+drift apart after some steps on a random model: run it with `min_identical_rows=0` and read
+`identical_first_token_fraction`, the fp32 runs being the correctness check.
 
 `bench_fork`: K continuations of each of P long multimodal prefixes (P*K cache rows), two ways:
   fork       - prefill the P prefixes in a P-row cache (a batch-P `extend`), copy each row K times into a
@@ -61,10 +66,12 @@ from axpo_jax.bench.forward import (
     _load_average,
     _time,
     build_models,
+    device_copy_gbps,
     hf_config_dict,
     host_info,
     host_loaded,
     make_batch,
+    torch_device_for,
 )
 
 
@@ -109,25 +116,26 @@ def run_sampler(config) -> dict[str, Any]:
     batch, prompt_len, new_tokens = int(config.batch), int(config.prompt_len), int(config.new_tokens)
     image_size, repeats = int(config.image_size), max(1, int(config.repeats))
     min_identical = float(config.get("min_identical_rows", 1.0))
+    dtype, device = str(config.get("dtype", "float32")), torch_device_for(str(config.get("torch_device", "cpu")))
 
     hf = hf_config_dict(preset)
     prompts, image_tokens = make_batch(hf, batch=batch, seq_len=prompt_len, num_images=1, image_size=image_size,
                                        seed=seed)
     torch.set_num_threads(_threads(config))
     start = time.perf_counter()
-    hf_model, flax_model, num_params = build_models(preset, seed, log=log)
+    hf_model, flax_model, num_params = build_models(preset, seed, log=log, torch_device=device, dtype=dtype)
     setup_s = time.perf_counter() - start
 
     # generate: greedy, no end-of-sequence (every row runs new_tokens), vision tokens never produced
     hf_model.generation_config.eos_token_id = None
     hf_model.generation_config.pad_token_id = 0
-    torch_inputs = {k: torch.from_numpy(v) for k, v in prompts.items()}
+    torch_inputs = {k: torch.from_numpy(v).to(device) for k, v in prompts.items()}
 
     def torch_generate(n: int) -> np.ndarray:
         with torch.no_grad():
             out = hf_model.generate(**torch_inputs, max_new_tokens=n, do_sample=False,
                                     suppress_tokens=_vision_token_ids(hf), eos_token_id=None, pad_token_id=0)
-        return out[:, prompt_len:].numpy()
+        return out[:, prompt_len:].cpu().numpy()  # .cpu() waits for the device
 
     min_chunk = 16
     sampler = Sampler(flax_model, batch_size=batch, capacity=bucket(prompt_len, min_chunk) + new_tokens,
@@ -170,10 +178,15 @@ def run_sampler(config) -> dict[str, Any]:
     torch_s, flax_s = statistics.median(torch_times), statistics.median(flax_times)
     torch_decode_s = max(torch_s - statistics.median(torch_prefill_times), 1e-9)
     flax_decode_s = statistics.median(decode_times)
+    step_bytes = decode_step_bytes(flax_model.config.text, dtype=dtype, batch=batch,
+                                   mean_context=prompt_len + (new_tokens - 1) / 2)
+    copy_gbps = device_copy_gbps()
     record = dict(
         mode="bench_sampler",
         preset=preset,
-        dtype="float32",
+        dtype=dtype,
+        jax_device=_jax_device_kind(),
+        torch_device=device,
         num_params=num_params,
         batch=batch,
         prompt_len=prompt_len,
@@ -185,6 +198,7 @@ def run_sampler(config) -> dict[str, Any]:
         repeats=repeats,
         setup_s=round(setup_s, 3),
         identical_rows_fraction=float(same_rows.mean()),
+        identical_first_token_fraction=float((flax_tokens[:, 0] == torch_tokens[:, 0]).mean()),
         first_differing_step_per_bad_row=first_diff,
         torch_warmup_s=round(torch_warmup_s, 3),
         flax_first_extend_s=round(flax_first_extend_s, 3),
@@ -204,6 +218,14 @@ def run_sampler(config) -> dict[str, Any]:
         torch_decode_only_tokens_per_s=round(generated / torch_decode_s, 1),
         flax_decode_only_tokens_per_s=round(generated / flax_decode_s, 1),
         flax_over_torch_decode_only=round(torch_decode_s / flax_decode_s, 3),
+        # The fewest bytes a decode step must read (weights once, each row's filled KV cache once) over the
+        # measured step time: how close each side runs to the memory bandwidth that bounds decoding.
+        decode_min_bytes_per_step=step_bytes,
+        torch_decode_gbps=round(step_bytes * new_tokens / torch_decode_s / 1e9, 1),
+        flax_decode_gbps=round(step_bytes * new_tokens / flax_decode_s / 1e9, 1),
+        device_copy_gbps=copy_gbps,
+        flax_decode_fraction_of_copy_bandwidth=(
+            round(step_bytes * new_tokens / flax_decode_s / 1e9 / copy_gbps, 3) if copy_gbps else None),
         flax_traces=traces,
         flax_retraced_while_timing=dict(sampler.trace_counts) != traces,
         noisy=max(max(t) / min(t) for t in (torch_times, flax_times)) > 1.5,
@@ -217,6 +239,23 @@ def run_sampler(config) -> dict[str, Any]:
                  f"only {same_rows.sum()} of {batch} rows generated the same greedy tokens as transformers "
                  f"(first differences at steps {first_diff}): the sampler does not compute the same model")
     return record
+
+
+def decode_step_bytes(text_config, *, dtype: str, batch: int, mean_context: float) -> int:
+    """Bytes one decode step must read at least: the decoder's matmul weights and the LM head once (the embedding
+    row gather and the norms are negligible), plus K and V of every filled cache slot of every row."""
+    from axpo_jax.bench.record import decoder_matmul_params
+
+    itemsize = np.dtype(np.float32).itemsize if dtype == "float32" else 2
+    t = text_config
+    kv_per_token = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim
+    return int(itemsize * (decoder_matmul_params(t) + batch * mean_context * kv_per_token))
+
+
+def _jax_device_kind() -> str:
+    import jax
+
+    return jax.devices()[0].device_kind
 
 
 # ------------------------------------------------------------------------------------------------- bench_fork

@@ -23,7 +23,9 @@ old log-probs on trained tokens to `max_logprob_diff` (1e-4) absolute and the pr
 stderr. (At ratio 1 the loss is −mean(A) over trained tokens whatever the model, so the log-prob and gradient
 norm checks are the ones that show both sides compute the same thing.) Both are warmed up (the JAX compile is
 reported separately) and timed over `repeats` interleaved steps; the record holds the median seconds, trained
-and all tokens/s of each, and the JAX/torch ratio.
+and all tokens/s of each, the JAX/torch ratio and, on a device of bench/devices.py's table, the MFU of each.
+On an accelerator: `torch_device="auto"` (CUDA when JAX and torch both see a GPU), `dtype="bfloat16"`,
+`preset="2b"`, and the three agreement checks loosened to bf16 rounding.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from axpo_jax.bench.forward import (
     host_info,
     host_loaded,
     make_batch,
+    torch_device_for,
 )
 
 _MODE = "bench_update"
@@ -61,6 +64,10 @@ def _fail_unless(ok: bool, record: dict, message: str) -> None:
 
         print(json.dumps(record, default=str), file=sys.stderr, flush=True)
         raise BenchError(message)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
 
 
 def rl_arrays(input_ids: np.ndarray, *, seed: int) -> dict[str, np.ndarray]:
@@ -117,6 +124,7 @@ def run(config) -> dict[str, Any]:
     max_logprob_diff = float(config.get("max_logprob_diff", 1e-4))
     max_gnorm_rel = float(config.get("max_grad_norm_rel_diff", 1e-3))
     threads = int(config.get("torch_threads", 0)) or os.cpu_count() or 1
+    dtype, device = str(config.get("dtype", "float32")), torch_device_for(str(config.get("torch_device", "cpu")))
 
     hf = hf_config_dict(preset)
     inputs_np, image_tokens = make_batch(hf, batch=batch, seq_len=seq_len, num_images=num_images,
@@ -125,7 +133,7 @@ def run(config) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    hf_model, flax_model, num_params = build_models(preset, seed, log=_log)
+    hf_model, flax_model, num_params = build_models(preset, seed, log=_log, torch_device=device, dtype=dtype)
     setup_s = time.perf_counter() - t0
 
     # ---- JAX: the real Learner
@@ -147,10 +155,10 @@ def run(config) -> dict[str, Any]:
         jax_results.append(learner.step([train_batch]))
 
     # ---- torch: the same step on transformers' model
-    torch_inputs = {k: torch.from_numpy(v) for k, v in inputs_np.items()}
-    targets = torch.from_numpy(rl["targets_bt"]).long()
-    mask = torch.from_numpy(rl["loss_mask_bt"])
-    adv = torch.from_numpy(rl["advantages_bt"])
+    torch_inputs = {k: torch.from_numpy(v).to(device) for k, v in inputs_np.items()}
+    targets = torch.from_numpy(rl["targets_bt"]).long().to(device)
+    mask = torch.from_numpy(rl["loss_mask_bt"]).to(device)
+    adv = torch.from_numpy(rl["advantages_bt"]).to(device)
     ref_model = copy.deepcopy(hf_model).eval().requires_grad_(False) if kl_coef else None
     params = [p for p in hf_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -179,7 +187,8 @@ def run(config) -> dict[str, Any]:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         if torch.isfinite(grad_norm):
             opt.step()
-        torch_results.append(dict(loss=float(loss.detach()), grad_norm=float(grad_norm), old=old.numpy()))
+        # float() and .cpu() wait for the device, so a timed step ends when its work does
+        torch_results.append(dict(loss=float(loss.detach()), grad_norm=float(grad_norm), old=old.float().cpu().numpy()))
 
     # ---- warm-up: the first step of each is on the initial weights, so they must agree
     _log(f"torch warm-up ({threads} threads)")
@@ -222,10 +231,21 @@ def run(config) -> dict[str, Any]:
     loaded = host_loaded(load_before, load_after, log=_log)
     jax_compile_s = max(0.0, jax_first_s - jax_median)
     ok = loss_rel < max_loss_rel and logprob_diff < max_logprob_diff and gnorm_rel < max_gnorm_rel
+    # MFU: 6 x matmul weights + attention FLOPs per token of the forward+backward (bench/record.py), counted over
+    # every token of the batch; the step also runs a no-grad forward for the old log-probs, left uncounted (as in
+    # the usual definition: model FLOPs of the training step proper).
+    from axpo_jax.bench import devices as device_table
+    from axpo_jax.bench.record import mfu, train_flops_per_token
+
+    flops_per_token = train_flops_per_token(flax_model.config.text, seq_len)
+    spec = device_table.lookup(jax.devices()[0].device_kind)
+    peak = spec.peak_bf16_flops if spec else None
     record = dict(
         mode=_MODE,
         preset=preset,
-        dtype="float32",
+        dtype=dtype,
+        jax_device=jax.devices()[0].device_kind,
+        torch_device=device,
         num_params=int(num_params),
         batch=batch,
         seq_len=seq_len,
@@ -252,6 +272,10 @@ def run(config) -> dict[str, Any]:
         jax_tokens_per_s=round(tokens / jax_median, 1),
         jax_over_torch_tokens_per_s=round(torch_median / jax_median, 3),
         jax_over_torch_best_run=round(min(torch_times) / min(jax_times), 3),
+        train_flops_per_token=int(flops_per_token),
+        peak_bf16_flops=peak,
+        jax_mfu=_round(mfu(flops_per_token, tokens / jax_median, 1, peak)),
+        torch_mfu=_round(mfu(flops_per_token, tokens / torch_median, 1, peak)),
         first_loss_jax=j_first["loss"],
         first_loss_torch=t_first["loss"],
         loss_rel_diff=loss_rel,

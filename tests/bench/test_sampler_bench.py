@@ -27,6 +27,29 @@ def test_sampler_bench_micro_matches_generate():
     assert record["flax_median_s"] > 0 and record["torch_median_s"] > 0 and record["flax_decode_median_s"] > 0
 
 
+def test_decode_step_bytes_by_hand():
+    """Weights once + each row's filled K and V, for a made-up 2-layer decoder in bf16 and fp32."""
+    from axpo_jax.models.qwen3_vl.config import Qwen3VLConfig
+    from axpo_jax.models.qwen3_vl.tiny import tiny_config_dict
+
+    text = Qwen3VLConfig.from_dict(tiny_config_dict(
+        vocab_size=100, hidden_size=8, intermediate_size=12, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=4, mrope_section=(0, 1, 1), deepstack_visual_indexes=(0,))).text
+    # per layer: q 8*2*4, o 2*4*8, k and v 8*1*4 each, mlp 3*8*12 -> 64+64+32+32+288 = 480; x2 layers + head 8*100
+    weights = 2 * 480 + 800
+    kv_per_token = 2 * 2 * 1 * 4  # K and V, 2 layers, 1 kv head of 4
+    assert sampler.decode_step_bytes(text, dtype="bfloat16", batch=3, mean_context=10) == 2 * (weights + 3 * 10 * kv_per_token)
+    assert sampler.decode_step_bytes(text, dtype="float32", batch=1, mean_context=5) == 4 * (weights + 5 * kv_per_token)
+
+
+def test_accelerator_presets_and_ceilings():
+    config = forward.hf_config_dict("2b")
+    assert config["tie_word_embeddings"] and config["text_config"]["rope_parameters"]["mrope_section"] == [24, 20, 20]
+    assert not forward.hf_config_dict("tiny")["tie_word_embeddings"]
+    assert forward.device_copy_gbps() is None  # the CPU has no device memory to measure
+    assert forward.torch_device_for("auto") == "cpu" and forward.torch_device_for("cuda") == "cuda"
+
+
 def test_fork_bench_micro_tokens_agree():
     record = sampler.run_fork(_config(mode="bench_fork", preset="micro", prefixes=2, k=2, prefix_len=32,
                                       num_images=1, image_size=32, new_tokens=4, repeats=1,

@@ -84,8 +84,21 @@ def tiny_config_dict(
     )
 
 
-def write_random_checkpoint(folder, config_dict: dict, *, seed: int = 0):
-    """Initializes this port's model with random weights and saves it as a transformers checkpoint folder."""
+def write_random_checkpoint(folder, config_dict: dict, *, seed: int = 0, via: str = "flax", torch_device: str = "cpu"):
+    """Random weights saved as a transformers checkpoint folder, initialized by this port (`via="flax"`, returns the
+    model) or by transformers' PyTorch model on `torch_device` (`via="transformers"`, returns None): the one
+    compiled Flax initializer takes minutes to compile for a 2B-shaped model, transformers' eager init seconds."""
+    if via == "transformers":
+        import torch
+        import transformers
+
+        torch.manual_seed(seed)
+        with torch.device(torch_device):
+            model = transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(**config_dict))
+        model.save_pretrained(folder)
+        return None
+    if via != "flax":
+        raise ValueError(f"via must be 'flax' or 'transformers', got {via!r}")
     from flax import nnx
 
     from axpo_jax.models.qwen3_vl.checkpoint import save_pretrained

@@ -158,3 +158,17 @@ def test_image_tokens_that_do_not_match_the_grids(reference):
     wrong_pixels = dict(batch, pixel_values=batch["pixel_values"][:-1])
     with pytest.raises(InputError, match="pixel_values shape"):
         qwen3_vl.prepare_inputs(config, **wrong_pixels)
+
+
+def test_random_checkpoint_initialized_by_transformers_loads(tmp_path):
+    """The large-shape path of tiny.write_random_checkpoint: transformers initializes, this port loads the folder."""
+    from axpo_jax.models.qwen3_vl.tiny import tiny_config_dict, write_random_checkpoint
+
+    config = tiny_config_dict(num_hidden_layers=2, deepstack_visual_indexes=(0, 1), vision_depth=2)
+    assert write_random_checkpoint(tmp_path, config, seed=3, via="transformers") is None
+    model = qwen3_vl.from_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    np.testing.assert_array_equal(np.asarray(model.model.language_model.embed_tokens.weight[...]),
+                                  saved["model.language_model.embed_tokens.weight"])
+    with pytest.raises(ValueError, match="via must be"):
+        write_random_checkpoint(tmp_path / "other", config, via="numpy")
