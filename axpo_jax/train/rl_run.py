@@ -109,10 +109,14 @@ def check_memory(config, mesh) -> None:
 
 def bench_record(config, records: list[dict], text_config):
     """The run as one benchmark record (axpo_jax/bench/record.py), comparable with other machines and with verl:
-    medians over the steps after the first (which compiles). Update tokens are the trained (policy) tokens."""
+    medians over the steps that compiled nothing (steady state), else over the steps after the first, which
+    compiles most; `notes` says which. Update tokens are the trained (policy) tokens."""
     from axpo_jax.bench import record as bench
 
-    timed = records[1:] or records
+    steady = [r for r in records if r.get("compiles") == 0]
+    timed = steady or records[1:] or records
+    notes = (f"medians of {len(steady)} steps without compilation" if steady else
+             "no step ran without compiling: medians of the steps after the first, compile time included")
 
     def median(key: str) -> float:
         return float(np.median([r[key] for r in timed]))
@@ -121,7 +125,8 @@ def bench_record(config, records: list[dict], text_config):
         label=f"{config.algo} {os.path.basename(os.path.normpath(config.checkpoint))}", **bench.current_devices(),
         text_config=text_config, seq_len=config.capacity, decode_context=config.capacity, step_s=median("step_s"),
         rollout_s=median("time_rollout_s"), tools_s=median("time_tools_s"), update_s=median("time_update_s"),
-        rollout_tokens=int(median("sampled_tokens")), update_tokens=int(median("trained_tokens")), steps=len(timed))
+        rollout_tokens=int(median("sampled_tokens")), update_tokens=int(median("trained_tokens")), steps=len(timed),
+        notes=notes)
 
 
 def run(config) -> dict:
@@ -140,6 +145,7 @@ def run(config) -> dict:
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
     from axpo_jax.train.checkpoints import Checkpointer, StopRequest
+    from axpo_jax.train.compiles import CompileClock
     from axpo_jax.train.learner import Learner, LossConfig
     from axpo_jax.train.metrics import MetricsLog
     from axpo_jax.train.optimizer import make_optimizer
@@ -193,13 +199,16 @@ def run(config) -> dict:
                          primary=primary)
     progress = tqdm(range(first_step, config.steps), desc=f"RL ({config.algo})", file=sys.stderr, mininterval=1.0,
                     dynamic_ncols=True, initial=first_step, total=config.steps)
+    compile_clock = CompileClock()
     for step in progress:
         rng, key = jax.random.split(rng)
+        compile_clock.take()  # the last step's evaluation and checkpoint are not this step's
         step_started = time.perf_counter()
         questions = next(dataset)  # every process reads the same batch and runs its own share of the questions
         out = trainer.step(questions[shard.rows(len(questions))], key, step)
         record = {k: v for k, v in out.metrics.items() if np.isscalar(v)}
         record["step_s"] = time.perf_counter() - step_started
+        record.update(compile_clock.take())
         if evaluations and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
             record.update(evaluate(eval_agent, evaluations, jax.random.key(config.seed + 2), settings,
                                    batch_size=config.eval_batch_size))

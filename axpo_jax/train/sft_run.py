@@ -59,6 +59,7 @@ def run(config) -> dict:
     from axpo_jax.parallel.mesh import mesh_from_config
     from axpo_jax.tools.registry import build_registry
     from axpo_jax.train.checkpoints import Checkpointer, StopRequest
+    from axpo_jax.train.compiles import CompileClock
     from axpo_jax.train.learner import Learner, LossConfig
     from axpo_jax.train.metrics import MetricsLog
     from axpo_jax.train.optimizer import make_optimizer
@@ -94,6 +95,7 @@ def run(config) -> dict:
                          primary=jax.process_index() == 0)
     progress = tqdm(range(first_step, config.steps), desc="SFT", file=sys.stderr, mininterval=2.0,
                     dynamic_ncols=True, initial=first_step, total=config.steps)
+    compile_clock = CompileClock()
     for step in progress:
         examples = []
         records = next(dataset)  # every process reads the same batch and trains on its own share of the rows
@@ -111,11 +113,13 @@ def run(config) -> dict:
         if not examples:
             _log(f"step {step + 1}: every conversation of the batch was skipped")
             continue
+        compile_clock.take()
         step_started = time.perf_counter()
         out = learner.step(sft_micro_batches(examples, model.config, pad_id, config.micro_batch_size,
                                              config.length_bucket))
         out.update(skipped_examples=skipped_examples, step_s=time.perf_counter() - step_started,
-                   tokens_per_s=out["trained_tokens"] / max(time.perf_counter() - step_started, 1e-9))
+                   tokens_per_s=out["trained_tokens"] / max(time.perf_counter() - step_started, 1e-9),
+                   **compile_clock.take())
         metrics.write(step + 1, out)
         progress.set_postfix(loss=f"{out['loss']:.3f}")
         last = step + 1 == config.steps

@@ -96,6 +96,10 @@ def test_rl_mode_resumes_exactly(sft_result, tmp_path, monkeypatch):
         return [json.loads(line) for line in open(os.path.join(path, "rl_metrics.jsonl"))]
 
     expected, resumed = records(str(tmp_path / "whole")), records(workdir)
+    # each step counts its compilations; the first compiles the rollout and the update
+    assert expected[0]["compiles"] > 0 and expected[0]["compile_s"] > 0
+    assert all(isinstance(r["compiles"], int) and r["compiles"] >= 0 for r in expected)
+    assert record["notes"].startswith(("medians of", "no step ran without compiling"))
     assert ["eval/heldout/pass@1" in r for r in expected] == [False, True, True]
     assert expected[-1]["eval/heldout/questions"] == 2 and 0 <= expected[-1]["eval/average/pass@1"] <= 1
     assert whole["final_eval_pass@1"] == expected[-1]["eval/average/pass@1"]
