@@ -8,6 +8,10 @@ Orbax checkpoints hold params, optimizer, step, RNG and the data iterator, so a 
 SIGTERM (a TPU preemption) saves and exits. Metrics go to `<workdir>/rl_metrics.jsonl` and TensorBoard, held-out
 evaluations every `eval_every` steps into the same records, learning curves to `<workdir>/learning_curves.png`,
 and the final policy to `<workdir>/hf_checkpoint` (a transformers folder).
+
+Multi-host (launch.py joins jax.distributed): each process rolls out its share of every step's questions and runs
+their tools (axpo_jax/train/rl.py), evaluations split their questions the same way, process 0 alone logs and
+writes files, and a stop request seen by any process stops all of them after the same step.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@ tool observations are masked. Records whose line or image is bad are skipped and
 conversation the chat template cannot mask, or longer than `max_length`, is skipped at batching and counted.
 Checkpoints (orbax, with the data iterator) make an interrupted run resume exactly; the end result is saved as a
 transformers folder (`<workdir>/hf_checkpoint`) that `rl` and `eval` load like any checkpoint.
+
+Multi-host (launch.py joins jax.distributed): every process reads the same batches and trains on its share of the
+rows (`data_shard`); the loss and metrics are the global batch's, process 0 alone logs and writes the metrics and
+the exported folder, and a stop request seen by any process stops all of them after the same step.
 """
 
 from __future__ import annotations
