@@ -11,6 +11,9 @@ their own rows, and must compute what it computes:
   each process owns (padded to one count), and one update over every process's rows.
 - 4 processes x 1 device: the SFT steps only (a 4-process RL step is too slow for this 2-core box's suite).
 - launch.py itself, 2 processes: it joins the cluster from the environment before the mode runs.
+
+The sft and rl modes themselves, run through launch.py as 2 processes, are tests/parallel/test_multihost_modes.py
+(which reuses `Run` from here).
 """
 
 import json
