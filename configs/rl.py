@@ -79,6 +79,10 @@ def get_config(arg=None):
     config.micro_batch_size = 4
     config.logprob_chunk = 256
     config.remat = False  # recompute decoder layers in the backward pass (True on pods: activations of one layer)
+    # how the step's forked AXPO continuations are laid out: 0 = one block per data shard over processes (what a
+    # multi-host run needs); a single process given a multi-host run's shard count builds that run's global
+    # batches exactly (to check a multi-host run against one process, as tests/parallel does)
+    config.layout_shards = 0
 
     # bookkeeping
     config.checkpoint_every = 1

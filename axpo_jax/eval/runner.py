@@ -8,6 +8,11 @@ dropped. So every batch has the same shape (one compiled sampler per run) and a 
 on the seed and its batch's questions: a resumed run redoes nothing that has a record and reproduces an
 uninterrupted run exactly when it stopped between batches.
 
+Multi-host (an agent on a mesh over several processes, e.g. evaluation during a multi-host RL run): each process
+rolls out its share of every batch's questions and runs their tools, the way RL steps split their questions;
+the records are then gathered, so every process returns (and scores) all of them. Only process 0 writes the
+record store.
+
 `evaluate` is the in-memory form for evaluation during RL: it returns flat metrics
 ({"eval/<benchmark>/pass@1": ..., "eval/average/pass@4": ...}) and writes nothing.
 """
@@ -25,6 +30,7 @@ from axpo_jax.eval.metrics import benchmark_metrics, flat_metrics
 from axpo_jax.eval.records import RecordStore, sample_record
 from axpo_jax.eval.scoring import JudgeFn, describe_scorer, is_correct
 from axpo_jax.eval.settings import PAPER_EVAL_SETTINGS, EvalSettings
+from axpo_jax.parallel import distributed
 from axpo_jax.rollout.agent_loop import AgentLoop, Task
 from axpo_jax.tools.executor import ToolExecutor
 
@@ -49,6 +55,16 @@ def items_from_tasks(benchmark: str, tasks: Sequence[Task], kind: str) -> list[E
                      [task.answer], kind) for i, task in enumerate(tasks)]
 
 
+def process_share(tasks: list, num_samples: int, shard: distributed.DataShard) -> tuple[list, slice]:
+    """A batch's tasks padded (copies of the last) so that every data shard over processes gets as many, each a
+    row count its devices split evenly; returns (the padded tasks, this process's slice of them)."""
+    per = -(-len(tasks) // shard.count)
+    while (per * num_samples) % shard.positions:
+        per += 1
+    tasks = tasks + [tasks[-1]] * (per * shard.count - len(tasks))
+    return tasks, slice(shard.index * per, (shard.index + 1) * per)
+
+
 def run_benchmark(agent: AgentLoop, items: Sequence[EvalItem], rng, settings: EvalSettings, *,
                   judge: JudgeFn | None = None, batch_size: int = 8, store: RecordStore | None = None,
                   prompt_suffix: str = "", save_responses: bool = False, progress=None) -> tuple[list[dict], int]:
@@ -66,26 +82,33 @@ def run_benchmark(agent: AgentLoop, items: Sequence[EvalItem], rng, settings: Ev
     if progress is not None:
         progress.update(sum(1 for index in done if index < len(items)))
     ran = 0
+    shard = distributed.data_shard(agent.mesh)
     for batch in range(math.ceil(len(items) / batch_size)):
         indices = [i for i in range(batch * batch_size, min((batch + 1) * batch_size, len(items))) if i not in done]
         if not indices:
             continue
         tasks = [items[i].task(prompt_suffix) for i in indices]
         tasks += [tasks[-1]] * (batch_size - len(tasks))  # same shape every batch; padding rows are dropped
-        rollout = agent.run(tasks, settings.num_samples, jax.random.fold_in(rng, batch), settings.sampling)
+        tasks, mine = process_share(tasks, settings.num_samples, shard)  # one process: all of them
+        rollout = agent.run(tasks[mine], settings.num_samples, jax.random.fold_in(rng, batch), settings.sampling)
         by_task: dict[int, list] = {}
         for trajectory in rollout.trajectories:
-            by_task.setdefault(trajectory.task_index, []).append(trajectory)
+            by_task.setdefault(mine.start + trajectory.task_index, []).append(trajectory)
         del rollout  # frees the batch's KV cache before scoring (a judge may take a while)
         records = []
         for position, index in enumerate(indices):
+            if position not in by_task:  # another process's question
+                continue
             item = items[index]
             trajectories = sorted(by_task[position], key=lambda t: t.sample_index)
             samples = [sample_record(t, is_correct(item, t.answer, judge), save_response=save_responses)
                        for t in trajectories]
             records.append({"index": index, "task_id": item.task_id, "scorer": describe_scorer(item, judge),
                             "references": item.references, "samples": samples})
-        if store is not None:
+        if shard.count > 1:  # every process's records (processes of one data shard made the same ones)
+            gathered = {r["index"]: r for part in distributed.allgather_json(records) for r in part}
+            records = [gathered[index] for index in indices]
+        if store is not None and distributed.is_primary():
             store.append(records)
         done.update({record["index"]: record for record in records})
         ran += len(indices)

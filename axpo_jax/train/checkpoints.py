@@ -96,6 +96,21 @@ class Checkpointer:
         self.manager.close()
 
 
+def export_folder(model, processor, output: str) -> None:
+    """The transformers folder of `model` (and its processor) at `output`, written once for all processes.
+
+    Every process takes part in gathering the parameters (they are sharded over all hosts' devices), process 0
+    alone writes the files (`save_pretrained` skips the writes elsewhere), and no process returns before the
+    folder is complete: whatever runs next on any host (rl loading this folder, a script reading the printed
+    path) finds it whole."""
+    from axpo_jax.models import qwen3_vl
+
+    qwen3_vl.save_pretrained(model, output)
+    if distributed.is_primary():
+        processor.save_pretrained(output)
+    distributed.sync(f"exported {output}")
+
+
 class StopRequest:
     """Set by SIGTERM / SIGINT; the training loop checks it between steps, saves and exits cleanly."""
 
@@ -115,6 +130,17 @@ class StopRequest:
 
     def __bool__(self) -> bool:
         return self._event.is_set()
+
+    def agreed(self) -> bool:
+        """Whether any process was asked to stop; every process calls it at the same step boundary.
+
+        Multi-host, a signal reaches hosts at different moments (or only one host): a process that stopped alone
+        would leave a checkpoint that only it saved and the others waiting forever in the next step's
+        collectives. So the loop acts on this agreed value, never on its own flag."""
+        return distributed.any_process(bool(self))
+
+    def describe(self) -> str:
+        return self.signal_name or "a stop request on another process"
 
 
 def restore_model_params(directory: str, target: dict, step: int | None = None) -> tuple[int, dict]:

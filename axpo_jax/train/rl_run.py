@@ -8,6 +8,10 @@ Orbax checkpoints hold params, optimizer, step, RNG and the data iterator, so a 
 SIGTERM (a TPU preemption) saves and exits. Metrics go to `<workdir>/rl_metrics.jsonl` and TensorBoard, held-out
 evaluations every `eval_every` steps into the same records, learning curves to `<workdir>/learning_curves.png`,
 and the final policy to `<workdir>/hf_checkpoint` (a transformers folder).
+
+Multi-host (launch.py joins jax.distributed): each process rolls out its share of every step's questions and runs
+their tools (axpo_jax/train/rl.py), evaluations split their questions the same way, process 0 alone logs and
+writes files, and a stop request seen by any process stops all of them after the same step.
 """
 
 from __future__ import annotations
@@ -138,13 +142,14 @@ def run(config) -> dict:
     from axpo_jax.data.synthetic import task_dataset
     from axpo_jax.data.tasks import task_source
     from axpo_jax.models import qwen3_vl
+    from axpo_jax.parallel import distributed
     from axpo_jax.parallel.distributed import data_shard
     from axpo_jax.parallel.mesh import mesh_from_config
     from axpo_jax.rollout.agent_loop import AgentLoop
     from axpo_jax.eval.runner import evaluate, make_agent
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
-    from axpo_jax.train.checkpoints import Checkpointer, StopRequest
+    from axpo_jax.train.checkpoints import Checkpointer, StopRequest, export_folder
     from axpo_jax.train.compiles import CompileClock
     from axpo_jax.train.learner import Learner, LossConfig
     from axpo_jax.train.metrics import MetricsLog
@@ -156,7 +161,7 @@ def run(config) -> dict:
     stop = StopRequest().install()
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
-    primary = jax.process_index() == 0
+    primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
     mesh = mesh_from_config(config.mesh.to_dict())
     dtype = jnp.dtype(config.dtype) if config.dtype else jnp.float32
     check_memory(config, mesh)
@@ -178,10 +183,11 @@ def run(config) -> dict:
                       reference=reference, mesh=mesh)
     trainer = RLTrainer(learner, agent, make_estimator(config), num_samples=config.num_samples,
                         micro_batch_size=config.micro_batch_size, sampling=sampling_params(config),
-                        reward_kind=config.reward_kind)
+                        reward_kind=config.reward_kind, layout_shards=config.layout_shards or None)
     shard = data_shard(mesh)
     source = task_source(config.tasks, seed=config.seed + 1)
-    _log(f"{len(source)} training tasks from {config.tasks}")
+    if primary:
+        _log(f"{len(source)} training tasks from {config.tasks}")
     dataset = iter(task_dataset(source, seed=config.seed, batch_size=config.questions_per_step))
     evaluations = eval_items(config) if config.eval_every else {}
     settings = eval_settings(config)
@@ -194,11 +200,12 @@ def run(config) -> dict:
     if restored is not None:
         first_step, rng, extra = restored
         dataset.set_state(extra["data"])
-        _log(f"resumed from step {first_step}")
+        if primary:
+            _log(f"resumed from step {first_step}")
     metrics = MetricsLog(workdir, resume_step=first_step, name="rl_metrics", tensorboard=config.tensorboard,
                          primary=primary)
     progress = tqdm(range(first_step, config.steps), desc=f"RL ({config.algo})", file=sys.stderr, mininterval=1.0,
-                    dynamic_ncols=True, initial=first_step, total=config.steps)
+                    dynamic_ncols=True, initial=first_step, total=config.steps, disable=not primary)
     compile_clock = CompileClock()
     for step in progress:
         rng, key = jax.random.split(rng)
@@ -215,28 +222,32 @@ def run(config) -> dict:
         record = metrics.write(step + 1, record)
         progress.set_postfix(reward=f"{record['reward']:.2f}", loss=f"{record['loss']:.4f}",
                              resamples=f"{record['resamples_used']}/{record['resample_budget']}")
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or stop:
+        stopping = stop.agreed()  # every process stops after the same step, with the same checkpoint
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or stopping:
             checkpointer.save(step + 1, model, learner.optimizer, rng=rng, extra={"data": dataset.get_state()})
-        if stop:
+        if stopping:
             checkpointer.close()
-            _log(f"{stop.signal_name}: checkpoint of step {step + 1} saved; stopping (rerun to resume)")
-            return {"stopped_at_step": step + 1, "signal": stop.signal_name}
+            metrics.close()
+            executor.close()
+            if primary:
+                _log(f"{stop.describe()}: checkpoint of step {step + 1} saved; stopping (rerun to resume)")
+            return {"stopped_at_step": step + 1, "signal": stop.describe()}
     checkpointer.close()
     metrics.close()
     executor.close()
     output = os.path.join(workdir, "hf_checkpoint")
-    qwen3_vl.save_pretrained(model, output)
+    export_folder(model, processor, output)
     plot = os.path.join(workdir, "learning_curves.png")
-    if primary:
-        processor.save_pretrained(output)
-        plot_rl_run(plot, metrics.records)
     records = metrics.records
     evals = [r for r in records if "eval/average/pass@1" in r]
     record = bench_record(config, records, model.config.text) if records else None
-    if record is not None and primary:
-        from axpo_jax.bench.record import append_jsonl
+    if primary:
+        plot_rl_run(plot, records)
+        if record is not None:
+            from axpo_jax.bench.record import append_jsonl
 
-        append_jsonl(record, os.path.join(workdir, "bench_records.jsonl"))
+            append_jsonl(record, os.path.join(workdir, "bench_records.jsonl"))
+    distributed.sync("rl outputs written")  # no process reports paths to files still being written
     return {
         "algo": config.algo,
         "steps": config.steps,

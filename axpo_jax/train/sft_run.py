@@ -8,6 +8,10 @@ tool observations are masked. Records whose line or image is bad are skipped and
 conversation the chat template cannot mask, or longer than `max_length`, is skipped at batching and counted.
 Checkpoints (orbax, with the data iterator) make an interrupted run resume exactly; the end result is saved as a
 transformers folder (`<workdir>/hf_checkpoint`) that `rl` and `eval` load like any checkpoint.
+
+Multi-host (launch.py joins jax.distributed): every process reads the same batches and trains on its share of the
+rows (`data_shard`); the loss and metrics are the global batch's, process 0 alone logs and writes the metrics and
+the exported folder, and a stop request seen by any process stops all of them after the same step.
 """
 
 from __future__ import annotations
@@ -47,18 +51,40 @@ def sft_micro_batches(examples: list[dict], model_config, pad_id: int, micro_bat
     return batches
 
 
+def agreed_micro_batches(examples: list[dict], model_config, pad_id: int, micro_batch_size: int,
+                         length_bucket: int = 64):
+    """This process's micro-batches, as many as any process has (None on every process when no process has an
+    example left): every process must run the same number of micro-batch updates, and conversations skipped at
+    batching (too long, unmaskable) can leave processes with different counts. The extra micro-batches are
+    untrained copies (of a one-token placeholder when this process has no example at all), which change neither
+    the loss nor the gradients: both are normalized by the global batch's trained tokens."""
+    from axpo_jax.parallel import distributed
+    from axpo_jax.train.batch import make_batch
+
+    count = int(distributed.max_across_processes(np.int64(-(-len(examples) // micro_batch_size))))
+    if count == 0:
+        return None
+    if examples:
+        batches = sft_micro_batches(examples, model_config, pad_id, micro_batch_size, length_bucket)
+    else:
+        batches = [make_batch(model_config, [[pad_id, pad_id]] * micro_batch_size,
+                              [np.zeros(2, np.float32)] * micro_batch_size, pad_id=pad_id)]
+    untrained = batches[-1].replace(loss_mask_bt=np.zeros_like(batches[-1].loss_mask_bt))
+    return batches[:count] + [untrained] * (count - len(batches[:count]))
+
+
 def run(config) -> dict:
-    import jax
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
     from axpo_jax.data.processor import load_processor
     from axpo_jax.data.synthetic import SFTSource, sft_example, task_dataset
     from axpo_jax.models import qwen3_vl
+    from axpo_jax.parallel import distributed
     from axpo_jax.parallel.distributed import data_shard
     from axpo_jax.parallel.mesh import mesh_from_config
     from axpo_jax.tools.registry import build_registry
-    from axpo_jax.train.checkpoints import Checkpointer, StopRequest
+    from axpo_jax.train.checkpoints import Checkpointer, StopRequest, export_folder
     from axpo_jax.train.compiles import CompileClock
     from axpo_jax.train.learner import Learner, LossConfig
     from axpo_jax.train.metrics import MetricsLog
@@ -66,6 +92,7 @@ def run(config) -> dict:
 
     started = time.perf_counter()
     stop = StopRequest().install()
+    primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_from_config(config.mesh.to_dict())
@@ -76,7 +103,8 @@ def run(config) -> dict:
     # the tool schemas the conversations were written against: they are part of the rendered system prompt
     schemas = build_registry(list(config.tools)).schemas() if config.tools else None
     source = SFTSource(config.data)
-    _log(f"{len(source)} conversations in {config.data} ({source.skipped} skipped: {source.skip_reasons[:3]})")
+    if primary:
+        _log(f"{len(source)} conversations in {config.data} ({source.skipped} skipped: {source.skip_reasons[:3]})")
     dataset = iter(task_dataset(source, seed=config.seed, batch_size=config.batch_size))
     shard = data_shard(mesh)
     learner = Learner(model, make_optimizer(learning_rate=config.learning_rate, total_steps=config.steps,
@@ -90,52 +118,59 @@ def run(config) -> dict:
         first_step, _, extra = restored
         dataset.set_state(extra["data"])
         skipped_examples = extra.get("skipped_examples", 0)
-        _log(f"resumed from step {first_step}")
+        if primary:
+            _log(f"resumed from step {first_step}")
     metrics = MetricsLog(workdir, resume_step=first_step, name="sft_metrics", tensorboard=config.tensorboard,
-                         primary=jax.process_index() == 0)
+                         primary=primary)
     progress = tqdm(range(first_step, config.steps), desc="SFT", file=sys.stderr, mininterval=2.0,
-                    dynamic_ncols=True, initial=first_step, total=config.steps)
+                    dynamic_ncols=True, initial=first_step, total=config.steps, disable=not primary)
     compile_clock = CompileClock()
     for step in progress:
-        examples = []
+        examples, skipped_here = [], 0
         records = next(dataset)  # every process reads the same batch and trains on its own share of the rows
         for record in records[shard.rows(len(records))]:
             try:
                 example = sft_example(record["messages"], processor, schemas)
             except ValueError as error:  # the template cannot mask it: skip, count, go on
-                skipped_examples += 1
+                skipped_here += 1
                 _log(f"skipped a conversation: {error}")
                 continue
             if len(example["input_ids"]) > config.max_length:
-                skipped_examples += 1
+                skipped_here += 1
                 continue
             examples.append(example)
-        if not examples:
-            _log(f"step {step + 1}: every conversation of the batch was skipped")
-            continue
+        # the global batch's count (one process per data shard: processes of a shard skip the same rows), so the
+        # metric and the checkpointed counter are the same on every process
+        skipped_examples += int(distributed.concat_shards(np.array([skipped_here]), mesh).sum())
         compile_clock.take()
         step_started = time.perf_counter()
-        out = learner.step(sft_micro_batches(examples, model.config, pad_id, config.micro_batch_size,
-                                             config.length_bucket))
-        out.update(skipped_examples=skipped_examples, step_s=time.perf_counter() - step_started,
-                   tokens_per_s=out["trained_tokens"] / max(time.perf_counter() - step_started, 1e-9),
-                   **compile_clock.take())
-        metrics.write(step + 1, out)
-        progress.set_postfix(loss=f"{out['loss']:.3f}")
+        micro_batches = agreed_micro_batches(examples, model.config, pad_id, config.micro_batch_size,
+                                             config.length_bucket)
+        if micro_batches is None:  # the same decision on every process; the step still checkpoints below
+            if primary:
+                _log(f"step {step + 1}: every conversation of the batch was skipped")
+        else:
+            out = learner.step(micro_batches)
+            out.update(skipped_examples=skipped_examples, step_s=time.perf_counter() - step_started,
+                       tokens_per_s=out["trained_tokens"] / max(time.perf_counter() - step_started, 1e-9),
+                       **compile_clock.take())
+            metrics.write(step + 1, out)
+            progress.set_postfix(loss=f"{out['loss']:.3f}")
         last = step + 1 == config.steps
-        if (step + 1) % config.checkpoint_every == 0 or last or stop:
+        stopping = stop.agreed()  # every process stops after the same step, with the same checkpoint
+        if (step + 1) % config.checkpoint_every == 0 or last or stopping:
             checkpointer.save(step + 1, model, learner.optimizer,
                               extra={"data": dataset.get_state(), "skipped_examples": skipped_examples})
-        if stop:
+        if stopping:
             checkpointer.close()
-            _log(f"{stop.signal_name}: checkpoint of step {step + 1} saved; stopping (rerun to resume)")
-            return {"stopped_at_step": step + 1, "signal": stop.signal_name}
+            metrics.close()
+            if primary:
+                _log(f"{stop.describe()}: checkpoint of step {step + 1} saved; stopping (rerun to resume)")
+            return {"stopped_at_step": step + 1, "signal": stop.describe()}
     checkpointer.close()
     metrics.close()
     output = os.path.join(workdir, "hf_checkpoint")
-    qwen3_vl.save_pretrained(model, output)
-    if jax.process_index() == 0:
-        processor.save_pretrained(output)
+    export_folder(model, processor, output)
     losses = [r["loss"] for r in metrics.records]
     return {
         "steps": config.steps,

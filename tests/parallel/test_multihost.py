@@ -11,6 +11,9 @@ their own rows, and must compute what it computes:
   each process owns (padded to one count), and one update over every process's rows.
 - 4 processes x 1 device: the SFT steps only (a 4-process RL step is too slow for this 2-core box's suite).
 - launch.py itself, 2 processes: it joins the cluster from the environment before the mode runs.
+
+The sft and rl modes themselves, run through launch.py as 2 processes, are tests/parallel/test_multihost_modes.py
+(which reuses `Run` from here).
 """
 
 import json
@@ -21,6 +24,8 @@ import sys
 import time
 
 import pytest
+
+from axpo_jax.parallel.distributed import CPU_SCHEDULER_FLAG
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -51,26 +56,44 @@ def _free_port() -> int:
 
 
 class Run:
-    """`processes` workers started now (a run goes on while the test starts another); `records()` waits for them and,
-    on a failure or timeout, kills them and fails with their output."""
+    """`processes` processes of one run started now (a run goes on while the test starts another); `records()` waits
+    for them and, on a failure or timeout, kills them and fails with their output.
 
-    def __init__(self, shared, folder, name, *, processes, devices_per_process, args=(), timeout=400):
-        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-        env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-                   JAX_COMPILATION_CACHE_DIR=shared["cache"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    By default each process is multihost_worker.py (its record: the JSON file it writes). With `command` (argv,
+    e.g. launch.py and its flags) each process runs that with the cluster variables launch.py reads and
+    `devices_per_process` fake CPU devices; its record is the JSON line it prints last. `env`: extra environment
+    variables, or a function of the process index that returns them."""
+
+    def __init__(self, shared, folder, name, *, processes, devices_per_process, args=(), timeout=400, command=None,
+                 env=None):
+        base_env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+        base_env.update(PYTHONPATH=ROOT + os.pathsep + base_env.get("PYTHONPATH", ""),
+                        JAX_COMPILATION_CACHE_DIR=shared["cache"], JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
         self.name, self.timeout, self.deadline = name, timeout, time.monotonic() + timeout
+        self.command = command
         self.outputs = [os.path.join(folder, f"{name}-{i}.json") for i in range(processes)]
+        self.stdouts = [os.path.join(folder, f"{name}-{i}.out") for i in range(processes)]
         port = _free_port()
         self.workers, self.logs, self._records = [], [], None
         for i in range(processes):
             log = open(os.path.join(folder, f"{name}-{i}.log"), "w+")
             self.logs.append(log)
-            self.workers.append(subprocess.Popen(
-                [sys.executable, WORKER, "--checkpoint", shared["checkpoint"], "--sft-data", shared["sft_data"],
-                 "--sft-batch", str(SFT_BATCH), "--out", self.outputs[i], "--process-id", str(i),
-                 "--num-processes", str(processes), "--port", str(port),
-                 "--devices-per-process", str(devices_per_process), "--mesh", MESH, *map(str, args)],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT))
+            process_env = dict(base_env, **((env(i) if callable(env) else env) or {}))
+            if command is None:
+                argv = [sys.executable, WORKER, "--checkpoint", shared["checkpoint"], "--sft-data", shared["sft_data"],
+                        "--sft-batch", str(SFT_BATCH), "--out", self.outputs[i], "--process-id", str(i),
+                        "--num-processes", str(processes), "--port", str(port),
+                        "--devices-per-process", str(devices_per_process), "--mesh", MESH, *map(str, args)]
+            else:
+                argv = [sys.executable, *map(str, command)]
+                process_env.update(JAX_PLATFORMS="cpu",
+                                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process} "
+                                             f"{CPU_SCHEDULER_FLAG}")
+                if processes > 1:
+                    process_env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
+                                       JAX_PROCESS_ID=str(i))
+            with open(self.stdouts[i], "w") as stdout:
+                self.workers.append(subprocess.Popen(argv, stdout=stdout, stderr=log, env=process_env, cwd=ROOT))
 
     def records(self) -> list[dict]:
         if self._records is not None:
@@ -96,7 +119,10 @@ class Run:
                         + "\n".join(report))
         for log in self.logs:
             log.close()
-        self._records = [json.load(open(path)) for path in self.outputs]
+        if self.command is None:
+            self._records = [json.load(open(path)) for path in self.outputs]
+        else:  # launch.py prints the mode's result as the last line of stdout
+            self._records = [json.loads(open(path).read().strip().splitlines()[-1]) for path in self.stdouts]
         return self._records
 
 
