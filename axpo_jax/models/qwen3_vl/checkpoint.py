@@ -144,6 +144,8 @@ def save_pretrained(model: Qwen3VL, path: str | os.PathLike, *, max_shard_bytes:
     dtype_name = None
     for name, value in named_parameters(model):
         array = _host_copy(value)  # every process takes part in the gather; only process 0 writes
+        if not is_writer:
+            continue  # ... and only process 0 keeps the host copies: the others free each one at once
         dtype_name = dtype_name or str(jnp.dtype(array.dtype))
         if shard_bytes and shard_bytes + array.nbytes > max_shard_bytes:
             shards.append({})
