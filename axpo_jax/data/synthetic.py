@@ -22,6 +22,7 @@ exactly.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -366,6 +367,10 @@ class SyntheticTaskSource(grain.sources.RandomAccessDataSource):
     so any index is reproducible without generating the others."""
 
     def __init__(self, num_tasks: int, seed: int, **task_options: Any):
+        allowed = set(inspect.signature(make_task).parameters) - {"seed", "task_id"}
+        unknown = set(task_options) - allowed
+        if unknown:
+            raise ValueError(f"unknown synthetic task options {sorted(unknown)} (make_task's keyword arguments)")
         self.num_tasks = num_tasks
         self.seed = seed
         self.task_options = task_options
