@@ -41,12 +41,18 @@ def build_tiny_checkpoint(folder: str, *, seed: int, via: str = "flax", torch_de
 
 def stage_configs(config):
     """The `sft` and `rl` mode configs of a demo run: its sub-configs with the folders and data it makes filled in."""
+    from axpo_jax.data.tasks import synthetic_spec
+
     workdir = os.path.abspath(config.workdir)
     sft, rl = config.sft.copy_and_resolve_references(), config.rl.copy_and_resolve_references()
     sft.seed = rl.seed = config.seed
     sft.checkpoint, sft.workdir = os.path.join(workdir, "tiny_checkpoint"), os.path.join(workdir, "sft")
     sft.data = os.path.join(workdir, "sft_data", "sft.jsonl")
     rl.checkpoint, rl.workdir = os.path.join(sft.workdir, "hf_checkpoint"), os.path.join(workdir, "rl")
+    # the demo's task variant for RL and the held-out questions too (another seed than the training tasks)
+    if rl.tasks.startswith("synthetic:"):
+        rl.tasks = synthetic_spec(int(rl.tasks[len("synthetic:"):].partition(":")[0]), config.task.to_dict())
+    rl.eval_tasks = synthetic_spec(config.eval_tasks, config.task.to_dict())
     return sft, rl
 
 
@@ -60,7 +66,7 @@ def prepare_sft_policy(config, sft, *, before_sft=None) -> dict | None:
         _log(f"building a tiny Qwen3-VL checkpoint in {sft.checkpoint}")
         build_tiny_checkpoint(sft.checkpoint, seed=config.seed, **config.model.to_dict())
     if not os.path.isfile(sft.data):
-        tasks = [make_task(task_seed(config.seed, i)) for i in range(config.sft_examples)]
+        tasks = [make_task(task_seed(config.seed, i), **config.task.to_dict()) for i in range(config.sft_examples)]
         os.makedirs(os.path.dirname(sft.data), exist_ok=True)
         write_sft_jsonl(sft.data, sft_conversations(tasks, tool_fraction=config.sft_tool_fraction, seed=config.seed))
     if before_sft is not None:
@@ -85,7 +91,6 @@ def run(config) -> dict:
     os.makedirs(workdir, exist_ok=True)
     sft, rl = stage_configs(config)
     executor = ToolExecutor(build_registry(list(rl.tools)), timeout_s=rl.tool_timeout_s)
-    rl.eval_tasks = f"synthetic:{config.eval_tasks}"  # held-out: another seed than the training tasks
     evals_path = os.path.join(workdir, "evals.json")
     evals = json.load(open(evals_path)) if os.path.isfile(evals_path) else {}
 

@@ -22,6 +22,7 @@ exactly.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -273,7 +274,8 @@ def sft_example(messages: Sequence[dict], processor, tools_schemas: Sequence[dic
 # ---------------------------------------------------------------------------------------------- SFT JSONL
 def write_sft_jsonl(path: str | os.PathLike, conversations: Iterable[Sequence[dict] | dict]) -> int:
     """Writes one conversation per line as `{"messages": [...], ...metadata}`; every PIL image becomes a PNG in
-    `<stem>_images/` next to the file, referenced by its path relative to the file's folder. A conversation may
+    `<stem>_images/` next to the file (compression level 1: noisy images barely compress, and the default level
+    took most of the demo's data-writing time), referenced by its path relative to the file's folder. A conversation may
     be a message list or a dict with "messages" and extra JSON metadata. Returns the number written."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -293,7 +295,7 @@ def write_sft_jsonl(path: str | os.PathLike, conversations: Iterable[Sequence[di
                         if item.get("type") == "image" and isinstance(item.get("image"), Image.Image):
                             relative = f"{images}/{index:06d}_{image_number}.png"
                             image_number += 1
-                            item["image"].save(os.path.join(folder, relative), format="PNG")
+                            item["image"].save(os.path.join(folder, relative), format="PNG", compress_level=1)
                             item = {**item, "image": relative}
                         content.append(item)
                     message["content"] = content
@@ -366,6 +368,10 @@ class SyntheticTaskSource(grain.sources.RandomAccessDataSource):
     so any index is reproducible without generating the others."""
 
     def __init__(self, num_tasks: int, seed: int, **task_options: Any):
+        allowed = set(inspect.signature(make_task).parameters) - {"seed", "task_id"}
+        unknown = set(task_options) - allowed
+        if unknown:
+            raise ValueError(f"unknown synthetic task options {sorted(unknown)} (make_task's keyword arguments)")
         self.num_tasks = num_tasks
         self.seed = seed
         self.task_options = task_options

@@ -95,10 +95,34 @@ def write_task_jsonl(path: str | os.PathLike, tasks: list[Task]) -> None:
                                 "task_id": task.task_id or str(i)}) + "\n")
 
 
+def synthetic_spec(num_tasks: int, options: dict | None = None) -> str:
+    """The task source spec of `num_tasks` synthetic tasks made with `make_task` options (`task_source` reads it)."""
+    options = ",".join(f"{key}={value}" for key, value in sorted((options or {}).items()))
+    return f"synthetic:{num_tasks}" + (f":{options}" if options else "")
+
+
+def _option_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def task_source(spec: str, *, seed: int = 0):
-    """"synthetic:N" (N zoom tasks of the given seed) or the path of a task JSONL file."""
+    """"synthetic:N" (N zoom tasks of the given seed), "synthetic:N:key=value,..." (the same with
+    `synthetic.make_task` options, numbers parsed as int or float, e.g. "synthetic:16:grid=3"), or the path of a
+    task JSONL file."""
     if spec.startswith("synthetic:"):
         from axpo_jax.data.synthetic import SyntheticTaskSource
 
-        return SyntheticTaskSource(int(spec.split(":", 1)[1]), seed)
+        count, _, options = spec[len("synthetic:"):].partition(":")
+        task_options = {}
+        for item in filter(None, options.split(",")):
+            key, equals, value = item.partition("=")
+            if not equals or not key.strip():
+                raise ValueError(f"task spec {spec!r}: options are key=value pairs separated by commas")
+            task_options[key.strip()] = _option_value(value.strip())
+        return SyntheticTaskSource(int(count), seed, **task_options)
     return TaskFileSource(spec)

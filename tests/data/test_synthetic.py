@@ -1,6 +1,7 @@
 """The synthetic zoom task: the tool is necessary (oracle readers), expert data renders and masks right, the JSONL
 and grain sources skip bad records and resume exactly."""
 
+import importlib.util
 import json
 import os
 from types import SimpleNamespace
@@ -22,6 +23,8 @@ from axpo_jax.tools.protocol import extract_answer, parse_tool_calls
 TOOLS = [schemas.IMAGE_ZOOM_IN]
 ORACLE_TASKS = 200
 STRONG_ORACLE_TASKS = 60
+DEMO_VARIANT_TASKS = 60
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +120,15 @@ def read_zoomed(processor, task, zoom: ImageZoomIn) -> str:
     return _ncc_pick(_gray(view), templates, _view_region(local, scale, view.shape[0]))
 
 
-def read_low_res_knowing_all_but_the_digit(processor, seed, task, view) -> str:
+def read_low_res_knowing_all_but_the_digit(processor, seed, task, view, **options) -> str:
     """A far stronger reader: it re-renders this very task (same layout, colours and position) with each digit,
     noise-free, and picks the closest processor view of the box. Only the noise and the digit are unknown to it.
     (Each candidate is resized in a processor-aligned window around the box, which gives the processor's pixels
     there.)"""
     factor = task.images[0].size[0] // view.shape[1]
     x0, y0, x1, y1 = _aligned_window(task.box_xyxy, factor)
-    canvases = [_gray(np.asarray(syn.make_task(seed, digit=digit, noise=False).images[0], np.float32)[y0:y1, x0:x1])
+    canvases = [_gray(np.asarray(syn.make_task(seed, digit=digit, noise=False, **options).images[0],
+                                 np.float32)[y0:y1, x0:x1])
                 for digit in syn.DIGITS]
     candidates = dict(zip(syn.DIGITS, _resized_side_by_side(canvases, [((x1 - x0) // factor, (y1 - y0) // factor)])))
     window = _gray(view)[y0 // factor:y1 // factor, x0 // factor:x1 // factor]
@@ -170,6 +174,38 @@ def test_the_box_shows_at_low_res_and_gives_the_bbox(tasks_and_views):
         assert np.unravel_index(np.argmax(tokens), tokens.shape) == task.cell
         assert bbox_of_cell.setdefault(task.cell, task.bbox_2d) == task.bbox_2d
     assert len(bbox_of_cell) > 30
+
+
+def _demo_task_options() -> dict:
+    spec = importlib.util.spec_from_file_location("_demo_config", os.path.join(ROOT, "configs", "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config().task.to_dict()
+
+
+def test_the_demo_variant_still_needs_the_zoom_and_shows_the_box(processor):
+    """The demo's easier variant (configs/demo.py `task`: fewer cells, a thicker frame, less room for the digit
+    to move) keeps what matters: the box shows at low res in the cell that gives the bbox, the digit does not,
+    and the zoom reads it."""
+    options = _demo_task_options()
+    grid = options.get("grid", 6)
+    zoom, bbox_of_cell, low, zoomed, strong = ImageZoomIn(), {}, [], [], []
+    for i in range(DEMO_VARIANT_TASKS):
+        seed = syn.task_seed(0, i)
+        task = syn.make_task(seed, **options)
+        view = syn.processor_view(processor, task.images[0])
+        redness = view[..., 0] - view[..., 1:].mean(-1)
+        cells = redness.reshape(grid, 96 // grid, grid, 96 // grid).mean(axis=(1, 3))
+        assert np.unravel_index(np.argmax(cells), cells.shape) == task.cell
+        assert bbox_of_cell.setdefault(task.cell, task.bbox_2d) == task.bbox_2d
+        low.append(read_low_res(processor, task, view) == task.answer)
+        zoomed.append(read_zoomed(processor, task, zoom) == task.answer)
+        if i < DEMO_VARIANT_TASKS // 2:
+            strong.append(read_low_res_knowing_all_but_the_digit(processor, seed, task, view, **options) == task.answer)
+    print(f"demo variant {options}: low-res {np.mean(low):.3f}, all-but-the-digit {np.mean(strong):.3f}, "
+          f"zoomed {np.mean(zoomed):.3f}")
+    assert len(bbox_of_cell) >= min(grid * grid, 20)
+    assert np.mean(low) <= 0.30 and np.mean(strong) <= 0.40 and np.mean(zoomed) >= 0.95
 
 
 def test_processor_view_undoes_the_patch_layout(processor):

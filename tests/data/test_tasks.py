@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from axpo_jax.data.tasks import TaskFileSource, task_source, write_task_jsonl
+from axpo_jax.data.tasks import TaskFileSource, synthetic_spec, task_source, write_task_jsonl
 from axpo_jax.rollout.agent_loop import Task
 
 
@@ -40,3 +40,17 @@ def test_clear_errors_and_the_synthetic_spec(tmp_path):
         TaskFileSource(tmp_path / "bad.jsonl")
     synthetic = task_source("synthetic:3", seed=5)
     assert len(synthetic) == 3 and synthetic[2].answer == task_source("synthetic:3", seed=5)[2].answer
+    assert synthetic[0].grid == 6
+
+
+def test_synthetic_spec_with_task_options():
+    spec = synthetic_spec(4, {"grid": 3})
+    assert spec == "synthetic:4:grid=3" and synthetic_spec(4) == "synthetic:4"
+    source = task_source(spec, seed=5)
+    assert len(source) == 4 and source.task_options == {"grid": 3}
+    assert all(task.grid == 3 and 0 <= min(task.cell) and max(task.cell) < 3 for task in source)
+    assert task_source("synthetic:2:grid=3, texture_std=10.5", seed=5).task_options == {"grid": 3, "texture_std": 10.5}
+    with pytest.raises(ValueError, match="unknown synthetic task options"):
+        task_source("synthetic:2:gird=3")
+    with pytest.raises(ValueError, match="key=value"):
+        task_source("synthetic:2:grid")
