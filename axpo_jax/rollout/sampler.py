@@ -223,9 +223,11 @@ class Sampler:
     @functools.partial(nnx.jit, static_argnums=(0, 6, 7, 8))
     def _decode(self, model, logits_bv, cache, rng, active_b, params: SamplingParams, max_new: int, slots: int):
         self.trace_counts["decode"] += 1
+        # Transposed once per call, outside the loop, where each step would otherwise multiply by W^T.
+        model = model.for_decoding()
         full = cache
-        cache = cache.replace(keys=tuple(k[:, :slots] for k in cache.keys),
-                              values=tuple(v[:, :slots] for v in cache.values))
+        cache = cache.replace(keys=tuple(k[:, :, :slots] for k in cache.keys),
+                              values=tuple(v[:, :, :slots] for v in cache.values))
         b, v = logits_bv.shape
         stop_ids = jnp.asarray(self.stop_token_ids or (-3,), jnp.int32)
         stop_seqs = jnp.asarray(self._stop_sequences)
@@ -270,8 +272,8 @@ class Sampler:
             lambda s: jnp.any(s[6]), body, state
         )
         cache = full.replace(
-            keys=tuple(f.at[:, :slots].set(w) for f, w in zip(full.keys, cache.keys)),
-            values=tuple(f.at[:, :slots].set(w) for f, w in zip(full.values, cache.values)),
+            keys=tuple(f.at[:, :, :slots].set(w) for f, w in zip(full.keys, cache.keys)),
+            values=tuple(f.at[:, :, :slots].set(w) for f, w in zip(full.values, cache.values)),
             length_b=cache.length_b, next_position_b=cache.next_position_b,
         )
         return tokens, logprobs, cache.length_b - start_length, stopped, logits_bv, cache
