@@ -94,6 +94,7 @@ class Sampler:
             self._stop_sequences[i, :width - len(seq)] = -1
             self._stop_sequences[i, width - len(seq):] = seq
         self.trace_counts: collections.Counter = collections.Counter()
+        self._make_empty_cache = None
 
     # ------------------------------------------------------------------------------------------ process rows
     def rows(self, x) -> np.ndarray:
@@ -122,16 +123,20 @@ class Sampler:
 
     # ------------------------------------------------------------------------------------------------ cache
     def empty_cache(self) -> KVCache:
-        make = functools.partial(KVCache.empty, self.config.text, self.global_batch_size, self.capacity,
-                                 self.cache_dtype)
-        if self.mesh is None:
-            return make()
-        from axpo_jax.parallel.sharding import batch_spec
+        if self._make_empty_cache is None:
+            make = functools.partial(KVCache.empty, self.config.text, self.global_batch_size, self.capacity,
+                                     self.cache_dtype)
+            shardings = None
+            if self.mesh is not None:
+                from axpo_jax.parallel.sharding import batch_spec
 
-        # made in place, split by row: a global cache never exists whole on one device or host
-        shardings = jax.tree.map(lambda x: jax.sharding.NamedSharding(self.mesh, batch_spec(x.shape, self.mesh)),
-                                 jax.eval_shape(make))
-        return jax.jit(make, out_shardings=shardings)()
+                # made in place, split by row: a global cache never exists whole on one device or host
+                shardings = jax.tree.map(
+                    lambda x: jax.sharding.NamedSharding(self.mesh, batch_spec(x.shape, self.mesh)),
+                    jax.eval_shape(make))
+            # one compiled program, kept: every prompt starts from an empty cache
+            self._make_empty_cache = jax.jit(make, out_shardings=shardings)
+        return self._make_empty_cache()
 
     def chunk_inputs(self, batch: dict, cache: KVCache | None) -> ModelInputs:
         """Processor outputs of one chunk per row (any padding) -> right-padded, bucketed ModelInputs whose rope
@@ -170,7 +175,7 @@ class Sampler:
 
     def _place(self, inputs: ModelInputs) -> ModelInputs:
         if self.mesh is None:
-            return jax.tree.map(jnp.asarray, inputs)
+            return jax.device_put(inputs)  # one transfer call for the whole tree (jnp.asarray per leaf: ~4x slower)
         from axpo_jax.parallel.sharding import shard_model_inputs
 
         return shard_model_inputs(inputs, self.mesh, spatial_merge_size=self.config.vision.spatial_merge_size)
@@ -186,7 +191,9 @@ class Sampler:
         inputs = self._place(self.chunk_inputs(batch, cache))
         return self._extend(self.model, inputs, cache, logits_bv)
 
-    @functools.partial(nnx.jit, static_argnums=0)
+    # graph=False (tree mode): the model goes in as a plain pytree. nnx.jit's default graph mode walks the module
+    # graph on every call, ~10 ms of host time per call for this model, as much as a whole small decode turn.
+    @functools.partial(nnx.jit, static_argnums=0, graph=False)
     def _extend(self, model, inputs, cache, previous_logits_bv):
         self.trace_counts["extend"] += 1
         logits_bv, cache = model.extend(inputs, cache)
@@ -220,11 +227,13 @@ class Sampler:
         result = DecodeResult(self.rows(tokens), self.rows(logprobs), self.rows(lengths), self.rows(stopped))
         return result, logits_bv, cache
 
-    @functools.partial(nnx.jit, static_argnums=(0, 6, 7, 8))
+    @functools.partial(nnx.jit, static_argnums=(0, 6, 7, 8), graph=False)
     def _decode(self, model, logits_bv, cache, rng, active_b, params: SamplingParams, max_new: int, slots: int):
         self.trace_counts["decode"] += 1
-        # Transposed once per call, outside the loop, where each step would otherwise multiply by W^T.
-        model = model.for_decoding()
+        if jax.default_backend() == "cpu":
+            # Weights transposed once per call, outside the loop: XLA:CPU's batch-8 x @ W beats x @ W^T by ~1.5x,
+            # and every step multiplies by every weight. (TPU and GPU compilers choose weight layouts themselves.)
+            model = model.for_decoding()
         full = cache
         cache = cache.replace(keys=tuple(k[:, :, :slots] for k in cache.keys),
                               values=tuple(v[:, :, :slots] for v in cache.values))
