@@ -95,6 +95,7 @@ class Sampler:
             self._stop_sequences[i, width - len(seq):] = seq
         self.trace_counts: collections.Counter = collections.Counter()
         self._make_empty_cache = None
+        self._decoding = None  # (the model's weight arrays, the decode loop's copy of the model: _decoding_model)
 
     # ------------------------------------------------------------------------------------------ process rows
     def rows(self, x) -> np.ndarray:
@@ -222,18 +223,28 @@ class Sampler:
         # Attend over a power-of-two window that holds every row's tokens to come, not the whole capacity:
         # each decode step reads every slot it attends to, so this is most of a step's cost for long caches.
         slots = min(self.capacity, bucket(longest + max_new_tokens, 64))
-        out = self._decode(self.model, logits_bv, cache, rng, active_b, params, max_new_tokens, slots)
+        out = self._decode(self._decoding_model(), logits_bv, cache, rng, active_b, params, max_new_tokens, slots)
         tokens, logprobs, lengths, stopped, logits_bv, cache = out
         result = DecodeResult(self.rows(tokens), self.rows(logprobs), self.rows(lengths), self.rows(stopped))
         return result, logits_bv, cache
 
+    def _decoding_model(self) -> Qwen3VL:
+        """The model as the decode loop multiplies by it. On CPU, a copy whose decoder weights are transposed
+        (`Qwen3VL.for_decoding`: XLA:CPU's batch-8 x @ W beats x @ W^T by ~1.5x, and a decode step is mostly these
+        products), made once and kept while the model holds the same weight arrays (an update replaces them):
+        transposing every weight costs several ms, a dozen decode steps' worth of the savings, on each call.
+        TPU and GPU compilers choose weight layouts themselves: the model as it is, no copy."""
+        if jax.default_backend() != "cpu":
+            return self.model
+        weights = jax.tree.leaves(self.model)
+        kept = self._decoding[0] if self._decoding is not None else []
+        if len(kept) != len(weights) or any(a is not b for a, b in zip(kept, weights)):
+            self._decoding = (weights, _for_decoding(self.model))
+        return self._decoding[1]
+
     @functools.partial(nnx.jit, static_argnums=(0, 6, 7, 8), graph=False)
     def _decode(self, model, logits_bv, cache, rng, active_b, params: SamplingParams, max_new: int, slots: int):
         self.trace_counts["decode"] += 1
-        if jax.default_backend() == "cpu":
-            # Weights transposed once per call, outside the loop: XLA:CPU's batch-8 x @ W beats x @ W^T by ~1.5x,
-            # and every step multiplies by every weight. (TPU and GPU compilers choose weight layouts themselves.)
-            model = model.for_decoding()
         full = cache
         cache = cache.replace(keys=tuple(k[:, :, :slots] for k in cache.keys),
                               values=tuple(v[:, :, :slots] for v in cache.values))
@@ -286,6 +297,11 @@ class Sampler:
             length_b=cache.length_b, next_position_b=cache.next_position_b,
         )
         return tokens, logprobs, cache.length_b - start_length, stopped, logits_bv, cache
+
+
+@jax.jit
+def _for_decoding(model: Qwen3VL) -> Qwen3VL:
+    return model.for_decoding()  # the model as a pytree: a new module of new arrays comes out
 
 
 def gather_cache_rows(caches: list[KVCache], rows) -> KVCache:

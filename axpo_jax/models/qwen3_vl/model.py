@@ -430,8 +430,8 @@ class Qwen3VL(nnx.Module):
         return self.lm_head.weight[...].T if self.lm_head.in_out else self.lm_head.weight[...]
 
     def for_decoding(self) -> "Qwen3VL":
-        """A copy (inside a jitted function: new arrays, nothing written back to this model) whose text decoder
-        and LM head hold their Linear weights [in, out], for a decode loop to transpose them once, not per step.
+        """A copy (new arrays, nothing written back to this model) whose text decoder and LM head hold their
+        Linear weights [in, out], so a decode loop multiplies by weights transposed once, not on every step.
 
         A decode step multiplies a few rows by every weight; XLA:CPU's dot does x @ W about 1.5x faster than
         x @ W^T at batch 8, and the whole step is mostly these products. Same math (a layout only).
