@@ -94,6 +94,8 @@ class Sampler:
             self._stop_sequences[i, :width - len(seq)] = -1
             self._stop_sequences[i, width - len(seq):] = seq
         self.trace_counts: collections.Counter = collections.Counter()
+        self._make_empty_cache = None
+        self._decoding = None  # (the model's weight arrays, the decode loop's copy of the model: _decoding_model)
 
     # ------------------------------------------------------------------------------------------ process rows
     def rows(self, x) -> np.ndarray:
@@ -122,16 +124,20 @@ class Sampler:
 
     # ------------------------------------------------------------------------------------------------ cache
     def empty_cache(self) -> KVCache:
-        make = functools.partial(KVCache.empty, self.config.text, self.global_batch_size, self.capacity,
-                                 self.cache_dtype)
-        if self.mesh is None:
-            return make()
-        from axpo_jax.parallel.sharding import batch_spec
+        if self._make_empty_cache is None:
+            make = functools.partial(KVCache.empty, self.config.text, self.global_batch_size, self.capacity,
+                                     self.cache_dtype)
+            shardings = None
+            if self.mesh is not None:
+                from axpo_jax.parallel.sharding import batch_spec
 
-        # made in place, split by row: a global cache never exists whole on one device or host
-        shardings = jax.tree.map(lambda x: jax.sharding.NamedSharding(self.mesh, batch_spec(x.shape, self.mesh)),
-                                 jax.eval_shape(make))
-        return jax.jit(make, out_shardings=shardings)()
+                # made in place, split by row: a global cache never exists whole on one device or host
+                shardings = jax.tree.map(
+                    lambda x: jax.sharding.NamedSharding(self.mesh, batch_spec(x.shape, self.mesh)),
+                    jax.eval_shape(make))
+            # one compiled program, kept: every prompt starts from an empty cache
+            self._make_empty_cache = jax.jit(make, out_shardings=shardings)
+        return self._make_empty_cache()
 
     def chunk_inputs(self, batch: dict, cache: KVCache | None) -> ModelInputs:
         """Processor outputs of one chunk per row (any padding) -> right-padded, bucketed ModelInputs whose rope
@@ -170,7 +176,7 @@ class Sampler:
 
     def _place(self, inputs: ModelInputs) -> ModelInputs:
         if self.mesh is None:
-            return jax.tree.map(jnp.asarray, inputs)
+            return jax.device_put(inputs)  # one transfer call for the whole tree (jnp.asarray per leaf: ~4x slower)
         from axpo_jax.parallel.sharding import shard_model_inputs
 
         return shard_model_inputs(inputs, self.mesh, spatial_merge_size=self.config.vision.spatial_merge_size)
@@ -186,7 +192,9 @@ class Sampler:
         inputs = self._place(self.chunk_inputs(batch, cache))
         return self._extend(self.model, inputs, cache, logits_bv)
 
-    @functools.partial(nnx.jit, static_argnums=0)
+    # graph=False (tree mode): the model goes in as a plain pytree. nnx.jit's default graph mode walks the module
+    # graph on every call, ~10 ms of host time per call for this model, as much as a whole small decode turn.
+    @functools.partial(nnx.jit, static_argnums=0, graph=False)
     def _extend(self, model, inputs, cache, previous_logits_bv):
         self.trace_counts["extend"] += 1
         logits_bv, cache = model.extend(inputs, cache)
@@ -215,17 +223,31 @@ class Sampler:
         # Attend over a power-of-two window that holds every row's tokens to come, not the whole capacity:
         # each decode step reads every slot it attends to, so this is most of a step's cost for long caches.
         slots = min(self.capacity, bucket(longest + max_new_tokens, 64))
-        out = self._decode(self.model, logits_bv, cache, rng, active_b, params, max_new_tokens, slots)
+        out = self._decode(self._decoding_model(), logits_bv, cache, rng, active_b, params, max_new_tokens, slots)
         tokens, logprobs, lengths, stopped, logits_bv, cache = out
         result = DecodeResult(self.rows(tokens), self.rows(logprobs), self.rows(lengths), self.rows(stopped))
         return result, logits_bv, cache
 
-    @functools.partial(nnx.jit, static_argnums=(0, 6, 7, 8))
+    def _decoding_model(self) -> Qwen3VL:
+        """The model as the decode loop multiplies by it. On CPU, a copy whose decoder weights are transposed
+        (`Qwen3VL.for_decoding`: XLA:CPU's batch-8 x @ W beats x @ W^T by ~1.5x, and a decode step is mostly these
+        products), made once and kept while the model holds the same weight arrays (an update replaces them):
+        transposing every weight costs several ms, a dozen decode steps' worth of the savings, on each call.
+        TPU and GPU compilers choose weight layouts themselves: the model as it is, no copy."""
+        if jax.default_backend() != "cpu":
+            return self.model
+        weights = jax.tree.leaves(self.model)
+        kept = self._decoding[0] if self._decoding is not None else []
+        if len(kept) != len(weights) or any(a is not b for a, b in zip(kept, weights)):
+            self._decoding = (weights, _for_decoding(self.model))
+        return self._decoding[1]
+
+    @functools.partial(nnx.jit, static_argnums=(0, 6, 7, 8), graph=False)
     def _decode(self, model, logits_bv, cache, rng, active_b, params: SamplingParams, max_new: int, slots: int):
         self.trace_counts["decode"] += 1
         full = cache
-        cache = cache.replace(keys=tuple(k[:, :slots] for k in cache.keys),
-                              values=tuple(v[:, :slots] for v in cache.values))
+        cache = cache.replace(keys=tuple(k[:, :, :slots] for k in cache.keys),
+                              values=tuple(v[:, :, :slots] for v in cache.values))
         b, v = logits_bv.shape
         stop_ids = jnp.asarray(self.stop_token_ids or (-3,), jnp.int32)
         stop_seqs = jnp.asarray(self._stop_sequences)
@@ -270,11 +292,16 @@ class Sampler:
             lambda s: jnp.any(s[6]), body, state
         )
         cache = full.replace(
-            keys=tuple(f.at[:, :slots].set(w) for f, w in zip(full.keys, cache.keys)),
-            values=tuple(f.at[:, :slots].set(w) for f, w in zip(full.values, cache.values)),
+            keys=tuple(f.at[:, :, :slots].set(w) for f, w in zip(full.keys, cache.keys)),
+            values=tuple(f.at[:, :, :slots].set(w) for f, w in zip(full.values, cache.values)),
             length_b=cache.length_b, next_position_b=cache.next_position_b,
         )
         return tokens, logprobs, cache.length_b - start_length, stopped, logits_bv, cache
+
+
+@jax.jit
+def _for_decoding(model: Qwen3VL) -> Qwen3VL:
+    return model.for_decoding()  # the model as a pytree: a new module of new arrays comes out
 
 
 def gather_cache_rows(caches: list[KVCache], rows) -> KVCache:

@@ -200,3 +200,23 @@ def test_a_finished_row_fuller_than_the_room_does_not_block_the_others(models, s
     np.testing.assert_array_equal(np.asarray(after.length_b), full + np.where(active, 10, 0))
     with pytest.raises(ValueError, match="cache room"):
         sampler.decode(logits, cache, jax.random.key(0), GREEDY, 10, active_b=np.ones(4, bool))
+
+
+def test_decode_follows_a_weight_update(models):
+    """The decode loop's kept copy of the weights (transposed, on CPU) is remade when the model's weights change,
+    as after a training step: decoding then matches a new sampler's."""
+    from flax import nnx
+
+    hf, model = models
+    model = nnx.clone(model)  # the module fixture stays as it is
+    batch = make_batch(hf.config, PROMPTS, padding="right", seed=3)
+    kept = Sampler(model, batch_size=4, capacity=128)
+    logits, cache = kept.extend(batch)
+    before, _, _ = kept.decode(logits, cache, jax.random.key(0), GREEDY, 6)
+    head = model.lm_head if model.lm_head is not None else model.model.language_model.embed_tokens
+    head.weight[...] = head.weight[...][::-1]  # a new array, as an optimizer update assigns
+    after, _, _ = kept.decode(logits, cache, jax.random.key(0), GREEDY, 6)
+    fresh, _, _ = Sampler(model, batch_size=4, capacity=128).decode(logits, cache, jax.random.key(0), GREEDY, 6)
+    assert (before.tokens_bn != after.tokens_bn).any()
+    np.testing.assert_array_equal(after.tokens_bn, fresh.tokens_bn)
+    np.testing.assert_array_equal(after.logprobs_bn, fresh.logprobs_bn)
