@@ -19,6 +19,7 @@ def tiny_config_dict(
     num_key_value_heads: int = 2,
     head_dim: int = 16,
     mrope_section: tuple[int, int, int] = (4, 2, 2),
+    rope_theta: float = 5_000_000.0,
     attention_bias: bool = False,
     vision_depth: int = 3,
     vision_hidden_size: int = 32,
@@ -59,7 +60,7 @@ def tiny_config_dict(
                 "max_position_embeddings": 4096,
                 "rope_parameters": {
                     "rope_type": "default",
-                    "rope_theta": 5_000_000.0,
+                    "rope_theta": rope_theta,
                     "mrope_section": list(mrope_section),
                     "mrope_interleaved": True,
                 },
