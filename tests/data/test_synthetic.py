@@ -60,7 +60,6 @@ def _view_region(xyxy, scale: float, size: int, margin: int = 1):
 def _resized_side_by_side(canvases: list[np.ndarray], sizes) -> list[np.ndarray]:
     """Each canvas through the same chain of bicubic resizes, done at once on the canvases laid side by side:
     their edges are all background, so no neighbour changes another's result."""
-    width, height = canvases[0].shape[1], canvases[0].shape[0]
     strip = np.concatenate(canvases, axis=1)
     image = Image.fromarray(strip, "L") if strip.dtype == np.uint8 else Image.fromarray(strip.astype(np.float32), "F")
     for w, h in sizes:
