@@ -30,7 +30,10 @@ from axpo_jax.modes import ModeError
 
 
 def _log(message: str) -> None:
-    print(f"[eval] {message}", file=sys.stderr, flush=True)
+    from axpo_jax.parallel import distributed
+
+    if distributed.is_primary():  # multi-host: every process runs the same evaluation; one reports it
+        print(f"[eval] {message}", file=sys.stderr, flush=True)
 
 
 def _split(text: str) -> list[str]:
@@ -82,8 +85,9 @@ def benchmark_tools(spec, base_tools: list[str], search) -> tuple[list[str], str
                               f"config.search_api_key_env); the paper used web search")
 
 
-def _check_run_config(path: str, run_config: dict) -> None:
-    """Records of one output directory must all come from the same checkpoint and settings."""
+def _check_run_config(path: str, run_config: dict, *, write: bool = True) -> None:
+    """Records of one output directory must all come from the same checkpoint and settings (every process checks;
+    the one that `write`s records the settings of a new directory)."""
     if os.path.isfile(path):
         with open(path) as file:
             previous = json.load(file)
@@ -93,9 +97,10 @@ def _check_run_config(path: str, run_config: dict) -> None:
             raise ModeError(f"{os.path.dirname(path)} holds results of a run with other settings ({'; '.join(changed)})"
                             f"; use a new --config.output_dir, or delete that one to start over")
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as file:
-        json.dump(run_config, file, indent=1)
+    if write:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as file:
+            json.dump(run_config, file, indent=1)
 
 
 def run(config) -> dict:
@@ -111,6 +116,7 @@ def run(config) -> dict:
     from axpo_jax.eval.runner import benchmark_key, make_agent, run_benchmark
     from axpo_jax.eval.scoring import describe_scorer
     from axpo_jax.eval.settings import EvalSettings
+    from axpo_jax.parallel import distributed
     from axpo_jax.parallel.mesh import make_mesh
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
@@ -145,8 +151,9 @@ def run(config) -> dict:
     model_name = config.model_name or os.path.basename(os.path.normpath(config.checkpoint)) + (
         f" (orbax step {source['orbax_step']})" if "orbax_step" in source else "")
 
+    primary = distributed.is_primary()
     output_dir = os.path.abspath(config.output_dir)
-    _check_run_config(os.path.join(output_dir, "run_config.json"), {
+    _check_run_config(os.path.join(output_dir, "run_config.json"), write=primary, run_config={
         **source, "dtype": config.dtype, "settings": dataclasses.asdict(settings), "seed": config.seed,
         "batch_size": config.batch_size, "tools": base_tools, "search": search_text,
         "system_prompt": config.system_prompt, "prompt_suffix": config.prompt_suffix, "judge": config.judge,
@@ -171,7 +178,7 @@ def run(config) -> dict:
                                               log=lambda message: None)
         store = RecordStore(os.path.join(output_dir, "records", f"{name}.jsonl"))
         with tqdm(total=len(items), desc=spec.display_name, unit="question", file=sys.stderr, dynamic_ncols=True,
-                  mininterval=1.0) as progress:
+                  mininterval=1.0, disable=not primary) as progress:
             records, ran = run_benchmark(agents[tuple(tools)], items, benchmark_key(rng, name), settings, judge=judge,
                                          batch_size=config.batch_size, store=store, prompt_suffix=config.prompt_suffix,
                                          save_responses=config.save_responses, progress=progress)
@@ -196,11 +203,13 @@ def run(config) -> dict:
         "average": average_metrics(metrics, settings.pass_k), "notes": notes,
     }
     results_path, report_path = os.path.join(output_dir, "results.json"), os.path.join(output_dir, "results.md")
-    with open(results_path, "w") as file:
-        json.dump(results, file, indent=1)
-    with open(report_path, "w") as file:
-        file.write(markdown_report(model_name, metrics, settings.pass_k, settings_text=settings.describe(),
-                                   notes=notes))
+    if primary:  # every process holds every record (runner.run_benchmark gathers them); one writes the results
+        with open(results_path, "w") as file:
+            json.dump(results, file, indent=1)
+        with open(report_path, "w") as file:
+            file.write(markdown_report(model_name, metrics, settings.pass_k, settings_text=settings.describe(),
+                                       notes=notes))
+    distributed.sync("eval results written")  # no process returns before the files exist
     _log(f"wrote {results_path} and {report_path}")
     return {
         **flat_metrics(metrics, settings.pass_k),

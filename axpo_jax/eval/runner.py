@@ -74,6 +74,8 @@ def run_benchmark(agent: AgentLoop, items: Sequence[EvalItem], rng, settings: Ev
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     done = store.load() if store is not None else {}
+    if jax.process_count() > 1:  # process 0's view: another process may read the file after process 0 appended
+        done = {int(index): record for index, record in distributed.allgather_json(done)[0].items()}
     for index, record in done.items():
         if index < len(items) and record.get("task_id") != items[index].task_id:
             raise ValueError(f"{store.path}: the record of question {index} is for {record.get('task_id')!r} but the "

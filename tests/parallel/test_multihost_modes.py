@@ -1,4 +1,4 @@
-"""The sft and rl modes end to end through launch.py as 2 CPU processes on 127.0.0.1 (1 device each, the configs'
+"""The sft, rl and eval modes end to end through launch.py as 2 CPU processes on 127.0.0.1 (1 device each, the configs'
 mesh: fsdp over both), against one process holding both devices and the whole global batch:
 
 SFT on a JSONL -> its transformers folder (gathered from both processes, written by process 0) -> RL (AXPO, real
@@ -125,3 +125,35 @@ def test_sft_then_rl_modes_on_two_processes_stop_resume_and_match_one_process(sh
         assert got[-1][key] == expected[-1][key], key
     assert os.path.isfile(os.path.join(rl_two, "learning_curves.png"))
     assert os.path.isfile(os.path.join(resumed[0]["checkpoint"], "model.safetensors"))
+
+
+def test_eval_mode_on_two_processes_matches_one_process(shared):
+    """The `eval` mode as 2 processes (each runs its share of every batch, process 0 writes records and results)
+    equals one process holding both devices: the same records line for line, the same results. Greedy, so the
+    samples do not depend on which process drew them."""
+    from tests.eval import published_files
+
+    folder = shared["folder"]
+    data_dir = str(folder / "eval_data")
+    published_files.write_vstar(data_dir)
+    fields = dict(checkpoint=shared["checkpoint"], data_dir=data_dir, benchmarks="vstar", num_samples=2,
+                  temperature=0.0, max_turns=2, max_total_tokens=768, max_new_tokens_per_turn=16, batch_size=2,
+                  tools="image_zoom_in", dtype="float32", save_responses=True)
+    runs = {p: _mode(shared, f"eval{p}", "eval.py", processes=p, output_dir=folder / f"eval{p}", **fields)
+            for p in (2, 1)}
+    two, one = runs[2].records(), runs[1].records()
+    def same(record):  # the paths name each run's own output folder
+        return dict(record, seconds=0, results=os.path.basename(record["results"]),
+                    report=os.path.basename(record["report"]))
+
+    assert [same(r) for r in two] == [same(one[0])] * 2  # every process returns the results
+    assert one[0]["questions_run"] == 3
+
+    def read(processes, *parts):
+        with open(os.path.join(folder / f"eval{processes}", *parts)) as f:
+            return f.read()
+
+    records = [json.loads(line) for line in read(2, "records", "vstar.jsonl").splitlines()]
+    assert sorted(r["index"] for r in records) == [0, 1, 2]  # each question once: written by process 0 alone
+    assert read(2, "records", "vstar.jsonl") == read(1, "records", "vstar.jsonl")
+    assert json.loads(read(2, "results.json"))["benchmarks"] == json.loads(read(1, "results.json"))["benchmarks"]
