@@ -62,6 +62,16 @@ def filter_logits(logits_bv, params: SamplingParams):
     return logits_bv
 
 
+def first_argmax(x_bv):
+    """jnp.argmax over the last axis (int32: the first index of the largest value), as a max then a min over the
+    indices holding it: XLA:CPU runs the two plain reductions ~2.5x faster than its (value, index) reduction,
+    one of the costlier ops of a small decode step. NaN-free input (the argmax of NaN logits means nothing)."""
+    v = x_bv.shape[-1]
+    largest_b1 = jnp.max(x_bv, axis=-1, keepdims=True)
+    first_b = jnp.min(jnp.where(x_bv == largest_b1, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    return jnp.minimum(first_b, v - 1)
+
+
 class Sampler:
     """Samples continuations for a fixed batch of cache rows of a fixed capacity (tokens per row)."""
 
@@ -245,9 +255,7 @@ class Sampler:
     @functools.partial(nnx.jit, static_argnums=(0, 6, 7, 8), graph=False)
     def _decode(self, model, logits_bv, cache, rng, active_b, params: SamplingParams, max_new: int, slots: int):
         self.trace_counts["decode"] += 1
-        full = cache
-        cache = cache.replace(keys=tuple(k[:, :, :slots] for k in cache.keys),
-                              values=tuple(v[:, :, :slots] for v in cache.values))
+        full, cache = cache, cache.first_slots(slots)
         b, v = logits_bv.shape
         stop_ids = jnp.asarray(self.stop_token_ids or (-3,), jnp.int32)
         stop_seqs = jnp.asarray(self._stop_sequences)
@@ -258,13 +266,14 @@ class Sampler:
         def sample(logits, key, seen):
             # The reported log-prob is the model's own, log softmax(logits / temperature), before the bans, the
             # penalty and the top-k/p filters: the number a trainer recomputes from the same weights.
-            model_logprobs = jax.nn.log_softmax(logits / (params.temperature or 1.0))
+            scaled = logits / (params.temperature or 1.0)
             shaped = jnp.where(banned_v, -jnp.inf, logits - params.presence_penalty * seen)
             if params.temperature == 0:
-                token = jnp.argmax(shaped, axis=-1)
+                token = first_argmax(shaped)
             else:
-                token = jax.random.categorical(key, filter_logits(shaped, params), axis=-1)
-            return token.astype(jnp.int32), jnp.take_along_axis(model_logprobs, token[:, None], -1)[:, 0]
+                token = jax.random.categorical(key, filter_logits(shaped, params), axis=-1).astype(jnp.int32)
+            picked = jnp.take_along_axis(scaled, token[:, None], -1)[:, 0]
+            return token, picked - jax.nn.logsumexp(scaled, axis=-1)
 
         def body(state):
             step, logits, cache, rng, tokens, logprobs, running, seen, recent, stopped = state
@@ -291,11 +300,7 @@ class Sampler:
         step, logits_bv, cache, _, tokens, logprobs, _, _, _, stopped = jax.lax.while_loop(
             lambda s: jnp.any(s[6]), body, state
         )
-        cache = full.replace(
-            keys=tuple(f.at[:, :, :slots].set(w) for f, w in zip(full.keys, cache.keys)),
-            values=tuple(f.at[:, :, :slots].set(w) for f, w in zip(full.values, cache.values)),
-            length_b=cache.length_b, next_position_b=cache.next_position_b,
-        )
+        cache = full.with_first_slots(cache)
         return tokens, logprobs, cache.length_b - start_length, stopped, logits_bv, cache
 
 

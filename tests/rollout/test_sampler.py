@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from axpo_jax.models import qwen3_vl
-from axpo_jax.rollout.sampler import Sampler, SamplingParams, filter_logits
+from axpo_jax.rollout.sampler import Sampler, SamplingParams, filter_logits, first_argmax
 from tests.models.qwen3_vl.conftest import build_hf_checkpoint, image_tokens, make_batch
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -157,6 +157,17 @@ def test_filters_and_presence_penalty():
     assert np.isfinite(np.asarray(tiny)).tolist() == [[True, False, False, False]]
     hot = filter_logits(logits, SamplingParams(temperature=2.0))
     np.testing.assert_allclose(np.asarray(hot), np.asarray(logits) / 2)
+
+
+def test_first_argmax_is_argmax_ties_and_bans_included():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, size=(64, 50)).astype(np.float32)  # many ties: the first index of the largest wins
+    x[3] = -np.inf  # every token banned
+    x[4, :] = 1.0
+    x[5, :-1] = -np.inf  # only the last token allowed
+    got = np.asarray(first_argmax(jnp.asarray(x)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.argmax(x, axis=-1))
 
 
 def test_presence_penalty_discourages_repeats(models):

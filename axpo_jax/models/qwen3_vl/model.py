@@ -32,34 +32,51 @@ class KVCache:
     max(h, w) / merge while it fills h * w / merge^2 slots.
     """
 
-    # Slots sit next to each other per kv head, so attention reads them without a transpose of the whole cache
-    # on every decode step (a [B, S, K, E] cache costs a copy of each layer's keys and values per token).
-    keys: tuple  # per layer [B, K, S, E]
+    # Laid out so that both attention products are plain matmuls per (row, kv head) with no transpose of the cache
+    # on a decode step: scores = q [G, E] @ keys [E, S], out = probs [G, S] @ values [S, E]. (A [B, S, K, E] cache
+    # costs a copy of every layer's keys and values per token; keys stored [S, E] make XLA:CPU's score product
+    # ~2x slower.)
+    keys: tuple  # per layer [B, K, E, S]
     values: tuple  # per layer [B, K, S, E]
     length_b: jax.Array  # int32, filled slots per row
     next_position_b: jax.Array  # int32, rope position of the row's next token (largest position so far + 1)
 
     @classmethod
     def empty(cls, cfg: TextConfig, batch: int, capacity: int, dtype=jnp.float32) -> "KVCache":
-        shape = (batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
-        return cls(zeros, zeros, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
+        k, e, layers = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+        keys = tuple(jnp.zeros((batch, k, e, capacity), dtype) for _ in range(layers))
+        values = tuple(jnp.zeros((batch, k, capacity, e), dtype) for _ in range(layers))
+        return cls(keys, values, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[2]
+        return self.values[0].shape[2]
+
+    def first_slots(self, slots: int) -> "KVCache":
+        """The cache cut to its first `slots` slots (a decode loop that needs no more attends over fewer)."""
+        return self.replace(keys=tuple(k[..., :slots] for k in self.keys),
+                            values=tuple(v[:, :, :slots] for v in self.values))
+
+    def with_first_slots(self, part: "KVCache") -> "KVCache":
+        """This cache with its first slots (and lengths, positions) replaced by `part`'s (from `first_slots`)."""
+        slots = part.capacity
+        return KVCache(tuple(k.at[..., :slots].set(p) for k, p in zip(self.keys, part.keys)),
+                       tuple(v.at[:, :, :slots].set(p) for v, p in zip(self.values, part.values)),
+                       part.length_b, part.next_position_b)
 
     def take_rows(self, rows_r) -> "KVCache":
         """A cache whose row r is row rows_r[r] of this one: forking a prefix K ways copies its row K times."""
         return jax.tree.map(lambda x: jnp.take(x, rows_r, axis=0), self)
 
 
-def _write_rows(cache_bkse, new_bkte, start_b):
-    """Writes each row's new entries at its own slot offset. Entries that would land past the last slot are
-    dropped (they are chunk padding: callers check that real tokens fit), never shifted back over earlier slots
-    as a clamped dynamic_update_slice would."""
-    slots_t = jnp.arange(new_bkte.shape[2])
-    return jax.vmap(lambda c, n, i: c.at[:, i + slots_t].set(n, mode="drop"))(cache_bkse, new_bkte, start_b)
+def _write_rows(cache, new, start_b, slot_axis: int):
+    """Writes each row's new entries (`new` is shaped like `cache` but for its T slots along `slot_axis`) at the
+    row's own slot offset. Entries that would land past the last slot are dropped (they are chunk padding:
+    callers check that real tokens fit), never shifted back over earlier slots as a clamped dynamic_update_slice
+    would."""
+    slots_t = jnp.arange(new.shape[slot_axis])
+    where = (slice(None),) * (slot_axis - 1)  # index of a row's array: the batch axis is gone under vmap
+    return jax.vmap(lambda c, n, i: c.at[where + (i + slots_t,)].set(n, mode="drop"))(cache, new, start_b)
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -122,12 +139,22 @@ def rotate_half(x):
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def attention(q_bthe, k_bkse, v_bkse, mask_bts):
-    """Softmax attention with grouped kv heads; `mask_bts` True where a query may attend to a key."""
+def attention(q_bthe, k_bkes, v_bkse, mask_bts):
+    """Softmax attention with grouped kv heads; keys come transposed, [B, K, E, S], as the KV cache holds them;
+    `mask_bts` True where a query may attend to a key."""
     b, t, h, e = q_bthe.shape
-    k = k_bkse.shape[1]
+    k = k_bkes.shape[1]
+    if t == 1:
+        # A decode step: without the unit query axis both products are plain batched matmuls over (b, k), which
+        # XLA:CPU runs ~2x faster than the general form below (there the t axis makes it pick a transposed
+        # output and an Eigen batch dot for probs @ V).
+        q_bkge = q_bthe.reshape(b, k, h // k, e)
+        scores_bkgs = jnp.einsum("bkge,bkes->bkgs", q_bkge, k_bkes, preferred_element_type=jnp.float32) * (e**-0.5)
+        scores_bkgs = jnp.where(mask_bts[:, :, None], scores_bkgs, _NEG_INF)
+        probs_bkgs = jax.nn.softmax(scores_bkgs, axis=-1).astype(v_bkse.dtype)
+        return jnp.einsum("bkgs,bkse->bkge", probs_bkgs, v_bkse).reshape(b, 1, h * e)
     q_btkge = q_bthe.reshape(b, t, k, h // k, e)
-    scores_bkgts = jnp.einsum("btkge,bkse->bkgts", q_btkge, k_bkse, preferred_element_type=jnp.float32)
+    scores_bkgts = jnp.einsum("btkge,bkes->bkgts", q_btkge, k_bkes, preferred_element_type=jnp.float32)
     scores_bkgts = scores_bkgts * (e**-0.5)
     scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _NEG_INF)
     probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bkse.dtype)
@@ -174,7 +201,7 @@ class VisionAttention(nnx.Module):
         k = (k32 * cos + rotate_half(k32) * sin).astype(k.dtype)
         # Each row is one image: attention never crosses images, and padding patches are never attended to.
         mask_nll = jnp.broadcast_to(valid_nl[:, None, :], (n, l, l))
-        return self.proj(attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask_nll))
+        return self.proj(attention(q, k.transpose(0, 2, 3, 1), v.swapaxes(1, 2), mask_nll))
 
 
 class VisionMLP(nnx.Module):
@@ -293,13 +320,13 @@ class TextAttention(nnx.Module):
         v_btke = self.v_proj(x_btd).reshape(b, t, -1, e)
         cos, sin = cos_bte[:, :, None], sin_bte[:, :, None]
         q_bthe = q_bthe * cos + rotate_half(q_bthe) * sin
-        k_bkte = (k_btke * cos + rotate_half(k_btke) * sin).swapaxes(1, 2)
+        k_bket = (k_btke * cos + rotate_half(k_btke) * sin).transpose(0, 2, 3, 1)
         v_bkte = v_btke.swapaxes(1, 2)
         if kv is not None:
-            k_bkte = _write_rows(kv[0], k_bkte.astype(kv[0].dtype), write_at_b)
-            v_bkte = _write_rows(kv[1], v_bkte.astype(kv[1].dtype), write_at_b)
-            kv = (k_bkte, v_bkte)
-        return self.o_proj(attention(q_bthe, k_bkte, v_bkte, mask_bts)), kv
+            k_bket = _write_rows(kv[0], k_bket.astype(kv[0].dtype), write_at_b, slot_axis=3)
+            v_bkte = _write_rows(kv[1], v_bkte.astype(kv[1].dtype), write_at_b, slot_axis=2)
+            kv = (k_bket, v_bkte)
+        return self.o_proj(attention(q_bthe, k_bket, v_bkte, mask_bts)), kv
 
 
 class TextMLP(nnx.Module):
