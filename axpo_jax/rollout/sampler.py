@@ -267,7 +267,8 @@ class Sampler:
             # The reported log-prob is the model's own, log softmax(logits / temperature), before the bans, the
             # penalty and the top-k/p filters: the number a trainer recomputes from the same weights.
             scaled = logits / (params.temperature or 1.0)
-            shaped = jnp.where(banned_v, -jnp.inf, logits - params.presence_penalty * seen)
+            penalized = logits - params.presence_penalty * seen if params.presence_penalty else logits
+            shaped = jnp.where(banned_v, -jnp.inf, penalized)
             if params.temperature == 0:
                 token = first_argmax(shaped)
             else:
@@ -282,7 +283,8 @@ class Sampler:
             token = jnp.where(running, token, self.pad_id)
             tokens = tokens.at[:, step].set(token)
             logprobs = logprobs.at[:, step].set(jnp.where(running, logprob, 0.0))
-            seen = seen.at[jnp.arange(b), token].max(running.astype(seen.dtype))
+            if params.presence_penalty:  # else `seen` is never read: no [B, V] update per step
+                seen = seen.at[jnp.arange(b), token].max(running.astype(seen.dtype))
             recent = jnp.concatenate([recent[:, 1:], token[:, None]], axis=1)
             hit_seq = jnp.any(jnp.all((stop_seqs[None] == recent[:, None]) | (stop_seqs[None] == -1), -1), -1)
             hit = jnp.isin(token, stop_ids) | hit_seq
