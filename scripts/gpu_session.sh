@@ -5,6 +5,7 @@
 #   bash scripts/gpu_session.sh quick   # checks + the 2B-shaped update: sampler (fp32, vs generate on the GPU),
 #                                       # the rl mode end to end (tiny, bench record), bench_update 2b bf16
 #   bash scripts/gpu_session.sh large   # bench_sampler 2b bf16 (decode bandwidth), rl mode on a 2B-shaped policy
+#   bash scripts/gpu_session.sh sampler # the two sampler runs only (fp32 tokens vs generate; 2b bf16 bandwidth)
 #
 # Packages the machine lacks (grain, ml_collections, tensorboardX, ...) come as wheels in .whl/ (see README);
 # flax is taken at this project's tested version when it imports with the machine's jax, else the machine's.
@@ -46,10 +47,22 @@ step() {  # step NAME SECONDS command...: run with a time limit, keep its log, a
 }
 
 BF16_CHECKS="--config.max_loss_rel_diff=0.05 --config.max_logprob_diff=1.0 --config.max_grad_norm_rel_diff=0.1"
-if [ "$MODE" = quick ]; then
+sampler_tiny_fp32() {
   # fp32 at XLA's highest matmul precision (no TF32) so the greedy tokens must equal transformers' on the GPU
   JAX_DEFAULT_MATMUL_PRECISION=highest XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 step sampler_tiny_fp32 90 \
     python3 launch.py --config configs/bench.py:sampler --config.torch_device=auto
+}
+sampler_2b_bf16() {
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 step sampler_2b_bf16 170 \
+    python3 launch.py --config configs/bench.py:sampler --config.preset=2b --config.dtype=bfloat16 \
+      --config.torch_device=auto --config.batch=16 --config.prompt_len=512 --config.image_size=448 \
+      --config.new_tokens=256 --config.min_identical_rows=0
+}
+if [ "$MODE" = sampler ]; then
+  sampler_tiny_fp32
+  sampler_2b_bf16
+elif [ "$MODE" = quick ]; then
+  sampler_tiny_fp32
   step rl_tiny 130 bash -c 'python3 -c "from axpo_jax.demo import build_tiny_checkpoint as b; b(\"/tmp/tiny\", seed=0)" &&
     python3 launch.py --config configs/rl.py --config.checkpoint=/tmp/tiny --config.steps=4 \
       --config.workdir=/tmp/rl_tiny && tail -1 /tmp/rl_tiny/bench_records.jsonl'
@@ -57,10 +70,7 @@ if [ "$MODE" = quick ]; then
     python3 launch.py --config configs/bench.py:update --config.preset=2b --config.dtype=bfloat16 \
       --config.torch_device=auto --config.batch=4 --config.seq_len=1024 --config.image_size=448 $BF16_CHECKS
 else
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.45 step sampler_2b_bf16 170 \
-    python3 launch.py --config configs/bench.py:sampler --config.preset=2b --config.dtype=bfloat16 \
-      --config.torch_device=auto --config.batch=16 --config.prompt_len=512 --config.image_size=448 \
-      --config.new_tokens=256 --config.min_identical_rows=0
+  sampler_2b_bf16
   # the rl mode on a policy of Qwen3-VL-2B's decoder and vision shapes (the tiny processor's vocabulary), bf16;
   # transformers initializes the weights on the GPU (the Flax initializer's compile did not finish in 190 s)
   step rl_2b_shape_bf16 190 bash -c 'python3 -c "
