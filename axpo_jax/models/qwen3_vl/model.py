@@ -100,6 +100,19 @@ class Linear(nnx.Module):
         self.weight = nnx.Param(self.weight[...].T)
         self.in_out = not self.in_out
 
+    @classmethod
+    def side_by_side(cls, linears: list["Linear"]) -> "Linear":
+        """One Linear whose output is the outputs of `linears` (same input) laid side by side, weight [in, out]:
+        one product instead of several, for a decode step where each product of a few rows costs a pass over
+        its weight plus a fixed dispatch cost."""
+        weight = linears[0].weight[...]
+        fused = cls(1, 1, bias=linears[0].bias is not None, dtype=weight.dtype, rngs=nnx.Rngs(0))  # shapes below
+        fused.weight = nnx.Param(jnp.concatenate([l.weight[...] if l.in_out else l.weight[...].T for l in linears], 1))
+        if fused.bias is not None:
+            fused.bias = nnx.Param(jnp.concatenate([l.bias[...] for l in linears]))
+        fused.in_out = True
+        return fused
+
 
 class Embedding(nnx.Module):
     def __init__(self, num: int, features: int, *, dtype, rngs: nnx.Rngs):
@@ -309,15 +322,28 @@ class TextAttention(nnx.Module):
         self.o_proj = Linear(cfg.num_attention_heads * e, cfg.hidden_size, bias=bias, dtype=dtype, rngs=rngs)
         self.q_norm = RMSNorm(e, cfg.rms_norm_eps, dtype=dtype)  # per head, before the rotation
         self.k_norm = RMSNorm(e, cfg.rms_norm_eps, dtype=dtype)
+        self.qkv_proj = None  # q, k and v as one product, in a decoding copy (`fuse_projections_`)
+
+    def fuse_projections_(self):
+        self.qkv_proj = nnx.data(Linear.side_by_side([self.q_proj, self.k_proj, self.v_proj]))
+        self.q_proj = self.k_proj = self.v_proj = None
+
+    def project(self, x_btd):
+        if self.qkv_proj is None:
+            return self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
+        q_size = self.cfg.num_attention_heads * self.cfg.head_dim
+        kv_size = self.cfg.num_key_value_heads * self.cfg.head_dim
+        return jnp.split(self.qkv_proj(x_btd), [q_size, q_size + kv_size], axis=-1)
 
     def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, kv=None, write_at_b=None):
         """Without `kv`, attends within x. With `kv` = (keys, values) of a cache, writes x's keys and values at
         slots write_at_b + [0, T) and attends over all cache slots; returns the updated (keys, values) too."""
         b, t, _ = x_btd.shape
         e = self.cfg.head_dim
-        q_bthe = self.q_norm(self.q_proj(x_btd).reshape(b, t, -1, e))
-        k_btke = self.k_norm(self.k_proj(x_btd).reshape(b, t, -1, e))
-        v_btke = self.v_proj(x_btd).reshape(b, t, -1, e)
+        q_btd, k_btd, v_btd = self.project(x_btd)
+        q_bthe = self.q_norm(q_btd.reshape(b, t, -1, e))
+        k_btke = self.k_norm(k_btd.reshape(b, t, -1, e))
+        v_btke = v_btd.reshape(b, t, -1, e)
         cos, sin = cos_bte[:, :, None], sin_bte[:, :, None]
         q_bthe = q_bthe * cos + rotate_half(q_bthe) * sin
         k_bket = (k_btke * cos + rotate_half(k_btke) * sin).transpose(0, 2, 3, 1)
@@ -334,9 +360,18 @@ class TextMLP(nnx.Module):
         self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype, rngs=rngs)
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=False, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False, dtype=dtype, rngs=rngs)
+        self.gate_up_proj = None  # gate and up as one product, in a decoding copy (`fuse_projections_`)
+
+    def fuse_projections_(self):
+        self.gate_up_proj = nnx.data(Linear.side_by_side([self.gate_proj, self.up_proj]))
+        self.gate_proj = self.up_proj = None
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
@@ -458,12 +493,17 @@ class Qwen3VL(nnx.Module):
 
     def for_decoding(self) -> "Qwen3VL":
         """A copy (new arrays, nothing written back to this model) whose text decoder and LM head hold their
-        Linear weights [in, out], so a decode loop multiplies by weights transposed once, not on every step.
+        Linear weights [in, out], with q/k/v and gate/up each fused into one product, so a decode loop multiplies
+        by weights laid out once, not on every step.
 
         A decode step multiplies a few rows by every weight; XLA:CPU's dot does x @ W about 1.5x faster than
-        x @ W^T at batch 8, and the whole step is mostly these products. Same math (a layout only).
+        x @ W^T at batch 8, fewer, wider products cost ~15% less than the same work split, and the whole step is
+        mostly these products. Same math (layouts only).
         """
         copy = nnx.merge(*nnx.split(self))
+        for layer in copy.model.language_model.layers:
+            layer.self_attn.fuse_projections_()
+            layer.mlp.fuse_projections_()
         for _, module in nnx.iter_modules(copy.model.language_model):
             if isinstance(module, Linear) and not module.in_out:
                 module.transpose_()

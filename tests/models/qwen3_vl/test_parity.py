@@ -120,3 +120,25 @@ def test_processor_outputs_match_transformers(tmp_path):
     logits = np.asarray(model(**batch))
     real = batch["attention_mask"].astype(bool)
     assert np.abs(logits - reference)[real].max() <= TOL
+
+
+def test_decoding_copy_computes_the_same_step(hf_checkpoint):
+    """`for_decoding` (weights stored [in, out], q/k/v and gate/up fused) changes layouts only: a decode step from
+    the same cache gives the model's logits and cache, and the model itself is left as it was."""
+    from axpo_jax.models.qwen3_vl.model import KVCache
+
+    hf, folder = hf_checkpoint
+    model = qwen3_vl.from_pretrained(folder)
+    copy = model.for_decoding()
+    fused = copy.model.language_model.layers[0]
+    assert fused.self_attn.q_proj is None and fused.self_attn.qkv_proj.in_out and fused.mlp.gate_up_proj.in_out
+    assert model.model.language_model.layers[0].self_attn.qkv_proj is None
+    batch = make_batch(hf.config, CASES["one_image"], padding="right")
+    inputs = jax.tree.map(jnp.asarray, qwen3_vl.prepare_inputs(model.config, **batch))
+    logits, cache = model.extend(inputs, KVCache.empty(model.config.text, 2, 64))
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    want_logits, want_cache = model.decode_step(tokens, cache)
+    got_logits, got_cache = copy.decode_step(tokens, cache)
+    np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=1e-5)
+    for got, want in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
