@@ -6,6 +6,7 @@
 #                                       # the rl mode end to end (tiny, bench record), bench_update 2b bf16
 #   bash scripts/gpu_session.sh large   # bench_sampler 2b bf16 (decode bandwidth), rl mode on a 2B-shaped policy
 #   bash scripts/gpu_session.sh sampler # the two sampler runs only (fp32 tokens vs generate; 2b bf16 bandwidth)
+#   bash scripts/gpu_session.sh rl_2b   # the rl mode on a 2B-shaped policy only
 #
 # Packages the machine lacks (grain, ml_collections, tensorboardX, ...) come as wheels in .whl/ (see README);
 # flax is taken at this project's tested version when it imports with the machine's jax, else the machine's.
@@ -58,7 +59,21 @@ sampler_2b_bf16() {
       --config.torch_device=auto --config.batch=16 --config.prompt_len=512 --config.image_size=448 \
       --config.new_tokens=256 --config.min_identical_rows=0
 }
-if [ "$MODE" = sampler ]; then
+rl_2b_shape() {
+  # the rl mode on a policy of Qwen3-VL-2B's decoder and vision shapes (the tiny processor's vocabulary), bf16;
+  # transformers initializes the weights on the GPU (the Flax initializer's compile did not finish in 190 s)
+  step rl_2b_shape_bf16 "${RL_2B_LIMIT_S:-190}" bash -c 'python3 -c "
+from axpo_jax.demo import build_tiny_checkpoint as b
+b(\"/tmp/policy2b\", seed=0, via=\"transformers\", torch_device=\"cuda\", hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+  num_key_value_heads=8, head_dim=128, mrope_section=(24, 20, 20), vision_depth=24, vision_hidden_size=1024,
+  vision_intermediate_size=4096, vision_num_heads=16, deepstack_visual_indexes=(5, 11, 17))" &&
+    python3 launch.py --config configs/rl.py --config.checkpoint=/tmp/policy2b --config.dtype=bfloat16 \
+      --config.steps=2 --config.learning_rate=1e-6 --config.checkpoint_every=100 --config.eval_tasks= \
+      --config.workdir=/tmp/rl_2b && tail -1 /tmp/rl_2b/bench_records.jsonl'
+}
+if [ "$MODE" = rl_2b ]; then
+  rl_2b_shape
+elif [ "$MODE" = sampler ]; then
   sampler_tiny_fp32
   sampler_2b_bf16
 elif [ "$MODE" = quick ]; then
@@ -71,15 +86,7 @@ elif [ "$MODE" = quick ]; then
       --config.torch_device=auto --config.batch=4 --config.seq_len=1024 --config.image_size=448 $BF16_CHECKS
 else
   sampler_2b_bf16
-  # the rl mode on a policy of Qwen3-VL-2B's decoder and vision shapes (the tiny processor's vocabulary), bf16;
-  # transformers initializes the weights on the GPU (the Flax initializer's compile did not finish in 190 s)
-  step rl_2b_shape_bf16 190 bash -c 'python3 -c "
-from axpo_jax.demo import build_tiny_checkpoint as b
-b(\"/tmp/policy2b\", seed=0, via=\"transformers\", torch_device=\"cuda\", hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-  num_key_value_heads=8, head_dim=128, mrope_section=(24, 20, 20), vision_depth=24, vision_hidden_size=1024,
-  vision_intermediate_size=4096, vision_num_heads=16, deepstack_visual_indexes=(5, 11, 17))" &&
-    python3 launch.py --config configs/rl.py --config.checkpoint=/tmp/policy2b --config.dtype=bfloat16 \
-      --config.steps=3 --config.learning_rate=1e-6 --config.workdir=/tmp/rl_2b && tail -1 /tmp/rl_2b/bench_records.jsonl'
+  rl_2b_shape
 fi
 echo "== records ($OUT/records.jsonl)"
 cut -c1-600 "$OUT/records.jsonl"
