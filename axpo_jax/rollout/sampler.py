@@ -200,16 +200,20 @@ class Sampler:
         elif logits_bv is None:
             raise ValueError("extending a cache needs the rows' current logits (from decode or an earlier extend)")
         inputs = self._place(self.chunk_inputs(batch, cache))
-        return self._extend(self.model, inputs, cache, logits_bv)
+        # Like decode, attend over a power-of-two window of slots that holds every row's tokens after this chunk,
+        # not the whole capacity: a prompt of 100 tokens in a 1024-slot cache would otherwise score every query
+        # against 1024 keys.
+        slots = min(self.capacity, bucket(self.longest(cache) + inputs.input_ids_bt.shape[1], 64))
+        return self._extend(self.model, inputs, cache, logits_bv, slots)
 
     # graph=False (tree mode): the model goes in as a plain pytree. nnx.jit's default graph mode walks the module
     # graph on every call, ~10 ms of host time per call for this model, as much as a whole small decode turn.
-    @functools.partial(nnx.jit, static_argnums=0, graph=False)
-    def _extend(self, model, inputs, cache, previous_logits_bv):
+    @functools.partial(nnx.jit, static_argnums=(0, 5), graph=False)
+    def _extend(self, model, inputs, cache, previous_logits_bv, slots: int):
         self.trace_counts["extend"] += 1
-        logits_bv, cache = model.extend(inputs, cache)
+        logits_bv, part = model.extend(inputs, cache.first_slots(slots))
         has_new_b1 = inputs.attention_mask_bt.sum(axis=1, keepdims=True) > 0
-        return jnp.where(has_new_b1, logits_bv, previous_logits_bv), cache
+        return jnp.where(has_new_b1, logits_bv, previous_logits_bv), cache.with_first_slots(part)
 
     @staticmethod
     def fork(logits_bv, cache: KVCache, source_rows):
