@@ -243,10 +243,11 @@ class Sampler:
         return result, logits_bv, cache
 
     def _decoding_model(self) -> Qwen3VL:
-        """The model as the decode loop multiplies by it. On CPU, a copy whose decoder weights are transposed
-        (`Qwen3VL.for_decoding`: XLA:CPU's batch-8 x @ W beats x @ W^T by ~1.5x, and a decode step is mostly these
-        products), made once and kept while the model holds the same weight arrays (an update replaces them):
-        transposing every weight costs several ms, a dozen decode steps' worth of the savings, on each call.
+        """The model as the decode loop multiplies by it. On CPU, a copy whose decoder weights are transposed and
+        whose q/k/v and gate/up products are fused (`Qwen3VL.for_decoding`: XLA:CPU's batch-8 x @ W beats x @ W^T
+        by ~1.5x, and a decode step is mostly these products), made once and kept while the model holds the same
+        weight arrays (an update replaces them): re-laying every weight costs several ms, a dozen decode steps'
+        worth of the savings, on each call.
         TPU and GPU compilers choose weight layouts themselves: the model as it is, no copy."""
         if jax.default_backend() != "cpu":
             return self.model
