@@ -149,21 +149,23 @@ class Sampler:
             self._make_empty_cache = jax.jit(make, out_shardings=shardings)
         return self._make_empty_cache()
 
-    def chunk_inputs(self, batch: dict, cache: KVCache | None) -> ModelInputs:
+    def chunk_inputs(self, batch: dict, cache: KVCache | None) -> tuple[ModelInputs, int]:
         """Processor outputs of one chunk per row (any padding) -> right-padded, bucketed ModelInputs whose rope
-        positions continue each row's cache. With several processes the buckets (tokens, image rows, patches)
-        are agreed on by all of them."""
+        positions continue each row's cache, and the attention window for them: the power-of-two number of
+        slots that holds every row's tokens after this chunk. With several processes the buckets (tokens, image
+        rows, patches) and the window are agreed on by all of them."""
         ids = np.asarray(batch["input_ids"])
         mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
         if ids.shape[0] != self.batch_size:
             raise ValueError(f"chunk has {ids.shape[0]} rows, the sampler was built for {self.batch_size}")
         lengths = mask.sum(axis=1)
+        used = self.rows(cache.length_b) if cache is not None else np.zeros_like(lengths)
         grids = batch.get("image_grid_thw")
         buckets = image_buckets(self.config, grids, min_patches=self.min_patches)
-        width = bucket(int(lengths.max()), self.min_chunk)
+        width, longest = bucket(int(lengths.max()), self.min_chunk), int(used.max())
         if self.shard.count > 1:
-            width, rows, patches = (int(v) for v in distributed.max_across_processes(
-                np.array([width, buckets["num_image_rows"], buckets["patches_per_image"]], np.int64)))
+            width, rows, patches, longest = (int(v) for v in distributed.max_across_processes(
+                np.array([width, buckets["num_image_rows"], buckets["patches_per_image"], longest], np.int64)))
             buckets = {"num_image_rows": self.shard.round_rows(rows), "patches_per_image": patches}
         right_ids = np.full((self.batch_size, width), self.pad_id, np.int64)
         right_mask = np.zeros_like(right_ids)
@@ -172,17 +174,19 @@ class Sampler:
             right_mask[b, : lengths[b]] = 1
         offset = None
         if cache is not None:
-            used = self.rows(cache.length_b)
             if np.any(used + lengths > self.capacity):
                 raise ValueError(
                     f"chunk does not fit the cache: rows {np.nonzero(used + lengths > self.capacity)[0].tolist()} "
                     f"would exceed capacity {self.capacity}"
                 )
             offset = self.rows(cache.next_position_b)
-        return prepare_inputs(
+        inputs = prepare_inputs(
             self.config, right_ids, right_mask, batch.get("pixel_values"), grids, None,
             **buckets, position_offset_b=offset,
         )
+        # Like decode, attend over a window of slots rather than the whole capacity: a prompt of 100 tokens in a
+        # 1024-slot cache would otherwise score every query against 1024 keys.
+        return inputs, min(self.capacity, bucket(longest + width, 64))
 
     def _place(self, inputs: ModelInputs) -> ModelInputs:
         if self.mesh is None:
@@ -199,12 +203,8 @@ class Sampler:
             logits_bv = self.device_rows(np.zeros((self.batch_size, self.config.text.vocab_size), np.float32))
         elif logits_bv is None:
             raise ValueError("extending a cache needs the rows' current logits (from decode or an earlier extend)")
-        inputs = self._place(self.chunk_inputs(batch, cache))
-        # Like decode, attend over a power-of-two window of slots that holds every row's tokens after this chunk,
-        # not the whole capacity: a prompt of 100 tokens in a 1024-slot cache would otherwise score every query
-        # against 1024 keys.
-        slots = min(self.capacity, bucket(self.longest(cache) + inputs.input_ids_bt.shape[1], 64))
-        return self._extend(self.model, inputs, cache, logits_bv, slots)
+        inputs, slots = self.chunk_inputs(batch, cache)
+        return self._extend(self.model, self._place(inputs), cache, logits_bv, slots)
 
     # graph=False (tree mode): the model goes in as a plain pytree. nnx.jit's default graph mode walks the module
     # graph on every call, ~10 ms of host time per call for this model, as much as a whole small decode turn.
