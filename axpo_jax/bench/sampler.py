@@ -18,7 +18,11 @@ transformers' prefill, so the decode-only rates of both can be compared too. On 
 adds the decode's achieved bandwidth (the fewest bytes a step must read over its time) beside the device's copy
 bandwidth measured in the same run; in bfloat16 the two implementations round differently, so the greedy tokens
 drift apart after some steps on a random model: run it with `min_identical_rows=0` and read
-`identical_first_token_fraction`, the fp32 runs being the correctness check.
+`identical_first_token_fraction`, the fp32 runs being the correctness check. Beside them it times the decode
+step's products alone (`decode_products_only_s`: the weight products as the decode loop does them, both
+attention products over the same cache window and the LM head, chained in the same kind of on-device loop with
+nothing else: no norms, rope, softmax, cache writes or sampling), a floor for any decode loop made of XLA's
+kernels on this device, and the ratios to `generate` that floor would give (`*_bound_if_only_products`).
 
 `bench_fork`: K continuations of each of P long multimodal prefixes (P*K cache rows), two ways:
   fork       - prefill the P prefixes in a P-row cache (a batch-P `extend`), copy each row K times into a
@@ -164,11 +168,14 @@ def run_sampler(config) -> dict[str, Any]:
     log(f"timing {repeats} interleaved runs each of generate, generate(1 token) and extend+decode")
     flax_parts.clear()
     load_before = _load_average()
-    torch_times, torch_prefill_times, flax_times = [], [], []
+    products_only = _products_only_runner(sampler, prompts, new_tokens)
+    products_only()  # compile
+    torch_times, torch_prefill_times, flax_times, products_times = [], [], [], []
     for _ in range(repeats):
         torch_times += _time(lambda: torch_generate(new_tokens), 1)
         torch_prefill_times += _time(lambda: torch_generate(1), 1)
         flax_times += _time(flax_generate, 1)
+        products_times += _time(products_only, 1)
     load_after = _load_average()
     extend_times, decode_times = [p[0] for p in flax_parts], [p[1] for p in flax_parts]
 
@@ -178,6 +185,7 @@ def run_sampler(config) -> dict[str, Any]:
     torch_s, flax_s = statistics.median(torch_times), statistics.median(flax_times)
     torch_decode_s = max(torch_s - statistics.median(torch_prefill_times), 1e-9)
     flax_decode_s = statistics.median(decode_times)
+    products_s = statistics.median(products_times)
     step_bytes = decode_step_bytes(flax_model.config.text, dtype=dtype, batch=batch,
                                    mean_context=prompt_len + (new_tokens - 1) / 2)
     copy_gbps = device_copy_gbps()
@@ -218,6 +226,12 @@ def run_sampler(config) -> dict[str, Any]:
         torch_decode_only_tokens_per_s=round(generated / torch_decode_s, 1),
         flax_decode_only_tokens_per_s=round(generated / flax_decode_s, 1),
         flax_over_torch_decode_only=round(torch_decode_s / flax_decode_s, 3),
+        # What the decode loop would reach if a step were its products and nothing else (XLA's kernels, this
+        # device): the room left for work on everything else in a step.
+        decode_products_only_s=_median(products_times),
+        flax_decode_over_products_only=round(flax_decode_s / products_s, 3),
+        flax_over_torch_bound_if_only_products=round(torch_s / (statistics.median(extend_times) + products_s), 3),
+        flax_over_torch_decode_only_bound_if_only_products=round(torch_decode_s / products_s, 3),
         # The fewest bytes a decode step must read (weights once, each row's filled KV cache once) over the
         # measured step time: how close each side runs to the memory bandwidth that bounds decoding.
         decode_min_bytes_per_step=step_bytes,
@@ -235,10 +249,55 @@ def run_sampler(config) -> dict[str, Any]:
     log(f"generate {record['torch_tokens_per_s']:.0f} tok/s, sampler {record['flax_tokens_per_s']:.0f} tok/s "
         f"({record['flax_over_torch_tokens_per_s']:.2f}x; decode only {record['flax_over_torch_decode_only']:.2f}x), "
         f"identical rows {record['identical_rows_fraction']:.3f}")
+    log(f"a decode step takes {record['flax_decode_over_products_only']:.2f}x its products alone; with only the "
+        f"products: {record['flax_over_torch_bound_if_only_products']:.2f}x generate (decode only "
+        f"{record['flax_over_torch_decode_only_bound_if_only_products']:.2f}x)")
     _fail_unless(record["identical_rows_fraction"] >= min_identical, record,
                  f"only {same_rows.sum()} of {batch} rows generated the same greedy tokens as transformers "
                  f"(first differences at steps {first_diff}): the sampler does not compute the same model")
     return record
+
+
+def _products_only_runner(sampler, prompts, steps: int):
+    """A no-argument function that runs `steps` iterations of the decode step's products alone on the sampler's
+    decode model and a cache prefilled with `prompts` (see the module docstring), blocking until done."""
+    import jax
+    import jax.numpy as jnp
+
+    logits_bv, cache = sampler.extend(prompts)
+    window = sampler.decode_window(sampler.longest(cache), steps)
+    cache = cache.first_slots(window)
+    model = sampler._decoding_model()
+    text = model.model.language_model
+    b, d = logits_bv.shape[0], model.config.text.hidden_size
+    h0_bd = jax.random.normal(jax.random.key(0), (b, d), jnp.float32).astype(text.embed_tokens.weight.dtype)
+
+    @jax.jit
+    def loop(model, keys, values, h0_bd):
+        text = model.model.language_model
+
+        def products(h_bd):
+            for layer, decoder_layer in enumerate(text.layers):
+                attn = decoder_layer.self_attn
+                q_bd = attn.project(h_bd)[0]
+                k_bkes, v_bkse = keys[layer], values[layer]
+                kv_heads, e = k_bkes.shape[1], k_bkes.shape[2]
+                q_bkge = q_bd.reshape(b, kv_heads, -1, e)
+                scores_bkgs = jnp.einsum("bkge,bkes->bkgs", q_bkge, k_bkes)
+                out_bd = jnp.einsum("bkgs,bkse->bkge", scores_bkgs, v_bkse).reshape(b, -1)
+                h_bd = h_bd + attn.o_proj(out_bd)
+                h_bd = h_bd + decoder_layer.mlp(h_bd)
+            return model.logits(h_bd)
+
+        def body(carry):
+            step, h_bd = carry
+            logits = products(h_bd)
+            # the next step depends on this one's result (else XLA could hoist it) but stays near h0
+            return step + 1, h0_bd + 1e-6 * logits[:, :1].astype(h_bd.dtype)
+
+        return jax.lax.while_loop(lambda carry: carry[0] < steps, body, (jnp.int32(0), h0_bd))[1]
+
+    return lambda: jax.block_until_ready(loop(model, cache.keys, cache.values, h0_bd))
 
 
 def decode_step_bytes(text_config, *, dtype: str, batch: int, mean_context: float) -> int:

@@ -234,13 +234,17 @@ class Sampler:
         if max_new_tokens > room:
             raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the cache room left ({room})")
         active_b = self.device_rows(active_local_b, bool)
-        # Attend over a power-of-two window that holds every row's tokens to come, not the whole capacity:
-        # each decode step reads every slot it attends to, so this is most of a step's cost for long caches.
-        slots = min(self.capacity, bucket(longest + max_new_tokens, 64))
+        slots = self.decode_window(longest, max_new_tokens)
         out = self._decode(self._decoding_model(), logits_bv, cache, rng, active_b, params, max_new_tokens, slots)
         tokens, logprobs, lengths, stopped, logits_bv, cache = out
         result = DecodeResult(self.rows(tokens), self.rows(logprobs), self.rows(lengths), self.rows(stopped))
         return result, logits_bv, cache
+
+    def decode_window(self, longest: int, max_new_tokens: int) -> int:
+        """The cache slots a decode loop attends over: a power-of-two window that holds every row's tokens to
+        come, not the whole capacity (each step reads every slot it attends to: most of a step's cost for long
+        caches)."""
+        return min(self.capacity, bucket(longest + max_new_tokens, 64))
 
     def _decoding_model(self) -> Qwen3VL:
         """The model as the decode loop multiplies by it. On CPU, a copy whose decoder weights are transposed and
