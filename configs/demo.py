@@ -30,12 +30,13 @@ def get_config():
                                                   deepstack_visual_indexes=(0, 1), rope_theta=5_000_000.0))
     # rope_theta: Qwen3-VL's 5e6 leaves a 16-dim head ~2 useful rotation frequencies over a turn's length; one run
     # with 1e4 got after-SFT Pass@1 0.25 (vs 0.0 with 5e6 at seed 0) and 0.0 after RL: one seed, not yet a default
-    # the synthetic zoom task's options (axpo_jax/data/synthetic.py:make_task) for the SFT data, RL and eval tasks,
-    # e.g. --config.task.grid=3 (9 cells) and border=10 (a redder box, the digit nearly fixed inside it): the zoom
-    # stays necessary (tests/data/test_synthetic.py checks this variant), but with it too, SFT at these sizes
-    # (480 examples, 120-240 steps) still learned neither the box's cell nor the digit (after-SFT Pass@1 0.06-0.13)
-    config.task = ml_collections.ConfigDict(dict(grid=6))
-    config.eval_tasks = 8  # held-out synthetic tasks, greedy, before SFT / after SFT / during and after RL
+    # the synthetic zoom task's options (axpo_jax/data/synthetic.py:make_task) for the SFT data, RL and eval tasks.
+    # grid=2: the red box sits in one of 4 cells, so the expert bbox is one of 4 strings; the digit still needs the
+    # zoom (tests/data/test_synthetic.py checks the demo's variant). With the full 6x6 grid (36 bboxes) SFT at these
+    # sizes wrote malformed boxes and never answered (after-SFT Pass@1 0.0); with grid=2 it calls the tool, gets
+    # the crop and answers every held-out task (Pass@1 0.12-0.38 over 4 runs; README, Results).
+    config.task = ml_collections.ConfigDict(dict(grid=2))
+    config.eval_tasks = 16  # held-out synthetic tasks, greedy, before SFT / after SFT / during and after RL
 
     # SFT on generated expert trajectories, written as JSONL + PNGs and read back through the sft mode
     config.sft_examples = 64

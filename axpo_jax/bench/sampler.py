@@ -22,7 +22,10 @@ drift apart after some steps on a random model: run it with `min_identical_rows=
 step's products alone (`decode_products_only_s`: the weight products as the decode loop does them, both
 attention products over the same cache window and the LM head, chained in the same kind of on-device loop with
 nothing else: no norms, rope, softmax, cache writes or sampling), a floor for any decode loop made of XLA's
-kernels on this device, and the ratios to `generate` that floor would give (`*_bound_if_only_products`).
+kernels on this device, and the ratios to `generate` that floor would give (`*_bound_if_only_products`). On a
+CPU it also times the host's BLAS (numpy) reading as many fp32 weights as a decode step reads, in one product of
+`batch` rows (`host_blas_weights_step_s`): the fastest a library kernel gets through a step's weights here, and
+the ratio to `generate` even a step of nothing but that would give (`*_bound_at_host_blas_speed`).
 
 `bench_fork`: K continuations of each of P long multimodal prefixes (P*K cache rows), two ways:
   fork       - prefill the P prefixes in a P-row cache (a batch-P `extend`), copy each row K times into a
@@ -170,12 +173,15 @@ def run_sampler(config) -> dict[str, Any]:
     load_before = _load_average()
     products_only = _products_only_runner(sampler, prompts, new_tokens)
     products_only()  # compile
-    torch_times, torch_prefill_times, flax_times, products_times = [], [], [], []
+    blas_step = _host_blas_weights_step(flax_model.config.text, batch) if jax.default_backend() == "cpu" else None
+    torch_times, torch_prefill_times, flax_times, products_times, blas_step_times = [], [], [], [], []
     for _ in range(repeats):
         torch_times += _time(lambda: torch_generate(new_tokens), 1)
         torch_prefill_times += _time(lambda: torch_generate(1), 1)
         flax_times += _time(flax_generate, 1)
         products_times += _time(products_only, 1)
+        if blas_step is not None:
+            blas_step_times.append(blas_step())
     load_after = _load_average()
     extend_times, decode_times = [p[0] for p in flax_parts], [p[1] for p in flax_parts]
 
@@ -232,6 +238,7 @@ def run_sampler(config) -> dict[str, Any]:
         flax_decode_over_products_only=round(flax_decode_s / products_s, 3),
         flax_over_torch_bound_if_only_products=round(torch_s / (statistics.median(extend_times) + products_s), 3),
         flax_over_torch_decode_only_bound_if_only_products=round(torch_decode_s / products_s, 3),
+        **_host_blas_fields(blas_step_times, torch_s, torch_decode_s, statistics.median(extend_times), new_tokens),
         # The fewest bytes a decode step must read (weights once, each row's filled KV cache once) over the
         # measured step time: how close each side runs to the memory bandwidth that bounds decoding.
         decode_min_bytes_per_step=step_bytes,
@@ -252,6 +259,10 @@ def run_sampler(config) -> dict[str, Any]:
     log(f"a decode step takes {record['flax_decode_over_products_only']:.2f}x its products alone; with only the "
         f"products: {record['flax_over_torch_bound_if_only_products']:.2f}x generate (decode only "
         f"{record['flax_over_torch_decode_only_bound_if_only_products']:.2f}x)")
+    if record["host_blas_weights_step_s"]:
+        log(f"the host's BLAS reads a step's weights in {record['host_blas_weights_step_s'] * 1e3:.3f} ms: a step of "
+            f"nothing else would give {record['flax_over_torch_bound_at_host_blas_speed']:.2f}x generate (decode "
+            f"only {record['flax_over_torch_decode_only_bound_at_host_blas_speed']:.2f}x)")
     _fail_unless(record["identical_rows_fraction"] >= min_identical, record,
                  f"only {same_rows.sum()} of {batch} rows generated the same greedy tokens as transformers "
                  f"(first differences at steps {first_diff}): the sampler does not compute the same model")
@@ -298,6 +309,36 @@ def _products_only_runner(sampler, prompts, steps: int):
         return jax.lax.while_loop(lambda carry: carry[0] < steps, body, (jnp.int32(0), h0_bd))[1]
 
     return lambda: jax.block_until_ready(loop(model, cache.keys, cache.values, h0_bd))
+
+
+def _host_blas_weights_step(text_config, batch: int):
+    """A no-argument function returning the seconds numpy (the host's BLAS, every core) takes to multiply `batch`
+    rows by as many fp32 weights as one decode step reads (the decoder's matrices and the LM head), laid out as one
+    [hidden, n] matrix so a single call reads them all: best of 20 calls, after a warm-up."""
+    from axpo_jax.bench.record import decoder_matmul_params
+
+    hidden = text_config.hidden_size
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((hidden, -(-decoder_matmul_params(text_config) // hidden)), np.float32)
+    rows = rng.standard_normal((batch, hidden), np.float32)
+
+    def best_of_20() -> float:
+        rows @ weights
+        return min(_time(lambda: rows @ weights, 20))
+
+    return best_of_20
+
+
+def _host_blas_fields(step_times: list[float], torch_s: float, torch_decode_s: float, extend_s: float,
+                      new_tokens: int) -> dict[str, Any]:
+    if not step_times:
+        return dict(host_blas_weights_step_s=None)
+    step_s = statistics.median(step_times)
+    return dict(
+        host_blas_weights_step_s=round(step_s, 6),
+        flax_over_torch_bound_at_host_blas_speed=round(torch_s / (extend_s + new_tokens * step_s), 3),
+        flax_over_torch_decode_only_bound_at_host_blas_speed=round(torch_decode_s / (new_tokens * step_s), 3),
+    )
 
 
 def decode_step_bytes(text_config, *, dtype: str, batch: int, mean_context: float) -> int:

@@ -20,13 +20,14 @@ def test_sampler_bench_micro_matches_generate():
                 "torch_prefill_median_s", "torch_tokens_per_s", "flax_tokens_per_s", "flax_over_torch_tokens_per_s",
                 "flax_decode_only_tokens_per_s", "torch_decode_only_tokens_per_s", "identical_rows_fraction",
                 "host", "num_params", "decode_products_only_s", "flax_decode_over_products_only",
-                "flax_over_torch_bound_if_only_products", "flax_over_torch_decode_only_bound_if_only_products"}
+                "flax_over_torch_bound_if_only_products", "flax_over_torch_decode_only_bound_if_only_products",
+                "host_blas_weights_step_s", "flax_over_torch_bound_at_host_blas_speed"}
     assert expected <= set(record)
     assert record["identical_rows_fraction"] == 1.0 and record["first_differing_step_per_bad_row"] == []
     assert record["generated_tokens"] == 16 and record["image_tokens_per_prompt"] == 4
     assert record["flax_traces"] == {"extend": 1, "decode": 1} and not record["flax_retraced_while_timing"]
     assert record["flax_median_s"] > 0 and record["torch_median_s"] > 0 and record["flax_decode_median_s"] > 0
-    assert record["decode_products_only_s"] > 0
+    assert record["decode_products_only_s"] > 0 and record["host_blas_weights_step_s"] > 0  # JAX runs on the CPU
 
 
 def test_decode_step_bytes_by_hand():

@@ -183,9 +183,9 @@ def _demo_task_options() -> dict:
 
 
 def test_the_demo_variant_still_needs_the_zoom_and_shows_the_box(processor):
-    """The demo's easier variant (configs/demo.py `task`: fewer cells, a thicker frame, less room for the digit
-    to move) keeps what matters: the box shows at low res in the cell that gives the bbox, the digit does not,
-    and the zoom reads it."""
+    """The demo's easier variant (configs/demo.py `task`: fewer cells) keeps what matters: the box shows at low
+    res (the reddest merged vision token lies in its cell, which gives the bbox), the digit does not, and the
+    zoom reads it."""
     options = _demo_task_options()
     grid = options.get("grid", 6)
     zoom, bbox_of_cell, low, zoomed, strong = ImageZoomIn(), {}, [], [], []
@@ -194,8 +194,9 @@ def test_the_demo_variant_still_needs_the_zoom_and_shows_the_box(processor):
         task = syn.make_task(seed, **options)
         view = syn.processor_view(processor, task.images[0])
         redness = view[..., 0] - view[..., 1:].mean(-1)
-        cells = redness.reshape(grid, 96 // grid, grid, 96 // grid).mean(axis=(1, 3))
-        assert np.unravel_index(np.argmax(cells), cells.shape) == task.cell
+        tokens = redness.reshape(6, 16, 6, 16).mean(axis=(1, 3))  # the 6x6 merged vision tokens
+        row, col = np.unravel_index(np.argmax(tokens), tokens.shape)  # the reddest token lies in the box's cell
+        assert (row * grid // 6, col * grid // 6) == task.cell
         assert bbox_of_cell.setdefault(task.cell, task.bbox_2d) == task.bbox_2d
         low.append(read_low_res(processor, task, view) == task.answer)
         zoomed.append(read_zoomed(processor, task, zoom) == task.answer)
