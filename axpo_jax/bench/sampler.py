@@ -168,12 +168,12 @@ def run_sampler(config) -> dict[str, Any]:
         raise BenchError(f"generate returned {torch_tokens.shape[1]} new tokens per row, expected {new_tokens}")
     traces = dict(sampler.trace_counts)
 
-    log(f"timing {repeats} interleaved runs each of generate, generate(1 token) and extend+decode")
-    flax_parts.clear()
-    load_before = _load_average()
     products_only = _products_only_runner(sampler, prompts, new_tokens)
     products_only()  # compile
     blas_step = _host_blas_weights_step(flax_model.config.text, batch) if jax.default_backend() == "cpu" else None
+    log(f"timing {repeats} interleaved runs each of generate, generate(1 token) and extend+decode")
+    flax_parts.clear()
+    load_before = _load_average()
     torch_times, torch_prefill_times, flax_times, products_times, blas_step_times = [], [], [], [], []
     for _ in range(repeats):
         torch_times += _time(lambda: torch_generate(new_tokens), 1)
@@ -191,7 +191,7 @@ def run_sampler(config) -> dict[str, Any]:
     torch_s, flax_s = statistics.median(torch_times), statistics.median(flax_times)
     torch_decode_s = max(torch_s - statistics.median(torch_prefill_times), 1e-9)
     flax_decode_s = statistics.median(decode_times)
-    products_s = statistics.median(products_times)
+    extend_s, products_s = statistics.median(extend_times), statistics.median(products_times)
     step_bytes = decode_step_bytes(flax_model.config.text, dtype=dtype, batch=batch,
                                    mean_context=prompt_len + (new_tokens - 1) / 2)
     copy_gbps = device_copy_gbps()
@@ -236,9 +236,9 @@ def run_sampler(config) -> dict[str, Any]:
         # device): the room left for work on everything else in a step.
         decode_products_only_s=_median(products_times),
         flax_decode_over_products_only=round(flax_decode_s / products_s, 3),
-        flax_over_torch_bound_if_only_products=round(torch_s / (statistics.median(extend_times) + products_s), 3),
+        flax_over_torch_bound_if_only_products=round(torch_s / (extend_s + products_s), 3),
         flax_over_torch_decode_only_bound_if_only_products=round(torch_decode_s / products_s, 3),
-        **_host_blas_fields(blas_step_times, torch_s, torch_decode_s, statistics.median(extend_times), new_tokens),
+        **_host_blas_fields(blas_step_times, torch_s, torch_decode_s, extend_s, new_tokens),
         # The fewest bytes a decode step must read (weights once, each row's filled KV cache once) over the
         # measured step time: how close each side runs to the memory bandwidth that bounds decoding.
         decode_min_bytes_per_step=step_bytes,
@@ -279,9 +279,9 @@ def _products_only_runner(sampler, prompts, steps: int):
     window = sampler.decode_window(sampler.longest(cache), steps)
     cache = cache.first_slots(window)
     model = sampler._decoding_model()
-    text = model.model.language_model
     b, d = logits_bv.shape[0], model.config.text.hidden_size
-    h0_bd = jax.random.normal(jax.random.key(0), (b, d), jnp.float32).astype(text.embed_tokens.weight.dtype)
+    dtype = model.model.language_model.embed_tokens.weight.dtype
+    h0_bd = jax.random.normal(jax.random.key(0), (b, d), jnp.float32).astype(dtype)
 
     @jax.jit
     def loop(model, keys, values, h0_bd):

@@ -163,14 +163,19 @@ def test_oracle_knowing_everything_but_the_digit_stays_near_chance_at_low_res(pr
     assert np.mean(hits) <= 0.40
 
 
+def reddest_token(view) -> tuple[int, int]:
+    """(row, col) of the reddest of the processor view's 6x6 merged vision tokens (16x16 pixels each)."""
+    redness = view[..., 0] - view[..., 1:].mean(-1)
+    tokens = redness.reshape(6, 16, 6, 16).mean(axis=(1, 3))
+    return tuple(int(i) for i in np.unravel_index(np.argmax(tokens), tokens.shape))
+
+
 def test_the_box_shows_at_low_res_and_gives_the_bbox(tasks_and_views):
     """A non-learned locator on the processor's view (the reddest merged token) finds the box's cell, and the
     cell determines the expert bbox, so the zoom target is inferable from the low-res image."""
     bbox_of_cell = {}
     for task, view in tasks_and_views:
-        redness = view[..., 0] - view[..., 1:].mean(-1)
-        tokens = redness.reshape(6, 16, 6, 16).mean(axis=(1, 3))  # the 6x6 merged vision tokens
-        assert np.unravel_index(np.argmax(tokens), tokens.shape) == task.cell
+        assert reddest_token(view) == task.cell
         assert bbox_of_cell.setdefault(task.cell, task.bbox_2d) == task.bbox_2d
     assert len(bbox_of_cell) > 30
 
@@ -193,9 +198,7 @@ def test_the_demo_variant_still_needs_the_zoom_and_shows_the_box(processor):
         seed = syn.task_seed(0, i)
         task = syn.make_task(seed, **options)
         view = syn.processor_view(processor, task.images[0])
-        redness = view[..., 0] - view[..., 1:].mean(-1)
-        tokens = redness.reshape(6, 16, 6, 16).mean(axis=(1, 3))  # the 6x6 merged vision tokens
-        row, col = np.unravel_index(np.argmax(tokens), tokens.shape)  # the reddest token lies in the box's cell
+        row, col = reddest_token(view)  # it lies in the box's cell
         assert (row * grid // 6, col * grid // 6) == task.cell
         assert bbox_of_cell.setdefault(task.cell, task.bbox_2d) == task.bbox_2d
         low.append(read_low_res(processor, task, view) == task.answer)
