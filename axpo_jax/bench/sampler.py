@@ -276,7 +276,7 @@ def _products_only_runner(sampler, prompts, steps: int):
     import jax.numpy as jnp
 
     logits_bv, cache = sampler.extend(prompts)
-    window = sampler.decode_window(sampler.longest(cache), steps)
+    window = sampler.attention_window(sampler.longest(cache), steps)
     cache = cache.first_slots(window)
     model = sampler._decoding_model()
     b, d = logits_bv.shape[0], model.config.text.hidden_size

@@ -186,7 +186,7 @@ class Sampler:
         )
         # Like decode, attend over a window of slots rather than the whole capacity: a prompt of 100 tokens in a
         # 1024-slot cache would otherwise score every query against 1024 keys.
-        return inputs, min(self.capacity, bucket(longest + width, 64))
+        return inputs, self.attention_window(longest, width)
 
     def _place(self, inputs: ModelInputs) -> ModelInputs:
         if self.mesh is None:
@@ -234,17 +234,17 @@ class Sampler:
         if max_new_tokens > room:
             raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the cache room left ({room})")
         active_b = self.device_rows(active_local_b, bool)
-        slots = self.decode_window(longest, max_new_tokens)
+        slots = self.attention_window(longest, max_new_tokens)
         out = self._decode(self._decoding_model(), logits_bv, cache, rng, active_b, params, max_new_tokens, slots)
         tokens, logprobs, lengths, stopped, logits_bv, cache = out
         result = DecodeResult(self.rows(tokens), self.rows(logprobs), self.rows(lengths), self.rows(stopped))
         return result, logits_bv, cache
 
-    def decode_window(self, longest: int, max_new_tokens: int) -> int:
-        """The cache slots a decode loop attends over: a power-of-two window that holds every row's tokens to
-        come, not the whole capacity (each step reads every slot it attends to: most of a step's cost for long
-        caches)."""
-        return min(self.capacity, bucket(longest + max_new_tokens, 64))
+    def attention_window(self, longest: int, new_tokens: int) -> int:
+        """The cache slots an extend or a decode loop attends over: a power-of-two window that holds every row's
+        tokens after `new_tokens` more, not the whole capacity (each query reads every slot it attends to: most of
+        a decode step's cost for long caches)."""
+        return min(self.capacity, bucket(longest + new_tokens, 64))
 
     def _decoding_model(self) -> Qwen3VL:
         """The model as the decode loop multiplies by it. On CPU, a copy whose decoder weights are transposed and
