@@ -26,6 +26,7 @@ _MODES: dict[str, str | ModeFn] = {
     "bench_update": "axpo_jax.bench.update:run",
     "bench_sampler": "axpo_jax.bench.sampler:run_sampler",
     "bench_fork": "axpo_jax.bench.sampler:run_fork",
+    "bench_decode_window": "axpo_jax.bench.sampler:run_decode_window",
     "bench_tool_overlap": "axpo_jax.bench.sampler:run_tool_overlap",
     "bench_algos": "axpo_jax.bench.algos:run",
     "memory_plan": "axpo_jax.bench.memory:run",

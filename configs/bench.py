@@ -5,6 +5,7 @@
     python launch.py --config configs/bench.py:memory    # mode memory_plan: per-device memory of a pod plan
     python launch.py --config configs/bench.py:sampler   # mode bench_sampler: KV-cache sampler vs HF generate
     python launch.py --config configs/bench.py:fork      # mode bench_fork: forking a prefix vs re-prefilling it
+    python launch.py --config configs/bench.py:decode_window  # mode bench_decode_window: growing vs one window
     python launch.py --config configs/bench.py:tool_overlap  # mode bench_tool_overlap: tool time hidden by device
     python launch.py --config configs/bench.py:algos     # mode bench_algos: AXPO vs GRPO at equal sampled tokens
 """
@@ -15,7 +16,8 @@ import os
 import ml_collections
 
 _MODES = {"forward": "bench_forward", "update": "bench_update", "memory": "memory_plan", "sampler": "bench_sampler",
-          "fork": "bench_fork", "tool_overlap": "bench_tool_overlap", "algos": "bench_algos"}
+          "fork": "bench_fork", "decode_window": "bench_decode_window", "tool_overlap": "bench_tool_overlap",
+          "algos": "bench_algos"}
 
 
 def get_config(arg=None):
@@ -71,6 +73,15 @@ def get_config(arg=None):
         config.new_tokens = 32
         config.repeats = 5  # interleaved fork / re_prefill / fork_in_place
         config.fork_in_place = True  # also time forking inside a batch-(prefixes*k) prefill (as slow as re-prefill)
+    elif arg == "decode_window":
+        config.preset = "tiny"
+        config.batch = 8
+        config.prompt_len = 64  # tokens per prompt, its image included
+        config.image_size = 128
+        config.max_new_tokens = 512  # the turn's budget (configs/rl.py's paper preset allows 2048)
+        config.capacity = 1024
+        config.stop_near = 100  # every row ends by this step (most earlier)
+        config.repeats = 5  # interleaved growing / whole_turn
     elif arg == "tool_overlap":
         config.tasks = 2
         config.samples = 4  # rows = tasks * samples

@@ -2,6 +2,7 @@
 
     python launch.py --config configs/bench.py:sampler        # mode bench_sampler
     python launch.py --config configs/bench.py:fork           # mode bench_fork
+    python launch.py --config configs/bench.py:decode_window  # mode bench_decode_window
     python launch.py --config configs/bench.py:tool_overlap   # mode bench_tool_overlap
 
 `bench_sampler`: greedy decoding of `batch` prompts (`prompt_len` tokens, one `image_size`^2 image each) for
@@ -20,7 +21,7 @@ bandwidth measured in the same run; in bfloat16 the two implementations round di
 drift apart after some steps on a random model: run it with `min_identical_rows=0` and read
 `identical_first_token_fraction`, the fp32 runs being the correctness check. Beside them it times the decode
 step's products alone (`decode_products_only_s`: the weight products as the decode loop does them, both
-attention products over the same cache window and the LM head, chained in the same kind of on-device loop with
+attention products over the same cache windows and the LM head, chained in the same kind of on-device loop with
 nothing else: no norms, rope, softmax, cache writes or sampling), a floor for any decode loop made of XLA's
 kernels on this device, and the ratios to `generate` that floor would give (`*_bound_if_only_products`). On a
 CPU it also times the host's BLAS (numpy) reading as many fp32 weights as a decode step reads, in one product of
@@ -39,6 +40,11 @@ the ratio to `generate` even a step of nothing but that would give (`*_bound_at_
 Greedy decoding makes all three produce the same tokens (checked, like bench_sampler: a mismatch raises). The
 record holds the median seconds of the prefill stage (extend, plus the fork), of the decode and of the total,
 and the re-prefill/fork ratios.
+
+`bench_decode_window`: one turn as rollouts decode it, a budget of `max_new_tokens` that every row ends well
+before (at a token it writes near step `stop_near`), decoded twice on the same cache: with attention windows that
+grow with the rows (the sampler's default) and with one window holding the whole budget (the longest row plus
+`max_new_tokens`), interleaved; the greedy tokens must agree, and `whole_turn_over_growing` is the time ratio.
 
 `bench_tool_overlap`: how much tool time the multi-turn `AgentLoop` hides behind device time. A batch of rows
 runs `tool_turns` turns that each call a fake tool sleeping `tool_sleep_s`, then answers; the policy is
@@ -269,15 +275,86 @@ def run_sampler(config) -> dict[str, Any]:
     return record
 
 
+def run_decode_window(config) -> dict[str, Any]:
+    """bench_decode_window: one agent turn as rollouts decode it: a budget of `max_new_tokens` that the rows end
+    well before (each stops at a token it writes near step `stop_near`), decoded with windows that grow with the
+    rows (`Sampler.decode_segments`, the default) and with one window over the whole budget (the longest row plus
+    `max_new_tokens`: what a single loop must attend over), side by side on the same model, cache and prompts."""
+    log = _logger("bench_decode_window")
+    import jax
+
+    from axpo_jax.rollout.sampler import Sampler, SamplingParams
+
+    preset, seed = str(config.preset), int(config.get("seed", 0))
+    batch, prompt_len, image_size = int(config.batch), int(config.prompt_len), int(config.image_size)
+    max_new, capacity, stop_near = int(config.max_new_tokens), int(config.capacity), int(config.stop_near)
+    repeats = max(1, int(config.repeats))
+    hf = hf_config_dict(preset)
+    prompts, _ = make_batch(hf, batch=batch, seq_len=prompt_len, num_images=1, image_size=image_size, seed=seed)
+    _, model, num_params = build_models(preset, seed, log=log)
+    greedy, key = SamplingParams(temperature=0.0), jax.random.key(seed)
+
+    # A random model never writes an end of turn; the rows' own tokens at step `stop_near` become stop tokens, so
+    # every row ends at or before it (most earlier, at its first earlier use of any of them), as real turns do.
+    probe = Sampler(model, batch_size=batch, capacity=capacity)
+    probe_result, _, _ = probe.decode(*probe.extend(prompts), key, greedy, stop_near + 1)
+    stops = sorted({int(t) for t in probe_result.tokens_bn[:, stop_near]})
+    samplers = {"growing": Sampler(model, batch_size=batch, capacity=capacity, stop_token_ids=stops),
+                "whole_turn": Sampler(model, batch_size=batch, capacity=capacity, stop_token_ids=stops,
+                                      min_decode_segment=max_new)}
+    logits_bv, cache = samplers["growing"].extend(prompts)
+    longest = samplers["growing"].longest(cache)
+    results = {name: s.decode(logits_bv, cache, key, greedy, max_new)[0] for name, s in samplers.items()}  # compile
+    traces = {name: dict(s.trace_counts) for name, s in samplers.items()}
+    lengths = results["growing"].lengths_b
+    log(f"{batch} rows stop after {lengths.min()}-{lengths.max()} of {max_new} tokens; timing {repeats} "
+        f"interleaved runs of each")
+    times: dict[str, list[float]] = {name: [] for name in samplers}
+    load_before = _load_average()
+    for _ in range(repeats):
+        for name, s in samplers.items():
+            times[name] += _time(lambda s=s: s.decode(logits_bv, cache, key, greedy, max_new), 1)
+    load_after = _load_average()
+    medians = {name: _median(ts) for name, ts in times.items()}
+    identical = float((results["growing"].tokens_bn == results["whole_turn"].tokens_bn).all(axis=1).mean())
+    record = dict(
+        mode="bench_decode_window",
+        preset=preset,
+        num_params=num_params,
+        batch=batch,
+        prompt_len=prompt_len,
+        max_new_tokens=max_new,
+        cache_capacity=capacity,
+        tokens_per_row=lengths.tolist(),
+        # the growing windows a row running to the longest row's length goes through
+        windows_growing=[w for w, _ in samplers["growing"].decode_segments(longest, int(lengths.max()))],
+        window_whole_turn=samplers["whole_turn"].attention_window(longest, max_new),
+        median_s=medians,
+        times_s={name: [round(t, 4) for t in ts] for name, ts in times.items()},
+        whole_turn_over_growing=round(medians["whole_turn"] / medians["growing"], 3),
+        whole_turn_over_growing_best_run=round(min(times["whole_turn"]) / min(times["growing"]), 3),
+        identical_rows_fraction=identical,
+        traces=traces,
+        retraced_while_timing={name: dict(s.trace_counts) for name, s in samplers.items()} != traces,
+        noisy=max(max(ts) / min(ts) for ts in times.values()) > 1.5,
+        host_loaded=host_loaded(load_before, load_after, log=log),
+        host=host_info(load_before, load_after),
+    )
+    log(f"growing windows {record['windows_growing']}: {medians['growing']:.3f}s; one window of "
+        f"{record['window_whole_turn']}: {medians['whole_turn']:.3f}s ({record['whole_turn_over_growing']:.2f}x)")
+    _fail_unless(identical == 1.0, record, "growing and whole-turn windows generated different greedy tokens")
+    return record
+
+
 def _products_only_runner(sampler, prompts, steps: int):
     """A no-argument function that runs `steps` iterations of the decode step's products alone on the sampler's
-    decode model and a cache prefilled with `prompts` (see the module docstring), blocking until done."""
+    decode model and a cache prefilled with `prompts` (see the module docstring), blocking until done. Like the
+    decode loop, the iterations run in segments over the same cache windows (`Sampler.decode_segments`)."""
     import jax
     import jax.numpy as jnp
 
     logits_bv, cache = sampler.extend(prompts)
-    window = sampler.attention_window(sampler.longest(cache), steps)
-    cache = cache.first_slots(window)
+    segments = tuple(sampler.decode_segments(sampler.longest(cache), steps))
     model = sampler._decoding_model()
     b, d = logits_bv.shape[0], model.config.text.hidden_size
     dtype = model.model.language_model.embed_tokens.weight.dtype
@@ -287,11 +364,11 @@ def _products_only_runner(sampler, prompts, steps: int):
     def loop(model, keys, values, h0_bd):
         text = model.model.language_model
 
-        def products(h_bd):
+        def products(h_bd, window):
             for layer, decoder_layer in enumerate(text.layers):
                 attn = decoder_layer.self_attn
                 q_bd = attn.project(h_bd)[0]
-                k_bkes, v_bkse = keys[layer], values[layer]
+                k_bkes, v_bkse = keys[layer][..., :window], values[layer][:, :, :window]
                 kv_heads, e = k_bkes.shape[1], k_bkes.shape[2]
                 q_bkge = q_bd.reshape(b, kv_heads, -1, e)
                 scores_bkgs = jnp.einsum("bkge,bkes->bkgs", q_bkge, k_bkes)
@@ -300,13 +377,18 @@ def _products_only_runner(sampler, prompts, steps: int):
                 h_bd = h_bd + decoder_layer.mlp(h_bd)
             return model.logits(h_bd)
 
-        def body(carry):
-            step, h_bd = carry
-            logits = products(h_bd)
-            # the next step depends on this one's result (else XLA could hoist it) but stays near h0
-            return step + 1, h0_bd + 1e-6 * logits[:, :1].astype(h_bd.dtype)
+        h_bd, done = h0_bd, 0
+        for window, segment_steps in segments:
+            def body(carry, window=window):
+                step, h_bd = carry
+                logits = products(h_bd, window)
+                # the next step depends on this one's result (else XLA could hoist it) but stays near h0
+                return step + 1, h0_bd + 1e-6 * logits[:, :1].astype(h_bd.dtype)
 
-        return jax.lax.while_loop(lambda carry: carry[0] < steps, body, (jnp.int32(0), h0_bd))[1]
+            done += segment_steps
+            h_bd = jax.lax.while_loop(lambda carry, end=done: carry[0] < end, body, (jnp.int32(done - segment_steps),
+                                                                                     h_bd))[1]
+        return h_bd
 
     return lambda: jax.block_until_ready(loop(model, cache.keys, cache.values, h0_bd))
 

@@ -19,7 +19,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+from flax import nnx, struct
 
 from axpo_jax.models.qwen3_vl.inputs import ModelInputs, bucket, image_buckets, prepare_inputs
 from axpo_jax.models.qwen3_vl.model import KVCache, Qwen3VL
@@ -76,7 +76,8 @@ class Sampler:
     """Samples continuations for a fixed batch of cache rows of a fixed capacity (tokens per row)."""
 
     def __init__(self, model: Qwen3VL, *, batch_size: int, capacity: int, stop_token_ids=(), stop_sequences=(),
-                 pad_id: int = 0, min_chunk: int = 16, min_patches: int = 64, cache_dtype=None, mesh=None):
+                 pad_id: int = 0, min_chunk: int = 16, min_patches: int = 64, min_decode_segment: int = 64,
+                 cache_dtype=None, mesh=None):
         self.model = model
         self.config = model.config
         self.batch_size = batch_size  # this process's rows (with one process: all of them)
@@ -89,6 +90,7 @@ class Sampler:
         self.pad_id = pad_id
         self.min_chunk = min_chunk
         self.min_patches = min_patches
+        self.min_decode_segment = min_decode_segment
         self.mesh = mesh
         self.cache_dtype = cache_dtype or model.model.language_model.embed_tokens.weight[...].dtype
         self.stop_token_ids = tuple(int(t) for t in stop_token_ids)
@@ -225,6 +227,10 @@ class Sampler:
     def decode(self, logits_bv, cache: KVCache, rng, params: SamplingParams, max_new_tokens: int, active_b=None):
         """Samples until every active row stops or has max_new_tokens; every sampled token enters the cache.
 
+        The on-device loop runs in a few segments, each attending over a window of slots that holds the running
+        rows' tokens for that segment only (`decode_segment`): a turn that may write 2,048 tokens but stops after
+        200 never pays attention over the 2,048 slots it did not use. The state crosses segments on the device.
+
         Returns (DecodeResult, next-token logits [B, V], cache) so a forked row or an extend can go on from here.
         """
         active_local_b = np.ones(self.batch_size, bool) if active_b is None else np.asarray(active_b, bool)
@@ -233,18 +239,39 @@ class Sampler:
         room = self.capacity - longest
         if max_new_tokens > room:
             raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the cache room left ({room})")
-        active_b = self.device_rows(active_local_b, bool)
-        slots = self.attention_window(longest, max_new_tokens)
-        out = self._decode(self._decoding_model(), logits_bv, cache, rng, active_b, params, max_new_tokens, slots)
-        tokens, logprobs, lengths, stopped, logits_bv, cache = out
-        result = DecodeResult(self.rows(tokens), self.rows(logprobs), self.rows(lengths), self.rows(stopped))
-        return result, logits_bv, cache
+        model = self._decoding_model()
+        start_length_b = cache.length_b
+        state = self._decode_start(logits_bv, rng, self.device_rows(active_local_b, bool), max_new_tokens)
+        step, running_local_b = 0, active_local_b
+        while step < max_new_tokens and distributed.any_process(bool(running_local_b.any())):
+            window, steps = self.decode_segment(self.longest(cache, running_local_b), max_new_tokens - step)
+            step += steps
+            state, cache = self._decode(model, state, cache, jnp.int32(step), params, max_new_tokens, window)
+            running_local_b = self.rows(state.running_b)
+        result = DecodeResult(self.rows(state.tokens_bn), self.rows(state.logprobs_bn),
+                              self.rows(cache.length_b - start_length_b), self.rows(state.stopped_b))
+        return result, state.logits_bv, cache
 
     def attention_window(self, longest: int, new_tokens: int) -> int:
-        """The cache slots an extend or a decode loop attends over: a power-of-two window that holds every row's
-        tokens after `new_tokens` more, not the whole capacity (each query reads every slot it attends to: most of
-        a decode step's cost for long caches)."""
+        """The cache slots an extend or a decode segment attends over: a power-of-two window that holds every
+        row's tokens after `new_tokens` more, not the whole capacity (each query reads every slot it attends to:
+        most of a decode step's cost for long caches)."""
         return min(self.capacity, bucket(longest + new_tokens, 64))
+
+    def decode_segment(self, longest: int, remaining: int) -> tuple[int, int]:
+        """(window, steps) of the next decode segment: the window that holds `min_decode_segment` more tokens (or
+        all that remain) of the running rows, the longest of which has `longest`, and the steps that fill it.
+        Windows are powers of two, so a decode of any length compiles at most log2(capacity / 64) programs."""
+        window = self.attention_window(longest, min(remaining, self.min_decode_segment))
+        return window, min(remaining, window - longest)
+
+    def decode_segments(self, longest: int, new_tokens: int) -> list[tuple[int, int]]:
+        """The (window, steps) segments of a decode in which no row stops early (benchmarks time such runs)."""
+        segments = []
+        while new_tokens > 0:
+            segments.append(self.decode_segment(longest, new_tokens))
+            longest, new_tokens = longest + segments[-1][1], new_tokens - segments[-1][1]
+        return segments
 
     def _decoding_model(self) -> Qwen3VL:
         """The model as the decode loop multiplies by it. On CPU, a copy whose decoder weights are transposed and
@@ -261,14 +288,26 @@ class Sampler:
             self._decoding = (weights, _for_decoding(self.model))
         return self._decoding[1]
 
-    @functools.partial(nnx.jit, static_argnums=(0, 6, 7, 8), graph=False)
-    def _decode(self, model, logits_bv, cache, rng, active_b, params: SamplingParams, max_new: int, slots: int):
-        self.trace_counts["decode"] += 1
-        full, cache = cache, cache.first_slots(slots)
+    @functools.partial(jax.jit, static_argnums=(0, 4))
+    def _decode_start(self, logits_bv, rng, active_b, max_new: int) -> "DecodeState":
         b, v = logits_bv.shape
+        return DecodeState(
+            step=jnp.int32(0), logits_bv=logits_bv, rng=rng,
+            tokens_bn=jnp.full((b, max_new), self.pad_id, jnp.int32), logprobs_bn=jnp.zeros((b, max_new), jnp.float32),
+            running_b=active_b, seen_bv=jnp.zeros((b, v), jnp.float32),
+            recent_bw=jnp.full((b, self._stop_sequences.shape[1]), -5, jnp.int32), stopped_b=jnp.zeros((b,), bool),
+        )
+
+    @functools.partial(nnx.jit, static_argnums=(0, 5, 6, 7), graph=False)
+    def _decode(self, model, state: "DecodeState", cache, segment_end, params: SamplingParams, max_new: int,
+                window: int):
+        """Runs the decode loop from `state` until no row runs or the step count reaches `segment_end`, attending
+        over the cache's first `window` slots."""
+        self.trace_counts["decode"] += 1
+        full, cache = cache, cache.first_slots(window)
+        b, v = state.logits_bv.shape
         stop_ids = jnp.asarray(self.stop_token_ids or (-3,), jnp.int32)
         stop_seqs = jnp.asarray(self._stop_sequences)
-        window = stop_seqs.shape[1]
 
         banned_v = jnp.zeros((v,), bool).at[jnp.asarray(self.banned_token_ids)].set(True)
 
@@ -285,34 +324,45 @@ class Sampler:
             picked = jnp.take_along_axis(scaled, token[:, None], -1)[:, 0]
             return token, picked - jax.nn.logsumexp(scaled, axis=-1)
 
-        def body(state):
-            step, logits, cache, rng, tokens, logprobs, running, seen, recent, stopped = state
-            rng, key = jax.random.split(rng)
-            token, logprob = sample(logits, key, seen)
+        def body(carry):
+            s, cache = carry
+            step, running = s.step, s.running_b
+            rng, key = jax.random.split(s.rng)
+            token, logprob = sample(s.logits_bv, key, s.seen_bv)
             token = jnp.where(running, token, self.pad_id)
-            tokens = tokens.at[:, step].set(token)
-            logprobs = logprobs.at[:, step].set(jnp.where(running, logprob, 0.0))
+            seen = s.seen_bv
             if params.presence_penalty:  # else `seen` is never read: no [B, V] update per step
                 seen = seen.at[jnp.arange(b), token].max(running.astype(seen.dtype))
-            recent = jnp.concatenate([recent[:, 1:], token[:, None]], axis=1)
+            recent = jnp.concatenate([s.recent_bw[:, 1:], token[:, None]], axis=1)
             hit_seq = jnp.any(jnp.all((stop_seqs[None] == recent[:, None]) | (stop_seqs[None] == -1), -1), -1)
             hit = jnp.isin(token, stop_ids) | hit_seq
             logits, cache = model.decode_step(token, cache, running)
-            stopped = stopped | (running & hit)
-            running = running & ~hit & (step + 1 < max_new)
-            return step + 1, logits, cache, rng, tokens, logprobs, running, seen, recent, stopped
+            return DecodeState(
+                step=step + 1, logits_bv=logits, rng=rng,
+                tokens_bn=s.tokens_bn.at[:, step].set(token),
+                logprobs_bn=s.logprobs_bn.at[:, step].set(jnp.where(running, logprob, 0.0)),
+                running_b=running & ~hit & (step + 1 < max_new), seen_bv=seen, recent_bw=recent,
+                stopped_b=s.stopped_b | (running & hit),
+            ), cache
 
-        state = (
-            jnp.int32(0), logits_bv, cache, rng,
-            jnp.full((b, max_new), self.pad_id, jnp.int32), jnp.zeros((b, max_new), jnp.float32),
-            active_b, jnp.zeros((b, v), jnp.float32), jnp.full((b, window), -5, jnp.int32), jnp.zeros((b,), bool),
-        )
-        start_length = cache.length_b
-        step, logits_bv, cache, _, tokens, logprobs, _, _, _, stopped = jax.lax.while_loop(
-            lambda s: jnp.any(s[6]), body, state
-        )
-        cache = full.with_first_slots(cache)
-        return tokens, logprobs, cache.length_b - start_length, stopped, logits_bv, cache
+        state, cache = jax.lax.while_loop(
+            lambda carry: jnp.any(carry[0].running_b) & (carry[0].step < segment_end), body, (state, cache))
+        return state, full.with_first_slots(cache)
+
+
+@struct.dataclass
+class DecodeState:
+    """The decode loop's carry, kept on the device between segments."""
+
+    step: jax.Array  # int32, tokens sampled so far in this decode call
+    logits_bv: jax.Array  # next-token logits of every row
+    rng: jax.Array
+    tokens_bn: jax.Array  # int32 [B, max_new], pad_id where nothing was sampled
+    logprobs_bn: jax.Array
+    running_b: jax.Array  # bool: still sampling
+    seen_bv: jax.Array  # float32: 1 for tokens this decode call has produced (presence penalty)
+    recent_bw: jax.Array  # int32: each row's last tokens, matched against the stop sequences
+    stopped_b: jax.Array  # bool: hit a stop token or sequence
 
 
 @jax.jit

@@ -1,4 +1,4 @@
-"""The rollout benchmark modes (bench_sampler, bench_fork, bench_tool_overlap) on micro sizes."""
+"""The rollout benchmark modes (bench_sampler, bench_fork, bench_decode_window, bench_tool_overlap) on micro sizes."""
 
 import ml_collections
 import numpy as np
@@ -67,6 +67,17 @@ def test_fork_bench_micro_tokens_agree():
     assert {"re_prefill_over_fork_prefill", "re_prefill_over_fork_total", "re_prefill_over_fork_prefill_best_run",
             "re_prefill_over_fork_total_best_run", "noisy", "host"} <= set(record)
     assert not record["retraced_while_timing"]
+
+
+def test_decode_window_bench_micro_same_tokens_smaller_windows():
+    record = sampler.run_decode_window(_config(mode="bench_decode_window", preset="micro", batch=2, prompt_len=16,
+                                               image_size=32, max_new_tokens=96, capacity=128, stop_near=40,
+                                               repeats=1))
+    assert record["identical_rows_fraction"] == 1.0
+    assert max(record["tokens_per_row"]) <= 41  # every row ends at its token of step 40 or earlier
+    assert record["window_whole_turn"] == 128 and record["windows_growing"] == [64]
+    assert record["traces"]["whole_turn"] == {"decode": 1} and not record["retraced_while_timing"]
+    assert record["median_s"]["growing"] > 0 and record["whole_turn_over_growing"] > 0
 
 
 def test_tool_overlap_micro_pipelined_loop_hides_tool_time():

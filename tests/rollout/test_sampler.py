@@ -231,3 +231,34 @@ def test_decode_follows_a_weight_update(models):
     assert (before.tokens_bn != after.tokens_bn).any()
     np.testing.assert_array_equal(after.tokens_bn, fresh.tokens_bn)
     np.testing.assert_array_equal(after.logprobs_bn, fresh.logprobs_bn)
+
+
+def test_decode_runs_in_segments_over_growing_windows(models):
+    """A long decode attends over a window that grows with the rows (64, then 128 slots here), one segment per
+    window: greedy tokens equal generate's across the switch, sampled ones equal a single loop over the whole
+    window's, and a decode whose rows all stop in the first window never runs (nor compiles) the second."""
+    hf, model = models
+    batch = make_batch(hf.config, PROMPTS, padding="left")
+    segmented = Sampler(model, batch_size=4, capacity=128, min_decode_segment=8)
+    logits, cache = segmented.extend(batch)
+    longest = segmented.longest(cache)
+    new_tokens = 96 - longest
+    assert segmented.decode_segments(longest, new_tokens) == [(64, 64 - longest), (128, 32)]
+
+    greedy, _, after = segmented.decode(logits, cache, jax.random.key(0), GREEDY, new_tokens)
+    assert segmented.trace_counts["decode"] == 2
+    np.testing.assert_array_equal(greedy.tokens_bn, hf_greedy(hf, batch, new_tokens))
+    np.testing.assert_array_equal(np.asarray(after.length_b), np.asarray(cache.length_b) + new_tokens)
+
+    whole = Sampler(model, batch_size=4, capacity=128, min_decode_segment=128)
+    sampled = [s.decode(logits, cache, jax.random.key(5), SamplingParams(top_k=50), new_tokens)[0]
+               for s in (segmented, whole)]
+    assert whole.trace_counts["decode"] == 1
+    np.testing.assert_array_equal(sampled[0].tokens_bn, sampled[1].tokens_bn)
+    np.testing.assert_allclose(sampled[0].logprobs_bn, sampled[1].logprobs_bn, atol=1e-5)
+
+    first_tokens = sorted({int(t) for t in greedy.tokens_bn[:, 0]})
+    stopping = Sampler(model, batch_size=4, capacity=128, min_decode_segment=8, stop_token_ids=first_tokens)
+    stopped, _, _ = stopping.decode(logits, cache, jax.random.key(0), GREEDY, new_tokens)
+    np.testing.assert_array_equal(stopped.lengths_b, [1] * 4)
+    assert stopping.trace_counts["decode"] == 1
