@@ -52,6 +52,9 @@ def get_config(arg=None):
     config.max_new_tokens_per_turn = 128
     config.capacity = 1024  # KV-cache slots per trajectory: prompt + every turn + observations
     config.pipeline_groups = 1  # 2: half the rows decode while the other half's tools run
+    # decode runs in segments whose attention window (a power of two) holds at least this many more tokens:
+    # larger = fewer segments and compiled windows, smaller = windows closer to the rows' lengths
+    config.decode_segment_tokens = 64
     config.tool_timeout_s = 12.0
     config.temperature = 1.0  # paper: 1.0 in training
     config.top_p = 1.0

@@ -90,7 +90,8 @@ class AgentLoop:
 
     def __init__(self, model, processor, executor: ToolExecutor, *, max_turns: int = 3,
                  max_new_tokens_per_turn: int = 256, capacity: int = 2048, system_prompt: str | None = None,
-                 tool_timeout_s: float = 12.0, pipeline_groups: int = 1, mesh=None, log=None):
+                 tool_timeout_s: float = 12.0, pipeline_groups: int = 1, decode_segment_tokens: int = 64, mesh=None,
+                 log=None):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -107,6 +108,7 @@ class AgentLoop:
         # group decodes. 1 is synchronous. On an accelerator decode is memory-bound, so a half batch costs almost
         # a whole one: 2 groups pay off when a turn's tool time is at least a decode turn's device time.
         self.pipeline_groups = pipeline_groups
+        self.decode_segment_tokens = decode_segment_tokens  # Sampler.min_decode_segment
         self.mesh = mesh
         self.log = log or (lambda message: print(f"[rollout] {message}", file=sys.stderr, flush=True))
         vocab = self.tokenizer.get_vocab()
@@ -125,7 +127,7 @@ class AgentLoop:
             self._samplers[batch_size] = Sampler(
                 self.model, batch_size=batch_size, capacity=self.capacity, pad_id=self.pad_id, mesh=self.mesh,
                 stop_token_ids=[self.tool_call_close_id, self.end_of_turn_id],
-                stop_sequences=[self._answer_close_ids],
+                stop_sequences=[self._answer_close_ids], min_decode_segment=self.decode_segment_tokens,
             )
         return self._samplers[batch_size]
 

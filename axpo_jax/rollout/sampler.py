@@ -90,6 +90,8 @@ class Sampler:
         self.pad_id = pad_id
         self.min_chunk = min_chunk
         self.min_patches = min_patches
+        if min_decode_segment < 1:
+            raise ValueError(f"min_decode_segment must be >= 1, got {min_decode_segment}")
         self.min_decode_segment = min_decode_segment
         self.mesh = mesh
         self.cache_dtype = cache_dtype or model.model.language_model.embed_tokens.weight[...].dtype

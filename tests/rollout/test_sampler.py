@@ -262,3 +262,5 @@ def test_decode_runs_in_segments_over_growing_windows(models):
     stopped, _, _ = stopping.decode(logits, cache, jax.random.key(0), GREEDY, new_tokens)
     np.testing.assert_array_equal(stopped.lengths_b, [1] * 4)
     assert stopping.trace_counts["decode"] == 1
+    with pytest.raises(ValueError, match="min_decode_segment"):
+        Sampler(model, batch_size=4, capacity=128, min_decode_segment=0)
