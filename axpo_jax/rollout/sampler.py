@@ -243,14 +243,18 @@ class Sampler:
             raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the cache room left ({room})")
         model = self._decoding_model()
         start_length_b = cache.length_b
-        state = self._decode_start(logits_bv, rng, self.device_rows(active_local_b, bool), max_new_tokens)
+        # The token buffers are a power of two wide, not max_new_tokens: near the end of a cache each turn's
+        # budget (the room left) differs, and a width per budget would compile the whole loop again each time.
+        width = bucket(max_new_tokens, 64)
+        state = self._decode_start(logits_bv, rng, self.device_rows(active_local_b, bool), width)
         step, running_local_b = 0, active_local_b
         while step < max_new_tokens and distributed.any_process(bool(running_local_b.any())):
             window, steps = self.decode_segment(self.longest(cache, running_local_b), max_new_tokens - step)
             step += steps
-            state, cache = self._decode(model, state, cache, jnp.int32(step), params, max_new_tokens, window)
-            running_local_b = self.rows(state.running_b)
-        result = DecodeResult(self.rows(state.tokens_bn), self.rows(state.logprobs_bn),
+            state, cache = self._decode(model, state, cache, jnp.int32(step), params, window)
+            running_local_b = self.rows(state.running_b) & (step < max_new_tokens)
+        result = DecodeResult(self.rows(state.tokens_bn)[:, :max_new_tokens],
+                              self.rows(state.logprobs_bn)[:, :max_new_tokens],
                               self.rows(cache.length_b - start_length_b), self.rows(state.stopped_b))
         return result, state.logits_bv, cache
 
@@ -291,20 +295,20 @@ class Sampler:
         return self._decoding[1]
 
     @functools.partial(jax.jit, static_argnums=(0, 4))
-    def _decode_start(self, logits_bv, rng, active_b, max_new: int) -> "DecodeState":
+    def _decode_start(self, logits_bv, rng, active_b, width: int) -> "DecodeState":
         b, v = logits_bv.shape
         return DecodeState(
             step=jnp.int32(0), logits_bv=logits_bv, rng=rng,
-            tokens_bn=jnp.full((b, max_new), self.pad_id, jnp.int32), logprobs_bn=jnp.zeros((b, max_new), jnp.float32),
+            tokens_bn=jnp.full((b, width), self.pad_id, jnp.int32), logprobs_bn=jnp.zeros((b, width), jnp.float32),
             running_b=active_b, seen_bv=jnp.zeros((b, v), jnp.float32),
             recent_bw=jnp.full((b, self._stop_sequences.shape[1]), -5, jnp.int32), stopped_b=jnp.zeros((b,), bool),
         )
 
-    @functools.partial(nnx.jit, static_argnums=(0, 5, 6, 7), graph=False)
-    def _decode(self, model, state: "DecodeState", cache, segment_end, params: SamplingParams, max_new: int,
-                window: int):
-        """Runs the decode loop from `state` until no row runs or the step count reaches `segment_end`, attending
-        over the cache's first `window` slots."""
+    @functools.partial(nnx.jit, static_argnums=(0, 5, 6), graph=False)
+    def _decode(self, model, state: "DecodeState", cache, segment_end, params: SamplingParams, window: int):
+        """Runs the decode loop from `state` until no row runs or the step count reaches `segment_end` (traced: the
+        host's count, so budgets of every size share the program), attending over the cache's first `window`
+        slots."""
         self.trace_counts["decode"] += 1
         full, cache = cache, cache.first_slots(window)
         b, v = state.logits_bv.shape
@@ -343,7 +347,7 @@ class Sampler:
                 step=step + 1, logits_bv=logits, rng=rng,
                 tokens_bn=s.tokens_bn.at[:, step].set(token),
                 logprobs_bn=s.logprobs_bn.at[:, step].set(jnp.where(running, logprob, 0.0)),
-                running_b=running & ~hit & (step + 1 < max_new), seen_bv=seen, recent_bw=recent,
+                running_b=running & ~hit, seen_bv=seen, recent_bw=recent,
                 stopped_b=s.stopped_b | (running & hit),
             ), cache
 
@@ -359,9 +363,9 @@ class DecodeState:
     step: jax.Array  # int32, tokens sampled so far in this decode call
     logits_bv: jax.Array  # next-token logits of every row
     rng: jax.Array
-    tokens_bn: jax.Array  # int32 [B, max_new], pad_id where nothing was sampled
+    tokens_bn: jax.Array  # int32 [B, width >= max_new], pad_id where nothing was sampled
     logprobs_bn: jax.Array
-    running_b: jax.Array  # bool: still sampling
+    running_b: jax.Array  # bool: not stopped (the step limit is the host's: `segment_end`)
     seen_bv: jax.Array  # float32: 1 for tokens this decode call has produced (presence penalty)
     recent_bw: jax.Array  # int32: each row's last tokens, matched against the stop sequences
     stopped_b: jax.Array  # bool: hit a stop token or sequence

@@ -139,11 +139,15 @@ def test_stop_tokens_and_stop_sequences(models):
 def test_steady_state_does_not_recompile(models):
     hf, model = models
     sampler = Sampler(model, batch_size=4, capacity=128)
-    # different prompts, images and sampling keys, but the same buckets (<= 32 tokens, <= 4 images, <= 64 patches)
-    for seed, prompts in enumerate([PROMPTS, [[14, (1, 4, 4), 1], [9], [2, (1, 6, 4), 3], [1, (1, 2, 2), 2]]]):
+    # different prompts, images, sampling keys and token budgets (a turn's budget shrinks with the room left), but
+    # the same buckets (<= 32 tokens, <= 4 images, <= 64 patches, a 64-slot window, <= 64 new tokens)
+    for seed, (prompts, budget) in enumerate([(PROMPTS, 8), ([[14, (1, 4, 4), 1], [9], [2, (1, 6, 4), 3],
+                                                              [1, (1, 2, 2), 2]], 5)]):
         batch = make_batch(hf.config, prompts, padding="left", seed=seed)
         logits, cache = sampler.extend(batch)
-        sampler.decode(logits, cache, jax.random.key(seed), SamplingParams(temperature=0.7, top_p=0.8), 8)
+        result, _, _ = sampler.decode(logits, cache, jax.random.key(seed), SamplingParams(temperature=0.7, top_p=0.8),
+                                      budget)
+        assert result.tokens_bn.shape == (4, budget) and (result.lengths_b <= budget).all()
     assert sampler.trace_counts == {"extend": 1, "decode": 1}
 
 
