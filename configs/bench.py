@@ -82,6 +82,9 @@ def get_config(arg=None):
         config.capacity = 1024
         config.stop_near = 100  # every row ends by this step (most earlier)
         config.repeats = 5  # interleaved growing / whole_turn
+        config.min_identical_rows = 1.0  # fp32: both must decode the same tokens (bf16: 0, windows round apart)
+        config.dtype = "float32"
+        config.torch_device = "cpu"  # where transformers builds the random model ("auto": CUDA when there is one)
     elif arg == "tool_overlap":
         config.tasks = 2
         config.samples = 4  # rows = tasks * samples

@@ -288,10 +288,11 @@ def run_decode_window(config) -> dict[str, Any]:
     preset, seed = str(config.preset), int(config.get("seed", 0))
     batch, prompt_len, image_size = int(config.batch), int(config.prompt_len), int(config.image_size)
     max_new, capacity, stop_near = int(config.max_new_tokens), int(config.capacity), int(config.stop_near)
-    repeats = max(1, int(config.repeats))
+    repeats, min_identical = max(1, int(config.repeats)), float(config.get("min_identical_rows", 1.0))
+    dtype, device = str(config.get("dtype", "float32")), torch_device_for(str(config.get("torch_device", "cpu")))
     hf = hf_config_dict(preset)
     prompts, _ = make_batch(hf, batch=batch, seq_len=prompt_len, num_images=1, image_size=image_size, seed=seed)
-    _, model, num_params = build_models(preset, seed, log=log)
+    _, model, num_params = build_models(preset, seed, log=log, torch_device=device, dtype=dtype)
     greedy, key = SamplingParams(temperature=0.0), jax.random.key(seed)
 
     # A random model never writes an end of turn; the rows' own tokens at step `stop_near` become stop tokens, so
@@ -320,6 +321,8 @@ def run_decode_window(config) -> dict[str, Any]:
     record = dict(
         mode="bench_decode_window",
         preset=preset,
+        dtype=dtype,
+        jax_device=_jax_device_kind(),
         num_params=num_params,
         batch=batch,
         prompt_len=prompt_len,
@@ -342,7 +345,8 @@ def run_decode_window(config) -> dict[str, Any]:
     )
     log(f"growing windows {record['windows_growing']}: {medians['growing']:.3f}s; one window of "
         f"{record['window_whole_turn']}: {medians['whole_turn']:.3f}s ({record['whole_turn_over_growing']:.2f}x)")
-    _fail_unless(identical == 1.0, record, "growing and whole-turn windows generated different greedy tokens")
+    _fail_unless(identical >= min_identical, record,
+                 f"growing and whole-turn windows generated the same greedy tokens on only {identical:.2f} of the rows")
     return record
 
 
