@@ -235,6 +235,8 @@ class Sampler:
 
         Returns (DecodeResult, next-token logits [B, V], cache) so a forked row or an extend can go on from here.
         """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         active_local_b = np.ones(self.batch_size, bool) if active_b is None else np.asarray(active_b, bool)
         # only rows that decode need room: a finished row may be fuller than any running one (it writes nothing)
         longest = self.longest(cache, active_local_b)

@@ -215,6 +215,11 @@ def test_a_finished_row_fuller_than_the_room_does_not_block_the_others(models, s
     np.testing.assert_array_equal(np.asarray(after.length_b), full + np.where(active, 10, 0))
     with pytest.raises(ValueError, match="cache room"):
         sampler.decode(logits, cache, jax.random.key(0), GREEDY, 10, active_b=np.ones(4, bool))
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        sampler.decode(logits, cache, jax.random.key(0), GREEDY, -1)
+    nothing, _, same = sampler.decode(logits, cache, jax.random.key(0), GREEDY, 0)
+    assert nothing.tokens_bn.shape == (4, 0) and (nothing.lengths_b == 0).all()
+    np.testing.assert_array_equal(np.asarray(same.length_b), full)
 
 
 def test_decode_follows_a_weight_update(models):
