@@ -254,7 +254,7 @@ class Sampler:
             window, steps = self.decode_segment(self.longest(cache, running_local_b), max_new_tokens - step)
             step += steps
             state, cache = self._decode(model, state, cache, jnp.int32(step), params, window)
-            running_local_b = self.rows(state.running_b) & (step < max_new_tokens)
+            running_local_b = self.rows(state.running_b)
         result = DecodeResult(self.rows(state.tokens_bn)[:, :max_new_tokens],
                               self.rows(state.logprobs_bn)[:, :max_new_tokens],
                               self.rows(cache.length_b - start_length_b), self.rows(state.stopped_b))
