@@ -381,17 +381,13 @@ def _products_only_runner(sampler, prompts, steps: int):
                 h_bd = h_bd + decoder_layer.mlp(h_bd)
             return model.logits(h_bd)
 
-        h_bd, done = h0_bd, 0
-        for window, segment_steps in segments:
-            def body(carry, window=window):
-                step, h_bd = carry
-                logits = products(h_bd, window)
-                # the next step depends on this one's result (else XLA could hoist it) but stays near h0
-                return step + 1, h0_bd + 1e-6 * logits[:, :1].astype(h_bd.dtype)
+        def step(h_bd, window):
+            # the next step depends on this one's result (else XLA could hoist it) but stays near h0
+            return h0_bd + 1e-6 * products(h_bd, window)[:, :1].astype(h_bd.dtype)
 
-            done += segment_steps
-            h_bd = jax.lax.while_loop(lambda carry, end=done: carry[0] < end, body, (jnp.int32(done - segment_steps),
-                                                                                     h_bd))[1]
+        h_bd = h0_bd
+        for window, segment_steps in segments:
+            h_bd = jax.lax.fori_loop(0, segment_steps, lambda _, h, window=window: step(h, window), h_bd)
         return h_bd
 
     return lambda: jax.block_until_ready(loop(model, cache.keys, cache.values, h0_bd))
