@@ -7,6 +7,7 @@
 #   bash scripts/gpu_session.sh large   # bench_sampler 2b bf16 (decode bandwidth), rl mode on a 2B-shaped policy
 #   bash scripts/gpu_session.sh sampler # the sampler runs only (fp32 tokens vs generate; 2b bf16 bandwidth;
 #                                       # 2b bf16 growing decode windows vs one whole-budget window)
+#   bash scripts/gpu_session.sh decode_window  # the 2b bf16 growing decode windows only
 #   bash scripts/gpu_session.sh rl_2b   # the rl mode on a 2B-shaped policy only
 #
 # Packages the machine lacks (grain, ml_collections, tensorboardX, ...) come as wheels in .whl/ (see README);
@@ -61,12 +62,13 @@ sampler_2b_bf16() {
       --config.new_tokens=256 --config.min_identical_rows=0
 }
 decode_window_2b_bf16() {
-  # one 2,048-token turn budget that the rows end after <= 400 tokens, growing windows vs one whole-budget window
+  # one 2,048-token turn budget that the rows end after 200-400 tokens (sampled: a random bf16 model repeats itself
+  # greedily), growing windows vs one whole-budget window
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 step decode_window_2b_bf16 240 \
     python3 launch.py --config configs/bench.py:decode_window --config.preset=2b --config.dtype=bfloat16 \
       --config.torch_device=auto --config.batch=16 --config.prompt_len=1024 --config.image_size=448 \
-      --config.max_new_tokens=2048 --config.capacity=4096 --config.stop_near=400 --config.repeats=3 \
-      --config.min_identical_rows=0
+      --config.max_new_tokens=2048 --config.capacity=4096 --config.stop_near=400 --config.temperature=1.0 \
+      --config.repeats=3 --config.min_identical_rows=0
 }
 rl_2b_shape() {
   # the rl mode on a policy of Qwen3-VL-2B's decoder and vision shapes (the tiny processor's vocabulary), bf16;
@@ -82,6 +84,8 @@ b(\"/tmp/policy2b\", seed=0, via=\"transformers\", torch_device=\"cuda\", hidden
 }
 if [ "$MODE" = rl_2b ]; then
   rl_2b_shape
+elif [ "$MODE" = decode_window ]; then
+  decode_window_2b_bf16
 elif [ "$MODE" = sampler ]; then
   sampler_tiny_fp32
   sampler_2b_bf16

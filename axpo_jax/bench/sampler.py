@@ -277,9 +277,10 @@ def run_sampler(config) -> dict[str, Any]:
 
 def run_decode_window(config) -> dict[str, Any]:
     """bench_decode_window: one agent turn as rollouts decode it: a budget of `max_new_tokens` that the rows end
-    well before (each stops at a token it writes near step `stop_near`), decoded with windows that grow with the
-    rows (`Sampler.decode_segments`, the default) and with one window over the whole budget (the longest row plus
-    `max_new_tokens`: what a single loop must attend over), side by side on the same model, cache and prompts."""
+    well before (between steps `stop_near / 2` and `stop_near`, see `late_stop_tokens`), decoded with windows that
+    grow with the rows (`Sampler.decode_segments`, the default) and with one window over the whole budget (the
+    longest row plus `max_new_tokens`: what a single loop must attend over), side by side on the same model, cache
+    and prompts."""
     log = _logger("bench_decode_window")
     import jax
 
@@ -293,19 +294,23 @@ def run_decode_window(config) -> dict[str, Any]:
     hf = hf_config_dict(preset)
     prompts, _ = make_batch(hf, batch=batch, seq_len=prompt_len, num_images=1, image_size=image_size, seed=seed)
     _, model, num_params = build_models(preset, seed, log=log, torch_device=device, dtype=dtype)
-    greedy, key = SamplingParams(temperature=0.0), jax.random.key(seed)
+    temperature = float(config.get("temperature", 0.0))
+    sampling, key = SamplingParams(temperature=temperature), jax.random.key(seed)
 
-    # A random model never writes an end of turn; the rows' own tokens at step `stop_near` become stop tokens, so
-    # every row ends at or before it (most earlier, at its first earlier use of any of them), as real turns do.
+    # A random model never writes an end of turn; tokens the rows first write late become stop tokens, so every
+    # row ends between step stop_near / 2 and stop_near, as real turns end well before their budget.
     probe = Sampler(model, batch_size=batch, capacity=capacity)
-    probe_result, _, _ = probe.decode(*probe.extend(prompts), key, greedy, stop_near + 1)
-    stops = sorted({int(t) for t in probe_result.tokens_bn[:, stop_near]})
+    probe_result, _, _ = probe.decode(*probe.extend(prompts), key, sampling, stop_near + 1)
+    stops = late_stop_tokens(probe_result.tokens_bn, stop_near)
+    if not stops:
+        raise RuntimeError(f"no row writes a token after step {stop_near // 2} that no row wrote before it (the "
+                           f"random model repeats itself): try --config.temperature=1.0")
     samplers = {"growing": Sampler(model, batch_size=batch, capacity=capacity, stop_token_ids=stops),
                 "whole_turn": Sampler(model, batch_size=batch, capacity=capacity, stop_token_ids=stops,
                                       min_decode_segment=max_new)}
     logits_bv, cache = samplers["growing"].extend(prompts)
     longest = samplers["growing"].longest(cache)
-    results = {name: s.decode(logits_bv, cache, key, greedy, max_new)[0] for name, s in samplers.items()}  # compile
+    results = {name: s.decode(logits_bv, cache, key, sampling, max_new)[0] for name, s in samplers.items()}  # compile
     traces = {name: dict(s.trace_counts) for name, s in samplers.items()}
     lengths = results["growing"].lengths_b
     log(f"{batch} rows stop after {lengths.min()}-{lengths.max()} of {max_new} tokens; timing {repeats} "
@@ -314,7 +319,7 @@ def run_decode_window(config) -> dict[str, Any]:
     load_before = _load_average()
     for _ in range(repeats):
         for name, s in samplers.items():
-            times[name] += _time(lambda s=s: s.decode(logits_bv, cache, key, greedy, max_new), 1)
+            times[name] += _time(lambda s=s: s.decode(logits_bv, cache, key, sampling, max_new), 1)
     load_after = _load_average()
     medians = {name: _median(ts) for name, ts in times.items()}
     identical = float((results["growing"].tokens_bn == results["whole_turn"].tokens_bn).all(axis=1).mean())
@@ -327,6 +332,7 @@ def run_decode_window(config) -> dict[str, Any]:
         batch=batch,
         prompt_len=prompt_len,
         max_new_tokens=max_new,
+        temperature=temperature,
         cache_capacity=capacity,
         tokens_per_row=lengths.tolist(),
         # the growing windows a row running to the longest row's length goes through
@@ -346,8 +352,22 @@ def run_decode_window(config) -> dict[str, Any]:
     log(f"growing windows {record['windows_growing']}: {medians['growing']:.3f}s; one window of "
         f"{record['window_whole_turn']}: {medians['whole_turn']:.3f}s ({record['whole_turn_over_growing']:.2f}x)")
     _fail_unless(identical >= min_identical, record,
-                 f"growing and whole-turn windows generated the same greedy tokens on only {identical:.2f} of the rows")
+                 f"growing and whole-turn windows generated the same tokens on only {identical:.2f} of the rows")
     return record
+
+
+def late_stop_tokens(tokens_bn, stop_near: int) -> list[int]:
+    """Stop tokens that end each row between step `stop_near // 2` and `stop_near`: per row, the token it writes
+    closest before `stop_near` that no row writes before `stop_near // 2` (so no row ends earlier). A row that
+    only repeats earlier tokens gets none and runs to its budget (random models in bf16 fall into such loops)."""
+    tokens_bn = np.asarray(tokens_bn)
+    early = set(tokens_bn[:, :stop_near // 2].ravel().tolist())
+    stops = set()
+    for row_n in tokens_bn[:, stop_near // 2:stop_near + 1]:
+        late = [int(t) for t in row_n[::-1] if int(t) not in early]
+        if late:
+            stops.add(late[0])
+    return sorted(stops)
 
 
 def _products_only_runner(sampler, prompts, steps: int):

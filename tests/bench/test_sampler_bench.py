@@ -125,3 +125,13 @@ def test_mismatch_fails_loudly(capsys):
     with pytest.raises(forward.BenchError, match="differ"):
         sampler._fail_unless(False, {"identical_rows_fraction": 0.5}, "tokens differ")
     assert '"identical_rows_fraction": 0.5' in capsys.readouterr().err
+
+
+def test_late_stop_tokens_end_rows_between_half_and_stop_near():
+    tokens_bn = np.array([[1, 2, 3, 4, 5, 6, 7],
+                          [2, 1, 2, 9, 4, 9, 8],
+                          [1, 1, 1, 1, 1, 1, 1]])  # the last row only repeats itself: it gets no stop
+    # steps 0-1 hold {1, 2}; from step 2 to 6 row 0 last writes 7, row 1 last writes 8 (9 appears earlier in it)
+    assert sampler.late_stop_tokens(tokens_bn, stop_near=6) == [7, 8]
+    # by step 4 row 0 last writes 5 and row 1 writes 4 (row 0 will end at its step 3, on row 1's stop)
+    assert sampler.late_stop_tokens(tokens_bn, stop_near=4) == [4, 5]
