@@ -55,6 +55,9 @@ def get_config(arg=None):
     # decode runs in segments whose attention window (a power of two) holds at least this many more tokens:
     # larger = fewer segments and compiled windows, smaller = windows closer to the rows' lengths
     config.decode_segment_tokens = 64
+    # True: extends pad images to the largest image shape seen so far (rollout.sampler.ImageBuckets), so crops of
+    # varying size stop compiling new extend programs after the first steps; False: each chunk's own buckets
+    config.sticky_image_buckets = True
     config.tool_timeout_s = 12.0
     config.temperature = 1.0  # paper: 1.0 in training
     config.top_p = 1.0

@@ -22,7 +22,7 @@ from PIL import Image
 
 from axpo_jax.models.qwen3_vl.model import KVCache
 from axpo_jax.parallel import distributed
-from axpo_jax.rollout.sampler import Sampler, SamplingParams, gather_cache_rows
+from axpo_jax.rollout.sampler import ImageBuckets, Sampler, SamplingParams, gather_cache_rows
 from axpo_jax.tools.base import Observation, ToolContext
 from axpo_jax.tools.executor import ToolExecutor, ToolRequest
 from axpo_jax.tools.protocol import extract_answer, observation_messages, parse_tool_calls
@@ -90,8 +90,8 @@ class AgentLoop:
 
     def __init__(self, model, processor, executor: ToolExecutor, *, max_turns: int = 3,
                  max_new_tokens_per_turn: int = 256, capacity: int = 2048, system_prompt: str | None = None,
-                 tool_timeout_s: float = 12.0, pipeline_groups: int = 1, decode_segment_tokens: int = 64, mesh=None,
-                 log=None):
+                 tool_timeout_s: float = 12.0, pipeline_groups: int = 1, decode_segment_tokens: int = 64,
+                 sticky_image_buckets: bool = True, mesh=None, log=None):
         self.model = model
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -109,6 +109,10 @@ class AgentLoop:
         # a whole one: 2 groups pay off when a turn's tool time is at least a decode turn's device time.
         self.pipeline_groups = pipeline_groups
         self.decode_segment_tokens = decode_segment_tokens  # Sampler.min_decode_segment
+        # one image shape floor for prompts and one for observations, shared by every sampler of this loop (the
+        # fork sampler's observations then reuse the shapes the rollout's compiled): see ImageBuckets
+        self.prompt_images = ImageBuckets(sticky=sticky_image_buckets)
+        self.observation_images = ImageBuckets(sticky=sticky_image_buckets)
         self.mesh = mesh
         self.log = log or (lambda message: print(f"[rollout] {message}", file=sys.stderr, flush=True))
         vocab = self.tokenizer.get_vocab()
@@ -128,6 +132,7 @@ class AgentLoop:
                 self.model, batch_size=batch_size, capacity=self.capacity, pad_id=self.pad_id, mesh=self.mesh,
                 stop_token_ids=[self.tool_call_close_id, self.end_of_turn_id],
                 stop_sequences=[self._answer_close_ids], min_decode_segment=self.decode_segment_tokens,
+                prompt_images=self.prompt_images, observation_images=self.observation_images,
             )
         return self._samplers[batch_size]
 

@@ -45,6 +45,28 @@ class DecodeResult:
     stopped_b: np.ndarray  # bool: the row hit a stop token or sequence (else it ran into max_new)
 
 
+@dataclasses.dataclass
+class ImageBuckets:
+    """The image shape (image rows, patches per image) that chunks are padded to: at least these, and when
+    `sticky` the largest any chunk has needed so far. Tool observations bring crops of every size, one or several
+    per turn: each (rows, patches) combination with each chunk width and window would be a compiled extend, and
+    a large model's compile costs far more than computing the vision tower on padding. With sticky buckets a
+    stream of such chunks settles on one image shape after its first few. The agent loop shares one between its
+    samplers for observations (and one for prompts)."""
+
+    num_image_rows: int = 1
+    patches_per_image: int = 64
+    sticky: bool = True
+
+    def fit(self, needed: dict) -> dict:
+        """The buckets for a chunk that needs `needed` (image_buckets' dict); with `sticky`, raises the floor."""
+        fitted = {"num_image_rows": max(int(needed["num_image_rows"]), self.num_image_rows),
+                  "patches_per_image": max(int(needed["patches_per_image"]), self.patches_per_image)}
+        if self.sticky:
+            self.num_image_rows, self.patches_per_image = fitted["num_image_rows"], fitted["patches_per_image"]
+        return fitted
+
+
 def filter_logits(logits_bv, params: SamplingParams):
     """Applies temperature, top-k and top-p (nucleus) to float32 logits; removed tokens get -inf."""
     logits_bv = logits_bv / params.temperature
@@ -77,6 +99,7 @@ class Sampler:
 
     def __init__(self, model: Qwen3VL, *, batch_size: int, capacity: int, stop_token_ids=(), stop_sequences=(),
                  pad_id: int = 0, min_chunk: int = 16, min_patches: int = 64, min_decode_segment: int = 64,
+                 prompt_images: ImageBuckets | None = None, observation_images: ImageBuckets | None = None,
                  cache_dtype=None, mesh=None):
         self.model = model
         self.config = model.config
@@ -89,7 +112,10 @@ class Sampler:
         self.capacity = capacity
         self.pad_id = pad_id
         self.min_chunk = min_chunk
-        self.min_patches = min_patches
+        # image buckets of prompts (chunks into an empty cache) and of later chunks (observations), kept apart:
+        # a prompt's many images would otherwise pad every observation's one crop
+        self.prompt_images = prompt_images or ImageBuckets(patches_per_image=min_patches)
+        self.observation_images = observation_images or ImageBuckets(patches_per_image=min_patches)
         if min_decode_segment < 1:
             raise ValueError(f"min_decode_segment must be >= 1, got {min_decode_segment}")
         self.min_decode_segment = min_decode_segment
@@ -153,37 +179,39 @@ class Sampler:
             self._make_empty_cache = jax.jit(make, out_shardings=shardings)
         return self._make_empty_cache()
 
-    def chunk_inputs(self, batch: dict, cache: KVCache | None) -> tuple[ModelInputs, int]:
+    def chunk_inputs(self, batch: dict, cache: KVCache, prompt: bool = False) -> tuple[ModelInputs, int]:
         """Processor outputs of one chunk per row (any padding) -> right-padded, bucketed ModelInputs whose rope
         positions continue each row's cache, and the attention window for them: the power-of-two number of
         slots that holds every row's tokens after this chunk. With several processes the buckets (tokens, image
-        rows, patches) and the window are agreed on by all of them."""
+        rows, patches) and the window are agreed on by all of them. Image buckets: `prompt_images` for a
+        prompt, else `observation_images`."""
         ids = np.asarray(batch["input_ids"])
         mask = np.asarray(batch.get("attention_mask", np.ones_like(ids)))
         if ids.shape[0] != self.batch_size:
             raise ValueError(f"chunk has {ids.shape[0]} rows, the sampler was built for {self.batch_size}")
         lengths = mask.sum(axis=1)
-        used = self.rows(cache.length_b) if cache is not None else np.zeros_like(lengths)
+        used = self.rows(cache.length_b)
         grids = batch.get("image_grid_thw")
-        buckets = image_buckets(self.config, grids, min_patches=self.min_patches)
+        buckets = image_buckets(self.config, grids, min_patches=1)
         width, longest = bucket(int(lengths.max()), self.min_chunk), int(used.max())
         if self.shard.count > 1:
             width, rows, patches, longest = (int(v) for v in distributed.max_across_processes(
                 np.array([width, buckets["num_image_rows"], buckets["patches_per_image"], longest], np.int64)))
-            buckets = {"num_image_rows": self.shard.round_rows(rows), "patches_per_image": patches}
+            buckets = {"num_image_rows": rows, "patches_per_image": patches}
+        # after the processes agree, so every process's floor rises the same way
+        buckets = (self.prompt_images if prompt else self.observation_images).fit(buckets)
+        if self.shard.count > 1:
+            buckets["num_image_rows"] = self.shard.round_rows(buckets["num_image_rows"])
         right_ids = np.full((self.batch_size, width), self.pad_id, np.int64)
         right_mask = np.zeros_like(right_ids)
         for b in range(self.batch_size):
             right_ids[b, : lengths[b]] = ids[b][mask[b] > 0]
             right_mask[b, : lengths[b]] = 1
-        offset = None
-        if cache is not None:
-            if np.any(used + lengths > self.capacity):
-                raise ValueError(
-                    f"chunk does not fit the cache: rows {np.nonzero(used + lengths > self.capacity)[0].tolist()} "
-                    f"would exceed capacity {self.capacity}"
-                )
-            offset = self.rows(cache.next_position_b)
+        too_long_b = used + lengths > self.capacity
+        if too_long_b.any():
+            raise ValueError(f"chunk does not fit the cache: rows {np.nonzero(too_long_b)[0].tolist()} would exceed "
+                             f"capacity {self.capacity}")
+        offset = self.rows(cache.next_position_b)
         inputs = prepare_inputs(
             self.config, right_ids, right_mask, batch.get("pixel_values"), grids, None,
             **buckets, position_offset_b=offset,
@@ -202,12 +230,13 @@ class Sampler:
     def extend(self, batch: dict, cache: KVCache | None = None, logits_bv=None):
         """Appends one chunk per row (a prompt when `cache` is None); returns (next-token logits [B, V], cache).
         A row whose chunk is empty keeps its cache and its `logits_bv` row (the logits it had before)."""
-        if cache is None:
+        prompt = cache is None
+        if prompt:
             cache = self.empty_cache()
             logits_bv = self.device_rows(np.zeros((self.batch_size, self.config.text.vocab_size), np.float32))
         elif logits_bv is None:
             raise ValueError("extending a cache needs the rows' current logits (from decode or an earlier extend)")
-        inputs, slots = self.chunk_inputs(batch, cache)
+        inputs, slots = self.chunk_inputs(batch, cache, prompt)
         return self._extend(self.model, self._place(inputs), cache, logits_bv, slots)
 
     # graph=False (tree mode): the model goes in as a plain pytree. nnx.jit's default graph mode walks the module

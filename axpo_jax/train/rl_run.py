@@ -174,7 +174,7 @@ def run(config) -> dict:
     agent = AgentLoop(model, processor, executor, max_turns=config.max_turns,
                       max_new_tokens_per_turn=config.max_new_tokens_per_turn, capacity=config.capacity,
                       pipeline_groups=config.pipeline_groups, decode_segment_tokens=config.decode_segment_tokens,
-                      mesh=mesh, log=lambda m: None)
+                      sticky_image_buckets=config.sticky_image_buckets, mesh=mesh, log=lambda m: None)
     learner = Learner(model, make_optimizer(learning_rate=config.learning_rate, total_steps=config.steps,
                                             warmup_steps=int(config.warmup_fraction * config.steps),
                                             weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm),

@@ -124,6 +124,9 @@ def test_resample_forks_the_prefix_from_the_cache(loop):
     # 6 rows: a real sampler (the scripted one serves the 4-row rollout batch only)
     continuations = loop.resample(rollout, [0, 2], k=3, rng=jax.random.key(5), params=SamplingParams())
     assert [c.resampled_from for c in continuations] == [0, 0, 0, 2, 2, 2]
+    # every sampler of the loop pads observation images to the loop's one sticky floor (prompts have their own)
+    assert loop.sampler(6).observation_images is loop.observation_images is loop.sampler(2).observation_images
+    assert loop.sampler(6).prompt_images is loop.prompt_images is not loop.observation_images
     for c in continuations[:3]:
         assert c.token_ids[: source.prefix_end] == source.token_ids[: source.prefix_end]
         assert c.prefix_end == source.prefix_end and c.images[0] is source.images[0] and len(c.turns) >= 1

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from axpo_jax.models import qwen3_vl
-from axpo_jax.rollout.sampler import Sampler, SamplingParams, filter_logits, first_argmax
+from axpo_jax.rollout.sampler import ImageBuckets, Sampler, SamplingParams, filter_logits, first_argmax
 from tests.models.qwen3_vl.conftest import build_hf_checkpoint, image_tokens, make_batch
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -273,3 +273,51 @@ def test_decode_runs_in_segments_over_growing_windows(models):
     assert stopping.trace_counts["decode"] == 1
     with pytest.raises(ValueError, match="min_decode_segment"):
         Sampler(model, batch_size=4, capacity=128, min_decode_segment=0)
+
+
+def _observation_chunk(cfg, rows: int, grids: dict, rng, extra_text: int = 0) -> dict:
+    """A tool-observation chunk: for each row in `grids`, two text tokens, its image's tokens, `extra_text` more."""
+    patch_dim = cfg.vision_config.in_channels * cfg.vision_config.temporal_patch_size * cfg.vision_config.patch_size**2
+    ids = {row: [11, 12] + image_tokens(cfg, grid) + [13] * (1 + extra_text) for row, grid in grids.items()}
+    width = max(len(v) for v in ids.values())
+    chunk = {"input_ids": np.zeros((rows, width), np.int64), "attention_mask": np.zeros((rows, width), np.int64)}
+    for row, row_ids in ids.items():
+        chunk["input_ids"][row, : len(row_ids)], chunk["attention_mask"][row, : len(row_ids)] = row_ids, 1
+    chunk["image_grid_thw"] = np.array([grids[r] for r in sorted(grids)])
+    chunk["pixel_values"] = np.concatenate([rng.standard_normal((int(np.prod(grids[r])), patch_dim))
+                                            for r in sorted(grids)]).astype(np.float32)
+    return chunk
+
+
+def test_sticky_image_buckets_reuse_the_largest_observation_shape(models):
+    """Two crops of 128 patches, then one of 16 (padded to the same width): with sticky buckets the second
+    observation reuses the first's compiled extend (2 image rows x 128 patches), with tight buckets it compiles
+    its own (1 x 64); both give the same logits and greedy tokens. The prompt's buckets stay apart."""
+    hf, model = models
+    cfg = hf.config
+    samplers = {"sticky": Sampler(model, batch_size=4, capacity=128),
+                "tight": Sampler(model, batch_size=4, capacity=128,
+                                 observation_images=ImageBuckets(sticky=False))}
+    prompts = make_batch(cfg, PROMPTS, padding="left", seed=3)
+    big = _observation_chunk(cfg, 4, {0: (1, 8, 16), 1: (1, 16, 8)}, np.random.default_rng(0))
+    small = _observation_chunk(cfg, 4, {2: (1, 4, 4)}, np.random.default_rng(1), extra_text=30)
+    assert big["input_ids"].shape[1] > 32 and small["input_ids"].shape[1] > 32  # one width bucket: 64
+    outputs = {}
+    for name, sampler in samplers.items():
+        logits, cache = sampler.extend(prompts)
+        _, logits, cache = sampler.decode(logits, cache, jax.random.key(0), GREEDY, 3)
+        logits, cache = sampler.extend(big, cache, logits)
+        after_big = sampler.trace_counts["extend"]
+        logits, cache = sampler.extend(small, cache, logits)
+        tokens = sampler.decode(logits, cache, jax.random.key(0), GREEDY, 4)[0].tokens_bn
+        outputs[name] = (np.asarray(logits), tokens, sampler.trace_counts["extend"] - after_big)
+    assert outputs["sticky"][2] == 0 and outputs["tight"][2] == 1
+    assert (samplers["sticky"].observation_images.num_image_rows,
+            samplers["sticky"].observation_images.patches_per_image) == (2, 128)
+    assert (samplers["tight"].observation_images.num_image_rows,
+            samplers["tight"].observation_images.patches_per_image) == (1, 64)
+    # the prompts (4 images in all, each <= 64 patches) keep their own floor
+    assert samplers["sticky"].prompt_images.num_image_rows == 4
+    assert samplers["sticky"].prompt_images.patches_per_image == 64
+    np.testing.assert_allclose(outputs["sticky"][0], outputs["tight"][0], atol=1e-5)
+    np.testing.assert_array_equal(outputs["sticky"][1], outputs["tight"][1])
