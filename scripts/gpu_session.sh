@@ -79,7 +79,7 @@ b(\"/tmp/policy2b\", seed=0, via=\"transformers\", torch_device=\"cuda\", hidden
   num_key_value_heads=8, head_dim=128, mrope_section=(24, 20, 20), vision_depth=24, vision_hidden_size=1024,
   vision_intermediate_size=4096, vision_num_heads=16, deepstack_visual_indexes=(5, 11, 17))" &&
     python3 launch.py --config configs/rl.py --config.checkpoint=/tmp/policy2b --config.dtype=bfloat16 \
-      --config.steps=2 --config.learning_rate=1e-6 --config.checkpoint_every=100 --config.eval_tasks= \
+      --config.steps=${RL_2B_STEPS:-2} --config.learning_rate=1e-6 --config.checkpoint_every=100 --config.eval_tasks= \
       --config.workdir=/tmp/rl_2b && tail -1 /tmp/rl_2b/bench_records.jsonl'
 }
 if [ "$MODE" = rl_2b ]; then

@@ -2,8 +2,9 @@
 
 The host prepares every multimodal chunk (prompts, observations with new images) with the HF processor and
 `prepare_inputs`; the device keeps one KV cache row per trajectory. Shapes are bucketed (token counts, image
-rows, patches per image) so a steady stream of turns reuses a handful of compiled programs; `trace_counts`
-records each compilation so tests and benchmarks can check that none happen in steady state.
+rows, patches per image; image shapes are sticky: `ImageBuckets`) so a steady stream of turns reuses a handful of
+compiled programs; `trace_counts` records each compilation so tests and benchmarks can check that none happen in
+steady state.
 
 Multi-host: the device side runs on global arrays over the mesh (every process's rows); everything a caller
 passes in or gets back is this process's rows (`rows`, `device_rows`, `gather_cache_rows`), and every
