@@ -72,6 +72,10 @@ def get_config(arg=None):
         ratio=0.5, k=2, ranking="confidence", resample_from="first_tool_call", candidates="failed_tool",
         prefix_credit=True, merge_into_source_group=False, renormalize_whole_group=False,
         budget_unit="continuations"))
+    # True: AXPO's continuations always run as a batch of the budget's most prefixes x K rows (unused rows start
+    # finished), so steps that select different numbers of prefixes share one compiled fork sampler; cheap on a
+    # memory-bound accelerator, on the CPU the unused rows are decoded too. False: only the selected rows
+    config.fixed_resample_batch = True
     config.eps_low, config.eps_high = 0.2, 0.4
     config.kl_coef = 1e-3  # β toward the reference
     config.kl_kind = "low_var_kl"

@@ -63,7 +63,8 @@ class RLTrainer:
 
     def __init__(self, learner: Learner, agent: AgentLoop, estimator, *, num_samples: int, micro_batch_size: int,
                  sampling: SamplingParams = SamplingParams(), reward_kind: str = "exact",
-                 reward_fn: Callable[[Trajectory, Task], float] | None = None, layout_shards: int | None = None):
+                 reward_fn: Callable[[Trajectory, Task], float] | None = None, layout_shards: int | None = None,
+                 fixed_resample_batch: bool = False):
         self.learner = learner
         self.agent = agent
         self.estimator = estimator
@@ -76,6 +77,10 @@ class RLTrainer:
         self.mesh = agent.mesh
         self.shard = distributed.data_shard(self.mesh)
         self.layout_shards = layout_shards or self.shard.count
+        # True: every step's continuations run as one batch of the budget's most prefixes (the rest padding rows that
+        # start finished), so each step reuses the fork sampler's compiled programs; False: as many rows as
+        # selected, a sampler (and its compiles) per distinct count
+        self.fixed_resample_batch = fixed_resample_batch
         if self.layout_shards % self.shard.count:
             raise ValueError(f"layout_shards={self.layout_shards} is not a multiple of the {self.shard.count} data "
                              f"shards over processes")
@@ -179,7 +184,11 @@ class RLTrainer:
         blocks = [[i for i, s in enumerate(selections)
                    if first_question + b * per_block <= s.question < first_question + (b + 1) * per_block]
                   for b in range(blocks_here)]
-        width = int(distributed.max_across_processes(np.int64(max(len(block) for block in blocks))))
+        width = max(len(block) for block in blocks)
+        if self.fixed_resample_batch:  # the most prefixes one block can get: the budget's, or all its rollouts
+            width = max(width, min(resample_budget(len(tasks) * self.shard.count, n, self.estimator.config)[1],
+                                   per_block * n))
+        width = int(distributed.max_across_processes(np.int64(width)))
         while (width * k) % self.shard.positions:  # each process's forked rows split evenly over its devices
             width += 1
         mine = [i for block in blocks for i in block]

@@ -184,7 +184,8 @@ def run(config) -> dict:
                       reference=reference, mesh=mesh)
     trainer = RLTrainer(learner, agent, make_estimator(config), num_samples=config.num_samples,
                         micro_batch_size=config.micro_batch_size, sampling=sampling_params(config),
-                        reward_kind=config.reward_kind, layout_shards=config.layout_shards or None)
+                        reward_kind=config.reward_kind, layout_shards=config.layout_shards or None,
+                        fixed_resample_batch=config.fixed_resample_batch)
     shard = data_shard(mesh)
     source = task_source(config.tasks, seed=config.seed + 1)
     if primary:

@@ -79,3 +79,27 @@ def test_resample_from_scratch_ablation(loop):  # noqa: F811
     adv = out.advantages
     assert (adv.prefix_stream_qn[0] != STREAM_PREFIX).all()  # no prefix credit from scratch
     assert np.isfinite(out.metrics["loss"])
+
+
+def test_fixed_resample_batch_pads_to_the_budget(loop):  # noqa: F811
+    """With `fixed_resample_batch` the 2 selected prefixes x K=3 run in a batch of the budget's 4 prefixes (12 rows:
+    6 of them padding that start finished and are dropped), the shape every step gets whatever it selects."""
+    scripted = loop._samplers[4]
+    scripted.scripts = [[loop.tokenizer.encode(t, add_special_tokens=False) for t in s] for s in SCRIPTS]
+    learner = Learner(loop.model, make_optimizer(learning_rate=1e-3, total_steps=10), LossConfig(kl_coef=0.0))
+    estimator = registry.make("axpo", ratio=3.0, k=3)  # budget floor(3 * 2 * 2) = 12 continuations = 4 prefixes
+    trainer = RLTrainer(learner, loop, estimator, num_samples=2, micro_batch_size=5, fixed_resample_batch=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    rows_before = set(loop._samplers)
+
+    out = trainer.step([Task("Which digit?", [image], "7"), Task("Which digit?", [image], "3")],
+                       jax.random.key(0), step=0)
+
+    assert len(out.advantages.selections) == 2  # only task 0's two failed tool rollouts are candidates
+    assert len(out.resamples) == 6 and {t.resampled_from for t in out.resamples} == {0, 1}
+    assert out.resample_rewards_sk.shape == (2, 3) and out.metrics["resample_budget"] == 12
+    assert set(loop._samplers) - rows_before <= {12} and 12 in loop._samplers  # this step made no other sampler
+    for t in out.resamples:
+        source = out.trajectories[t.resampled_from]
+        assert t.token_ids[: source.prefix_end] == source.token_ids[: source.prefix_end]
+    assert np.isfinite(out.metrics["loss"])
