@@ -82,12 +82,13 @@ def test_resample_from_scratch_ablation(loop):  # noqa: F811
 
 
 def test_fixed_resample_batch_pads_to_the_budget(loop):  # noqa: F811
-    """With `fixed_resample_batch` the 2 selected prefixes x K=3 run in a batch of the budget's 4 prefixes (12 rows:
-    6 of them padding that start finished and are dropped), the shape every step gets whatever it selects."""
+    """With `fixed_resample_batch` the 2 selected prefixes x K=2 run in a batch of the budget's 3 prefixes (6 rows:
+    2 of them padding that start finished and are dropped), the shape every step gets whatever it selects (here
+    the 6-row sampler test_axpo_step compiled)."""
     scripted = loop._samplers[4]
     scripted.scripts = [[loop.tokenizer.encode(t, add_special_tokens=False) for t in s] for s in SCRIPTS]
     learner = Learner(loop.model, make_optimizer(learning_rate=1e-3, total_steps=10), LossConfig(kl_coef=0.0))
-    estimator = registry.make("axpo", ratio=3.0, k=3)  # budget floor(3 * 2 * 2) = 12 continuations = 4 prefixes
+    estimator = registry.make("axpo", ratio=1.5, k=2)  # budget floor(1.5 * 2 * 2) = 6 continuations = 3 prefixes
     trainer = RLTrainer(learner, loop, estimator, num_samples=2, micro_batch_size=5, fixed_resample_batch=True)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     rows_before = set(loop._samplers)
@@ -96,9 +97,9 @@ def test_fixed_resample_batch_pads_to_the_budget(loop):  # noqa: F811
                        jax.random.key(0), step=0)
 
     assert len(out.advantages.selections) == 2  # only task 0's two failed tool rollouts are candidates
-    assert len(out.resamples) == 6 and {t.resampled_from for t in out.resamples} == {0, 1}
-    assert out.resample_rewards_sk.shape == (2, 3) and out.metrics["resample_budget"] == 12
-    assert set(loop._samplers) - rows_before <= {12} and 12 in loop._samplers  # this step made no other sampler
+    assert len(out.resamples) == 4 and {t.resampled_from for t in out.resamples} == {0, 1}
+    assert out.resample_rewards_sk.shape == (2, 2) and out.metrics["resample_budget"] == 6
+    assert set(loop._samplers) - rows_before <= {6} and 6 in loop._samplers  # not the 4-row one: a 6-row batch
     for t in out.resamples:
         source = out.trajectories[t.resampled_from]
         assert t.token_ids[: source.prefix_end] == source.token_ids[: source.prefix_end]
