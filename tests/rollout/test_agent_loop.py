@@ -1,6 +1,8 @@
 """The agent loop on a tiny real checkpoint with a scripted policy: tool turns, failures, limits, and a check that
 the extended KV cache saw exactly what a full forward of the finished trajectory sees."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,3 +190,16 @@ def test_pipelined_groups_give_the_synchronous_trajectories(loop):
         mask[: trajectory.prefix_end] = False
         np.testing.assert_allclose(rescored[b, : len(mask) - 1][mask[1:]], np.asarray(trajectory.logprobs)[mask],
                                    atol=1e-4)
+
+
+def test_image_bucket_state_round_trips_into_every_sampler(loop):
+    """What a checkpoint keeps of the sticky image floors, loaded back, is what every sampler of the loop pads to."""
+    saved = loop.image_bucket_state()
+    try:
+        loop.load_image_bucket_state(json.loads(json.dumps({"prompt": [4, 256], "observation": [2, 128]})))
+        assert loop.image_bucket_state() == {"prompt": [4, 256], "observation": [2, 128]}
+        sampler = loop.sampler(6)
+        assert (sampler.prompt_images.num_image_rows, sampler.prompt_images.patches_per_image) == (4, 256)
+        assert (sampler.observation_images.num_image_rows, sampler.observation_images.patches_per_image) == (2, 128)
+    finally:
+        loop.load_image_bucket_state(saved)

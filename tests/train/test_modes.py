@@ -90,6 +90,8 @@ def test_rl_mode_resumes_exactly(sft_result, tmp_path, monkeypatch):
         patch.setattr(StopRequest, "__bool__", lambda self: True)
         stopped = rl_run.run(_rl_config(checkpoint, workdir))
     assert stopped["stopped_at_step"] == 1
+    meta = json.load(open(os.path.join(workdir, "checkpoints", "1", "meta", "metadata")))
+    assert meta["image_buckets"]["observation"][1] >= 64  # the sticky image floors resume too
     rl_run.run(_rl_config(checkpoint, workdir))
 
     def records(path):
