@@ -202,8 +202,10 @@ def run(config) -> dict:
     if restored is not None:
         first_step, rng, extra = restored
         dataset.set_state(extra["data"])
-        if "image_buckets" in extra:  # (checkpoints from before sticky image buckets have none)
-            agent.load_image_bucket_state(extra["image_buckets"])
+        # the sticky image floors of the rollouts and of the evaluations (checkpoints from before them have none)
+        for name, loop in (("image_buckets", agent), ("eval_image_buckets", eval_agent)):
+            if loop is not None and extra.get(name):
+                loop.load_image_bucket_state(extra[name])
         if primary:
             _log(f"resumed from step {first_step}")
     metrics = MetricsLog(workdir, resume_step=first_step, name="rl_metrics", tensorboard=config.tensorboard,
@@ -228,8 +230,9 @@ def run(config) -> dict:
                              resamples=f"{record['resamples_used']}/{record['resample_budget']}")
         stopping = stop.agreed()  # every process stops after the same step, with the same checkpoint
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or stopping:
-            checkpointer.save(step + 1, model, learner.optimizer, rng=rng,
-                              extra={"data": dataset.get_state(), "image_buckets": agent.image_bucket_state()})
+            checkpointer.save(step + 1, model, learner.optimizer, rng=rng, extra={
+                "data": dataset.get_state(), "image_buckets": agent.image_bucket_state(),
+                "eval_image_buckets": eval_agent.image_bucket_state() if eval_agent is not None else None})
         if stopping:
             checkpointer.close()
             metrics.close()

@@ -84,6 +84,8 @@ def test_rl_mode_resumes_exactly(sft_result, tmp_path, monkeypatch):
     assert record["device_count"] == jax.device_count() and record["step_s"] > record["update_s"] > 0
     assert record["rollout_tokens_per_s"] > 0 and record["update_flops_per_token"] > 0
     assert os.path.isfile(tmp_path / "whole" / "bench_records.jsonl")
+    meta = json.load(open(tmp_path / "whole" / "checkpoints" / "3" / "meta" / "metadata"))
+    assert meta["eval_image_buckets"]["prompt"][1] >= 64  # the evaluations' sticky floors are kept too
 
     workdir = str(tmp_path / "interrupted")
     with monkeypatch.context() as patch:  # a SIGTERM arrives during step 1
@@ -92,6 +94,7 @@ def test_rl_mode_resumes_exactly(sft_result, tmp_path, monkeypatch):
     assert stopped["stopped_at_step"] == 1
     meta = json.load(open(os.path.join(workdir, "checkpoints", "1", "meta", "metadata")))
     assert meta["image_buckets"]["observation"][1] >= 64  # the sticky image floors resume too
+    assert meta["eval_image_buckets"] is None  # (this run evaluates nothing during training)
     rl_run.run(_rl_config(checkpoint, workdir))
 
     def records(path):
