@@ -126,13 +126,15 @@ class AgentLoop:
         self._answer_close_ids = self.tokenizer.encode(ANSWER_CLOSE, add_special_tokens=False)
         self._samplers: dict[int, Sampler] = {}
 
+    def _image_floors(self) -> dict[str, ImageBuckets]:
+        return {"prompt": self.prompt_images, "observation": self.observation_images}
+
     def image_bucket_state(self) -> dict:
         """The sticky image floors, for checkpoints: a resumed run pads its chunks as the uninterrupted one did."""
-        return {name: [floor.num_image_rows, floor.patches_per_image]
-                for name, floor in (("prompt", self.prompt_images), ("observation", self.observation_images))}
+        return {name: [floor.num_image_rows, floor.patches_per_image] for name, floor in self._image_floors().items()}
 
     def load_image_bucket_state(self, state: dict) -> None:
-        for name, floor in (("prompt", self.prompt_images), ("observation", self.observation_images)):
+        for name, floor in self._image_floors().items():
             floor.num_image_rows, floor.patches_per_image = (int(v) for v in state[name])
 
     def sampler(self, batch_size: int) -> Sampler:
