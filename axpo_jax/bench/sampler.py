@@ -63,6 +63,7 @@ while the others' tools run). The record's timings are those of each loop's run 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import os
 import statistics
@@ -114,6 +115,15 @@ def _threads(config) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- bench_sampler
+# The sampling settings bench_sampler runs (`config.sampling`): greedy is the correctness check against generate;
+# "train" and "eval" are the RL rollouts' and the paper's evaluation settings.
+SAMPLING_SETTINGS = {
+    "greedy": dict(temperature=0.0),
+    "train": dict(temperature=1.0),
+    "eval": dict(temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5),
+}
+
+
 def run_sampler(config) -> dict[str, Any]:
     log = _logger("bench_sampler")
     try:
@@ -130,6 +140,11 @@ def run_sampler(config) -> dict[str, Any]:
     image_size, repeats = int(config.image_size), max(1, int(config.repeats))
     min_identical = float(config.get("min_identical_rows", 1.0))
     dtype, device = str(config.get("dtype", "float32")), torch_device_for(str(config.get("torch_device", "cpu")))
+    sampling_name = str(config.get("sampling", "greedy"))
+    if sampling_name not in SAMPLING_SETTINGS:
+        raise BenchError(f"sampling must be one of {sorted(SAMPLING_SETTINGS)}, got {sampling_name!r}")
+    sampling = SamplingParams(**SAMPLING_SETTINGS[sampling_name])
+    greedy = sampling.temperature == 0
 
     hf = hf_config_dict(preset)
     prompts, image_tokens = make_batch(hf, batch=batch, seq_len=prompt_len, num_images=1, image_size=image_size,
@@ -139,28 +154,31 @@ def run_sampler(config) -> dict[str, Any]:
     hf_model, flax_model, num_params = build_models(preset, seed, log=log, torch_device=device, dtype=dtype)
     setup_s = time.perf_counter() - start
 
-    # generate: greedy, no end-of-sequence (every row runs new_tokens), vision tokens never produced
+    # generate: no end-of-sequence (every row runs new_tokens), vision tokens never produced, the same sampling
+    # settings but the presence penalty, which transformers does not have (it only costs the sampler)
     hf_model.generation_config.eos_token_id = None
     hf_model.generation_config.pad_token_id = 0
     torch_inputs = {k: torch.from_numpy(v).to(device) for k, v in prompts.items()}
+    torch_sampling = dict(do_sample=False) if greedy else dict(
+        do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
 
     def torch_generate(n: int) -> np.ndarray:
         with torch.no_grad():
-            out = hf_model.generate(**torch_inputs, max_new_tokens=n, do_sample=False,
+            out = hf_model.generate(**torch_inputs, max_new_tokens=n, **torch_sampling,
                                     suppress_tokens=_vision_token_ids(hf), eos_token_id=None, pad_token_id=0)
         return out[:, prompt_len:].cpu().numpy()  # .cpu() waits for the device
 
     min_chunk = 16
     sampler = Sampler(flax_model, batch_size=batch, capacity=bucket(prompt_len, min_chunk) + new_tokens,
                       min_chunk=min_chunk)
-    greedy, key = SamplingParams(temperature=0.0), jax.random.key(seed)
+    key = jax.random.key(seed)
     flax_parts: list[tuple[float, float]] = []  # (extend, decode) seconds of each flax_generate call
 
     def flax_generate() -> np.ndarray:
         t0 = time.perf_counter()
         logits, cache = jax.block_until_ready(sampler.extend(prompts))
         t1 = time.perf_counter()
-        result, _, _ = sampler.decode(logits, cache, key, greedy, new_tokens)  # returns numpy: blocks
+        result, _, _ = sampler.decode(logits, cache, key, sampling, new_tokens)  # returns numpy: blocks
         flax_parts.append((t1 - t0, time.perf_counter() - t1))
         return result.tokens_bn
 
@@ -176,12 +194,16 @@ def run_sampler(config) -> dict[str, Any]:
 
     products_only = _products_only_runner(sampler, prompts, new_tokens)
     products_only()  # compile
+    draws = None if greedy else _draw_runners(sampling, batch, hf["text_config"]["vocab_size"], new_tokens)
     blas_step = _host_blas_weights_step(flax_model.config.text, batch) if jax.default_backend() == "cpu" else None
     log(f"timing {repeats} interleaved runs each of generate, generate(1 token) and extend+decode")
     flax_parts.clear()
     load_before = _load_average()
     torch_times, torch_prefill_times, flax_times, products_times, blas_step_times = [], [], [], [], []
+    draw_times = {name: [] for name in draws or ()}
     for _ in range(repeats):
+        for name, draw in (draws or {}).items():
+            draw_times[name] += _time(draw, 1)
         torch_times += _time(lambda: torch_generate(new_tokens), 1)
         torch_prefill_times += _time(lambda: torch_generate(1), 1)
         flax_times += _time(flax_generate, 1)
@@ -217,9 +239,12 @@ def run_sampler(config) -> dict[str, Any]:
         cache_capacity=sampler.capacity,
         repeats=repeats,
         setup_s=round(setup_s, 3),
-        identical_rows_fraction=float(same_rows.mean()),
-        identical_first_token_fraction=float((flax_tokens[:, 0] == torch_tokens[:, 0]).mean()),
-        first_differing_step_per_bad_row=first_diff,
+        sampling=sampling_name,
+        sampling_params=dataclasses.asdict(sampling),
+        # sampled tokens are not comparable: the check is greedy's
+        identical_rows_fraction=float(same_rows.mean()) if greedy else None,
+        identical_first_token_fraction=float((flax_tokens[:, 0] == torch_tokens[:, 0]).mean()) if greedy else None,
+        first_differing_step_per_bad_row=first_diff if greedy else None,
         torch_warmup_s=round(torch_warmup_s, 3),
         flax_first_extend_s=round(flax_first_extend_s, 3),
         flax_first_decode_s=round(flax_first_decode_s, 3),
@@ -253,15 +278,19 @@ def run_sampler(config) -> dict[str, Any]:
         device_copy_gbps=copy_gbps,
         flax_decode_fraction_of_copy_bandwidth=(
             round(step_bytes * new_tokens / flax_decode_s / 1e9 / copy_gbps, 3) if copy_gbps else None),
+        **_draw_fields(draw_times, new_tokens),
         flax_traces=traces,
         flax_retraced_while_timing=dict(sampler.trace_counts) != traces,
         noisy=max(max(t) / min(t) for t in (torch_times, flax_times)) > 1.5,
         host_loaded=host_loaded(load_before, load_after, log=log),
         host=host_info(load_before, load_after),
     )
-    log(f"generate {record['torch_tokens_per_s']:.0f} tok/s, sampler {record['flax_tokens_per_s']:.0f} tok/s "
-        f"({record['flax_over_torch_tokens_per_s']:.2f}x; decode only {record['flax_over_torch_decode_only']:.2f}x), "
-        f"identical rows {record['identical_rows_fraction']:.3f}")
+    log(f"{sampling_name}: generate {record['torch_tokens_per_s']:.0f} tok/s, sampler {record['flax_tokens_per_s']:.0f} "
+        f"tok/s ({record['flax_over_torch_tokens_per_s']:.2f}x; decode only {record['flax_over_torch_decode_only']:.2f}x)"
+        + (f", identical rows {record['identical_rows_fraction']:.3f}" if greedy else ""))
+    if draws:
+        log(f"drawing a token: {record['draw_ms_per_step']:.3f} ms a step, a whole-vocabulary draw "
+            f"{record['whole_vocabulary_draw_ms_per_step']:.3f} ms ({record['whole_vocabulary_draw_over_draw']:.1f}x)")
     log(f"a decode step takes {record['flax_decode_over_products_only']:.2f}x its products alone; with only the "
         f"products: {record['flax_over_torch_bound_if_only_products']:.2f}x generate (decode only "
         f"{record['flax_over_torch_decode_only_bound_if_only_products']:.2f}x)")
@@ -269,7 +298,7 @@ def run_sampler(config) -> dict[str, Any]:
         log(f"the host's BLAS reads a step's weights in {record['host_blas_weights_step_s'] * 1e3:.3f} ms: a step of "
             f"nothing else would give {record['flax_over_torch_bound_at_host_blas_speed']:.2f}x generate (decode "
             f"only {record['flax_over_torch_decode_only_bound_at_host_blas_speed']:.2f}x)")
-    _fail_unless(record["identical_rows_fraction"] >= min_identical, record,
+    _fail_unless(not greedy or record["identical_rows_fraction"] >= min_identical, record,
                  f"only {same_rows.sum()} of {batch} rows generated the same greedy tokens as transformers "
                  f"(first differences at steps {first_diff}): the sampler does not compute the same model")
     return record
@@ -441,6 +470,44 @@ def _host_blas_fields(step_times: list[float], torch_s: float, torch_decode_s: f
         flax_over_torch_bound_at_host_blas_speed=round(torch_s / (extend_s + new_tokens * step_s), 3),
         flax_over_torch_decode_only_bound_at_host_blas_speed=round(torch_decode_s / (new_tokens * step_s), 3),
     )
+
+
+def _draw_runners(sampling, batch: int, vocab: int, steps: int) -> dict:
+    """No-argument functions that each draw `steps` tokens for `batch` rows of `vocab` logits in an on-device loop
+    (each step's logits depend on the last draw, so nothing is hoisted): the sampler's `sample_tokens`, and the
+    whole-vocabulary draw it replaces (`filter_logits` then one Gumbel number per entry), compiled and warm."""
+    import jax
+    import jax.numpy as jnp
+
+    from axpo_jax.rollout.sampler import filter_logits, sample_tokens
+
+    def loop_of(draw):
+        @jax.jit
+        def loop(key, logits_bv):
+            def step(_, carry):
+                key, drawn_b = carry
+                key, sub = jax.random.split(key)
+                return key, draw(logits_bv + 1e-9 * drawn_b[:, None].astype(logits_bv.dtype), sub)
+            return jax.lax.fori_loop(0, steps, step, (key, jnp.zeros((batch,), jnp.int32)))[1]
+
+        key, logits_bv = jax.random.key(0), jax.random.normal(jax.random.key(1), (batch, vocab), jnp.float32)
+        jax.block_until_ready(loop(key, logits_bv))
+        return lambda: jax.block_until_ready(loop(key, logits_bv))
+
+    return {
+        "draw": loop_of(lambda x, k: sample_tokens(x, k, sampling)),
+        "whole_vocabulary_draw": loop_of(
+            lambda x, k: jax.random.categorical(k, filter_logits(x, sampling), axis=-1).astype(jnp.int32)),
+    }
+
+
+def _draw_fields(draw_times: dict[str, list[float]], steps: int) -> dict[str, Any]:
+    if not draw_times:
+        return {}
+    ms = {name: statistics.median(t) / steps * 1e3 for name, t in draw_times.items()}
+    return dict(draw_ms_per_step=round(ms["draw"], 4),
+                whole_vocabulary_draw_ms_per_step=round(ms["whole_vocabulary_draw"], 4),
+                whole_vocabulary_draw_over_draw=round(ms["whole_vocabulary_draw"] / ms["draw"], 2))
 
 
 def decode_step_bytes(text_config, *, dtype: str, batch: int, mean_context: float) -> int:

@@ -30,6 +30,19 @@ def test_sampler_bench_micro_matches_generate():
     assert record["decode_products_only_s"] > 0 and record["host_blas_weights_step_s"] > 0  # JAX runs on the CPU
 
 
+def test_sampler_bench_micro_eval_sampling_times_the_draw():
+    pytest.importorskip("torch")
+    record = sampler.run_sampler(_config(mode="bench_sampler", preset="micro", batch=2, prompt_len=16,
+                                         image_size=32, new_tokens=8, repeats=1, min_identical_rows=1.0,
+                                         torch_threads=1, sampling="eval"))
+    assert record["sampling_params"] == dict(temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5)
+    assert record["identical_rows_fraction"] is None  # sampled tokens are not compared
+    assert record["draw_ms_per_step"] > 0 and record["whole_vocabulary_draw_ms_per_step"] > 0
+    with pytest.raises(forward.BenchError, match="sampling must be one of"):
+        sampler.run_sampler(_config(mode="bench_sampler", preset="micro", batch=2, prompt_len=16, image_size=32,
+                                    new_tokens=8, repeats=1, sampling="nucleus"))
+
+
 def test_decode_step_bytes_by_hand():
     """Weights once + each row's filled K and V, for a made-up 2-layer decoder in bf16 and fp32."""
     from axpo_jax.models.qwen3_vl.config import Qwen3VLConfig

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from axpo_jax.models import qwen3_vl
-from axpo_jax.rollout.sampler import ImageBuckets, Sampler, SamplingParams, filter_logits, first_argmax
+from axpo_jax.rollout.sampler import (ImageBuckets, Sampler, SamplingParams, filter_logits, first_argmax,
+                                     sample_tokens)
 from tests.models.qwen3_vl.conftest import build_hf_checkpoint, image_tokens, make_batch
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -161,6 +162,37 @@ def test_filters_and_presence_penalty():
     assert np.isfinite(np.asarray(tiny)).tolist() == [[True, False, False, False]]
     hot = filter_logits(logits, SamplingParams(temperature=2.0))
     np.testing.assert_allclose(np.asarray(hot), np.asarray(logits) / 2)
+
+
+def test_sample_tokens_draws_the_filtered_distribution():
+    """sample_tokens (top-k candidates, inverse CDF) draws from softmax(filter_logits(...)), judged by the total
+    variation distance of 20,000 draws, a bound (0.05; sampling noise alone gives ~0.03 here)
+    that rejects a 25% hotter temperature (~0.15)."""
+    rng = np.random.default_rng(0)
+    v, rows = 300, 20_000  # 300: three 128-token blocks, the last one padded
+    logits_v = rng.normal(0.0, 2.0, v).astype(np.float32)
+    logits_v[[5, 130, 299]] = -np.inf  # banned: never drawn
+    logits_bv = jnp.broadcast_to(jnp.asarray(logits_v), (rows, v))
+    draw = jax.jit(sample_tokens, static_argnums=2)
+
+    def distance(params, target):
+        freq = np.bincount(np.asarray(draw(logits_bv, jax.random.key(1), params)), minlength=v) / rows
+        assert freq[~np.isfinite(np.asarray(filter_logits(jnp.asarray(logits_v[None]), params))[0])].sum() == 0
+        return 0.5 * np.abs(freq - target).sum()
+
+    def softmax_of(params):
+        return np.asarray(jax.nn.softmax(filter_logits(jnp.asarray(logits_v[None]), params)))[0]
+
+    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=20),
+                   SamplingParams(temperature=0.7, top_p=0.8, top_k=20), SamplingParams(top_p=0.9)):
+        assert distance(params, softmax_of(params)) < 0.05, params
+    assert distance(SamplingParams(temperature=1.0), softmax_of(SamplingParams(temperature=1.25))) > 0.05
+
+    # one allowed token, first, last or in the middle of a block: always that one
+    only = np.full((3, v), -np.inf, np.float32)
+    only[[0, 1, 2], [0, 127, 298]] = 0.0
+    for params in (SamplingParams(), SamplingParams(top_k=4)):
+        np.testing.assert_array_equal(np.asarray(draw(jnp.asarray(only), jax.random.key(2), params)), [0, 127, 298])
 
 
 def test_first_argmax_is_argmax_ties_and_bans_included():
