@@ -92,8 +92,8 @@ def _nucleus_cutoff(sorted_bv, top_p: float):
 def sample_tokens(logits_bv, key, params: SamplingParams):
     """One token per row (int32 [B]) drawn from softmax(filter_logits(logits_bv, params)), at a fraction of what
     drawing over the filtered vocabulary costs. With top-k the k largest logits are the only candidates, so top-p
-    needs only their (already sorted) order and the draw is over k numbers; a whole-vocabulary sort costs ~6 ms a
-    step for an [8, 4096] block on a CPU core, and it grows with Qwen3-VL's 151,936 tokens. Without filters one
+    needs only their (already sorted) order and the draw is over k numbers; a whole-vocabulary sort took ~6 ms a
+    step for an [8, 4096] block on this project's 2-core CPU, and it grows with Qwen3-VL's 151,936 tokens. Without filters one
     uniform number per row picks the token by its cumulative probability (`_inverse_cdf_sample`) instead of a
     Gumbel number per vocabulary entry (~0.5 ms of random bits per step at [8, 4096] on the CPU, 40 ms at
     [16, 151936]). Only top-p without top-k still sorts. Same distributions, different draws for a key; with
@@ -114,8 +114,8 @@ def sample_tokens(logits_bv, key, params: SamplingParams):
 def _inverse_cdf_sample(logits_bv, key, block: int = 128):
     """Draws token i with probability softmax(logits)_i using one uniform number per row: the first token whose
     cumulative (unnormalized) probability exceeds u * total. The running sum is taken in two levels, over blocks of
-    `block` tokens and then inside the chosen block, because a cumulative sum over the whole vocabulary costs XLA
-    ~4x more than the two small ones. -inf logits (banned tokens) have probability 0 and are never drawn."""
+    `block` tokens and then inside the chosen block, because a cumulative sum over the whole vocabulary costs XLA:CPU
+    4-7x more than the two small ones. -inf logits (banned tokens) have probability 0 and are never drawn."""
     b, v = logits_bv.shape
     num_blocks = -(-v // block)
     padded_bv = jnp.pad(logits_bv, ((0, 0), (0, num_blocks * block - v)), constant_values=-jnp.inf)
