@@ -38,6 +38,9 @@ def parse_args(argv=None):
     parser.add_argument("--stop-after-save", action="store_true", help="exit right after the checkpoint")
     parser.add_argument("--rl-steps", type=int, default=0, help="AXPO steps after SFT")
     parser.add_argument("--rl-questions", type=int, default=4, help="questions per RL step (global)")
+    # the sampling key of RL step s is key(rl_key + s); the test needs one whose AXPO selection is uneven over
+    # the two processes (so one of them forks padding rows), which depends on the sampler's draws
+    parser.add_argument("--rl-key", type=int, default=101)
     parser.add_argument("--layout-shards", type=int, default=0,
                         help="RLTrainer.layout_shards (a single-process reference takes the multi-process count)")
     parser.add_argument("--resume", action="store_true", help="restore the latest checkpoint first")
@@ -176,7 +179,7 @@ def run_rl(args, mesh, model, record) -> None:
     for step in range(args.rl_steps):
         step_started = time.perf_counter()
         questions = range(step * args.rl_questions + rows.start, step * args.rl_questions + rows.stop)
-        out = trainer.step([make_task(task_seed(11, i)) for i in questions], jax.random.key(100 + step), step)
+        out = trainer.step([make_task(task_seed(11, i)) for i in questions], jax.random.key(args.rl_key + step), step)
         first_row = rows.start * trainer.num_samples
         record["rl"].append({
             "step": step + 1, "questions": list(questions),
