@@ -32,6 +32,7 @@ class EvalSettings:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.max_turns < 1 or self.max_total_tokens < 1 or self.max_new_tokens_per_turn < 1:
             raise ValueError("max_turns, max_total_tokens and max_new_tokens_per_turn must be positive")
+        self.sampling  # SamplingParams checks temperature, top_p, top_k and the presence penalty
 
     @property
     def sampling(self) -> SamplingParams:

@@ -37,6 +37,18 @@ class SamplingParams:
     top_k: int = 0
     presence_penalty: float = 0.0  # subtracted from the logits of every token this turn has already produced
 
+    def __post_init__(self):
+        # a negative temperature would sample the least likely tokens, top_p 0 would keep no token: refuse them here
+        # rather than decode nonsense (these come straight from config fields)
+        if not (np.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1] (1: off), got {self.top_p}")
+        if int(self.top_k) != self.top_k or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k}")
+        if not np.isfinite(self.presence_penalty):
+            raise ValueError(f"presence_penalty must be finite, got {self.presence_penalty}")
+
 
 @dataclasses.dataclass
 class DecodeResult:

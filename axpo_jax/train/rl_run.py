@@ -157,7 +157,17 @@ def run(config) -> dict:
     from axpo_jax.train.plots import plot_rl_run
     from axpo_jax.train.rl import RLTrainer
 
+    from axpo_jax.modes import ModeError
+
     started = time.perf_counter()
+    try:  # the sampling fields are checked before anything loads
+        sampling = sampling_params(config)
+    except ValueError as error:
+        raise ModeError(f"config (temperature, top_p, top_k, presence_penalty): {error}") from error
+    try:
+        eval_settings(config)
+    except ValueError as error:
+        raise ModeError(f"config (the eval_* fields): {error}") from error
     stop = StopRequest().install()
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -183,7 +193,7 @@ def run(config) -> dict:
                                  remat=config.remat),
                       reference=reference, mesh=mesh)
     trainer = RLTrainer(learner, agent, make_estimator(config), num_samples=config.num_samples,
-                        micro_batch_size=config.micro_batch_size, sampling=sampling_params(config),
+                        micro_batch_size=config.micro_batch_size, sampling=sampling,
                         reward_kind=config.reward_kind, layout_shards=config.layout_shards or None,
                         fixed_resample_batch=config.fixed_resample_batch)
     shard = data_shard(mesh)

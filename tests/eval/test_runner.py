@@ -52,6 +52,8 @@ def test_paper_settings_are_the_default():
     assert (s.num_samples, s.temperature, s.top_p, s.top_k, s.presence_penalty, s.max_turns, s.max_total_tokens) == (
         4, 0.7, 0.8, 20, 1.5, 5, 32768)
     assert s.pass_k == (1, 4) and s.sampling.top_k == 20
+    with pytest.raises(ValueError, match="temperature must be >= 0"):  # settings refuse what sampling would
+        EvalSettings(temperature=-0.7)
 
 
 def test_evaluate_known_answers(agent):

@@ -195,6 +195,15 @@ def test_sample_tokens_draws_the_filtered_distribution():
         np.testing.assert_array_equal(np.asarray(draw(jnp.asarray(only), jax.random.key(2), params)), [0, 127, 298])
 
 
+def test_sampling_params_refuse_values_that_would_decode_nonsense():
+    SamplingParams(temperature=0.0, top_p=1.0, top_k=0)  # greedy, filters off
+    for bad, match in ((dict(temperature=-0.5), "temperature"), (dict(temperature=float("nan")), "temperature"),
+                       (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
+                       (dict(top_k=2.5), "top_k"), (dict(presence_penalty=float("inf")), "presence_penalty")):
+        with pytest.raises(ValueError, match=match):
+            SamplingParams(**bad)
+
+
 def test_first_argmax_is_argmax_ties_and_bans_included():
     rng = np.random.default_rng(0)
     x = rng.integers(0, 5, size=(64, 50)).astype(np.float32)  # many ties: the first index of the largest wins

@@ -114,3 +114,15 @@ def test_rl_mode_resumes_exactly(sft_result, tmp_path, monkeypatch):
         assert a["sampled_tokens"] == b["sampled_tokens"] and a["reward"] == b["reward"]
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-5)
+
+
+def test_rl_mode_refuses_bad_sampling_fields_before_loading(tmp_path):
+    from axpo_jax.modes import ModeError
+
+    missing = str(tmp_path / "no_checkpoint")  # never read: the fields are checked first
+    for field, value, match in (("temperature", -1.0, r"\(temperature, top_p.*temperature must be >= 0"),
+                                ("top_k", -2, r"top_k must be an integer"),
+                                ("eval_top_p", 0.0, r"\(the eval_\* fields\): top_p must be in")):
+        with pytest.raises(ModeError, match=match):
+            rl_run.run(_rl_config(missing, str(tmp_path / "run"), **{field: value}))
+    assert not os.path.exists(tmp_path / "run")
