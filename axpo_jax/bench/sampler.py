@@ -285,8 +285,9 @@ def run_sampler(config) -> dict[str, Any]:
         host_loaded=host_loaded(load_before, load_after, log=log),
         host=host_info(load_before, load_after),
     )
-    log(f"{sampling_name}: generate {record['torch_tokens_per_s']:.0f} tok/s, sampler {record['flax_tokens_per_s']:.0f} "
-        f"tok/s ({record['flax_over_torch_tokens_per_s']:.2f}x; decode only {record['flax_over_torch_decode_only']:.2f}x)"
+    log(f"{sampling_name}: generate {record['torch_tokens_per_s']:.0f} tok/s, sampler "
+        f"{record['flax_tokens_per_s']:.0f} tok/s ({record['flax_over_torch_tokens_per_s']:.2f}x; decode only "
+        f"{record['flax_over_torch_decode_only']:.2f}x)"
         + (f", identical rows {record['identical_rows_fraction']:.3f}" if greedy else ""))
     if draws:
         log(f"drawing a token: {record['draw_ms_per_step']:.3f} ms a step, a whole-vocabulary draw "

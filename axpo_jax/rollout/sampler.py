@@ -105,10 +105,10 @@ def sample_tokens(logits_bv, key, params: SamplingParams):
     """One token per row (int32 [B]) drawn from softmax(filter_logits(logits_bv, params)), at a fraction of what
     drawing over the filtered vocabulary costs. With top-k the k largest logits are the only candidates, so top-p
     needs only their (already sorted) order and the draw is over k numbers; a whole-vocabulary sort took ~6 ms a
-    step for an [8, 4096] block on this project's 2-core CPU, and it grows with Qwen3-VL's 151,936 tokens. Without filters one
-    uniform number per row picks the token by its cumulative probability (`_inverse_cdf_sample`) instead of a
-    Gumbel number per vocabulary entry (~0.5 ms of random bits per step at [8, 4096] on the CPU, 40 ms at
-    [16, 151936]). Only top-p without top-k still sorts. Same distributions, different draws for a key; with
+    step for an [8, 4096] block on this project's 2-core CPU, and it grows with Qwen3-VL's 151,936 tokens.
+    Without filters one uniform number per row picks the token by its cumulative probability
+    (`_inverse_cdf_sample`) instead of a Gumbel number per vocabulary entry (~0.5 ms of random bits per step at
+    [8, 4096] on that CPU, 40 ms at [16, 151936]). Only top-p without top-k still sorts. Same distributions, different draws for a key; with
     tied k-th logits, top-k keeps exactly k tokens where `filter_logits` keeps the ties too."""
     v = logits_bv.shape[-1]
     scaled_bv = logits_bv / params.temperature

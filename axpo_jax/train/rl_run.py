@@ -147,6 +147,7 @@ def run(config) -> dict:
     from axpo_jax.parallel.mesh import mesh_from_config
     from axpo_jax.rollout.agent_loop import AgentLoop
     from axpo_jax.eval.runner import evaluate, make_agent
+    from axpo_jax.modes import ModeError
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
     from axpo_jax.train.checkpoints import Checkpointer, StopRequest, export_folder
@@ -156,8 +157,6 @@ def run(config) -> dict:
     from axpo_jax.train.optimizer import make_optimizer
     from axpo_jax.train.plots import plot_rl_run
     from axpo_jax.train.rl import RLTrainer
-
-    from axpo_jax.modes import ModeError
 
     started = time.perf_counter()
     try:  # the sampling fields are checked before anything loads
