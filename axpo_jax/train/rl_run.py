@@ -164,7 +164,7 @@ def run(config) -> dict:
     except ValueError as error:
         raise ModeError(f"config (temperature, top_p, top_k, presence_penalty): {error}") from error
     try:
-        eval_settings(config)
+        settings = eval_settings(config)
     except ValueError as error:
         raise ModeError(f"config (the eval_* fields): {error}") from error
     stop = StopRequest().install()
@@ -201,7 +201,6 @@ def run(config) -> dict:
         _log(f"{len(source)} training tasks from {config.tasks}")
     dataset = iter(task_dataset(source, seed=config.seed, batch_size=config.questions_per_step))
     evaluations = eval_items(config) if config.eval_every else {}
-    settings = eval_settings(config)
     # its own samplers (the evaluation's limits), the same policy object: it evaluates the weights being trained
     eval_agent = make_agent(model, processor, executor, settings, mesh=mesh) if evaluations else None
 
