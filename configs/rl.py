@@ -87,6 +87,10 @@ def get_config(arg=None):
     config.weight_decay = 0.0
     config.max_grad_norm = 1.0
     config.micro_batch_size = 4
+    # optimizer updates per step (unstated): the step's rows are split M ways (row i to update i mod M). 1: one
+    # on-policy update, where ρ = 1 and the clip never binds (and no forward pass for π_old runs); M > 1: the later
+    # updates are off-policy and the clip limits them, as in verl / EasyR1 with a PPO mini-batch below the train batch
+    config.updates_per_step = 1
     config.logprob_chunk = 256
     config.remat = False  # recompute decoder layers in the backward pass (True on pods: activations of one layer)
     # how the step's forked AXPO continuations are laid out: 0 = one block per data shard over processes (what a
@@ -137,6 +141,7 @@ def get_config(arg=None):
         config.learning_rate = 1e-6  # unstated; a common value for RL of 2-8B VLMs
         config.warmup_fraction = 0.02
         config.micro_batch_size = max(1, devices // 2)
+        config.updates_per_step = 4  # unstated; verl's and EasyR1's Qwen-VL GRPO examples: train batch 512 / 128
         config.remat = True
         config.checkpoint_every = 10
         config.keep_checkpoints = 3

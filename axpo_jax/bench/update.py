@@ -4,21 +4,21 @@
 
 Both sides hold identical float32 weights (`forward.build_models`) and get the same batch (`forward.make_batch`:
 `batch` rows of `seq_len` tokens with `num_images` images each), a loss mask on the second half of each row's
-predictions, one random advantage per row (broadcast over its trained tokens), and old log-probs equal to the
-current ones, so the ratio is 1 at the first step.
+predictions and one random advantage per row (broadcast over its trained tokens). A step is one on-policy update
+(the rl mode's `updates_per_step=1`): π_old is the policy being trained, so the ratio is 1.
 
 One step, on each side, does the same work:
   JAX   - `Learner.step([batch])` with `LossConfig(kind="rl", kl_coef=kl_coef)` and `make_optimizer(learning_rate=
-          1e-5, total_steps=100)`: a jitted no-grad forward for the old log-probs, the jitted value_and_grad of
-          the policy loss (DAPO clip ε_low .2 / ε_high .4, token-mean; entropy as a no-grad metric), then the
+          1e-5, total_steps=100)`: the jitted value_and_grad of the policy loss (old log-probs = the stop-gradient
+          of the new ones; DAPO clip ε_low .2 / ε_high .4, token-mean; entropy as a no-grad metric), then the
           jitted AdamW update (global-norm clip 1.0, skipped if not finite).
-  torch - a no-grad forward for the old log-probs, forward + backward of the same loss written in torch
-          (log_softmax gather, clamped log-ratio, clipped surrogate, token-mean over the mask; the no-grad
-          entropy too), `clip_grad_norm_(1.0)` and a `torch.optim.AdamW` step (lr 1e-5, no weight decay).
+  torch - forward + backward of the same loss written in torch (log_softmax gather, old log-probs detached from
+          the new ones, clamped log-ratio, clipped surrogate, token-mean over the mask; the no-grad entropy too),
+          `clip_grad_norm_(1.0)` and a `torch.optim.AdamW` step (lr 1e-5, no weight decay).
 With `kl_coef > 0` both add β·low_var_kl against a frozen copy of the initial weights (one more no-grad forward).
 
 The first step of each (on the same weights) must agree: the loss to `max_loss_rel_diff` (1e-4) relative, the
-old log-probs on trained tokens to `max_logprob_diff` (1e-4) absolute and the pre-clip gradient norm to
+log-probs of the initial weights (a no-grad forward of each, before the first step) on trained tokens to `max_logprob_diff` (1e-4) absolute and the pre-clip gradient norm to
 `max_grad_norm_rel_diff` (1e-3) relative; otherwise `BenchError` is raised after the record has been written to
 stderr. (At ratio 1 the loss is −mean(A) over trained tokens whatever the model, so the log-prob and gradient
 norm checks are the ones that show both sides compute the same thing.) Both are warmed up (the JAX compile is
@@ -175,20 +175,22 @@ def run(config) -> dict[str, Any]:
             ent = (ent * mask).sum() / torch.clamp(mask.sum(), min=1.0)
         return logp, ent
 
+    with torch.no_grad():  # before any update: for the log-prob check
+        torch_first_old = token_logprobs(hf_model)[0].float().cpu().numpy()
+
     def torch_step():
         with torch.no_grad():
-            old, _ = token_logprobs(hf_model)
             ref = token_logprobs(ref_model)[0] if ref_model is not None else None
         opt.zero_grad(set_to_none=True)
         logp, _ = token_logprobs(hf_model, with_entropy=True)
-        loss = torch_policy_loss(logp, old, adv, mask, eps_low=loss_cfg.eps_low, eps_high=loss_cfg.eps_high,
-                                 ref=ref, kl_coef=kl_coef)
+        loss = torch_policy_loss(logp, logp.detach(), adv, mask, eps_low=loss_cfg.eps_low,
+                                 eps_high=loss_cfg.eps_high, ref=ref, kl_coef=kl_coef)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
         if torch.isfinite(grad_norm):
             opt.step()
         # float() and .cpu() wait for the device, so a timed step ends when its work does
-        torch_results.append(dict(loss=float(loss.detach()), grad_norm=float(grad_norm), old=old.float().cpu().numpy()))
+        torch_results.append(dict(loss=float(loss.detach()), grad_norm=float(grad_norm)))
 
     # ---- warm-up: the first step of each is on the initial weights, so they must agree
     _log(f"torch warm-up ({threads} threads)")
@@ -203,7 +205,7 @@ def run(config) -> dict[str, Any]:
     t_first, j_first = torch_results[0], jax_results[0]
     loss_rel = abs(j_first["loss"] - t_first["loss"]) / max(abs(t_first["loss"]), 1e-12)
     trained = rl["loss_mask_bt"] > 0
-    logprob_diff = float(np.max(np.abs(jax_first_old[trained] - t_first["old"][trained])))
+    logprob_diff = float(np.max(np.abs(jax_first_old[trained] - torch_first_old[trained])))
     gnorm_rel = abs(j_first["grad_norm"] - t_first["grad_norm"]) / max(t_first["grad_norm"], 1e-12)
     _log(f"first step: loss jax {j_first['loss']:.7g} torch {t_first['loss']:.7g} (rel {loss_rel:.2g}); "
          f"grad norm jax {j_first['grad_norm']:.7g} torch {t_first['grad_norm']:.7g} (rel {gnorm_rel:.2g}); "
@@ -232,8 +234,8 @@ def run(config) -> dict[str, Any]:
     jax_compile_s = max(0.0, jax_first_s - jax_median)
     ok = loss_rel < max_loss_rel and logprob_diff < max_logprob_diff and gnorm_rel < max_gnorm_rel
     # MFU: 6 x matmul weights + attention FLOPs per token of the forward+backward (bench/record.py), counted over
-    # every token of the batch; the step also runs a no-grad forward for the old log-probs, left uncounted (as in
-    # the usual definition: model FLOPs of the training step proper).
+    # every token of the batch (with kl_coef > 0 the step also runs a no-grad reference forward, left uncounted, as
+    # in the usual definition: model FLOPs of the training step proper).
     from axpo_jax.bench import devices as device_table
     from axpo_jax.bench.record import mfu, train_flops_per_token
 

@@ -1,8 +1,14 @@
 """The jitted update: SFT (masked token NLL) and RL (the clipped policy loss of every stream, + KL).
 
-A step takes a list of micro-batches of one shape: gradients of each are computed by one compiled function and
-summed, with every loss normalised by the *whole step's* trained-token count, so accumulation gives exactly the
-gradient of the full batch. The optimizer applies the sum once (skipping it when it is not finite).
+A step takes a list of micro-batches of one shape and makes one or more optimizer updates over runs of them. Within
+an update, gradients of each micro-batch are computed by one compiled function and summed, with every loss
+normalised by the *update's* trained-token count, so accumulation gives exactly the gradient of that whole batch;
+the optimizer applies the sum once (skipping it when it is not finite).
+
+RL: π_old of the clipped ratio is the policy that sampled the rows, i.e. the weights before the step's first update.
+During the first update those are the weights being trained, so ρ = exp(logp - stop_gradient(logp)) = 1 and no
+extra forward runs; the later updates' micro-batches get their π_old log-probs from one no-grad forward each before
+the first update, and only there can the clip bind.
 
 Multi-host: each process passes its own rows; they are assembled into global arrays over the mesh, so the loss,
 the token-count denominator and every metric are the global batch's (what one process with every row computes).
@@ -38,6 +44,7 @@ class LossConfig:
 
 
 def _loss(model, batch: TrainBatch, old_logprobs_bt, ref_logprobs_bt, denominator, cfg: LossConfig):
+    """`old_logprobs_bt` None: π_old is the policy being trained (the step's first update)."""
     logp_bt, entropy_bt = model.token_logprobs(batch.inputs, batch.targets_bt, chunk_size=cfg.logprob_chunk,
                                                with_entropy=True, remat=cfg.remat)
     mask = batch.loss_mask_bt
@@ -46,12 +53,16 @@ def _loss(model, batch: TrainBatch, old_logprobs_bt, ref_logprobs_bt, denominato
     if cfg.kind == "sft":
         nll = -(logp_bt * mask).sum() / denominator
         return nll, {"entropy": entropy}
+    if old_logprobs_bt is None:
+        old_logprobs_bt = jax.lax.stop_gradient(logp_bt)
     loss, metrics = policy_loss(
         logp_bt, old_logprobs_bt, batch.advantages_bt, mask, eps_low=cfg.eps_low,
         eps_high=cfg.eps_high, aggregation="token-mean", denominator=denominator,
         logp_ref_bt=ref_logprobs_bt if cfg.kl_coef else None, kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind,
     )
-    return loss, {**metrics, "entropy": entropy}
+    # the sampler's and the trainer's log-probs of the same weights (π_old): how far apart the two programs compute
+    gap = jnp.max(jnp.where(mask > 0, jnp.abs(old_logprobs_bt - batch.sampler_logprobs_bt), 0.0))
+    return loss, {**metrics, "entropy": entropy, "sampler_trainer_logprob_gap": gap}
 
 
 @functools.partial(nnx.jit, static_argnames="cfg")
@@ -79,12 +90,6 @@ def _trained_tokens(loss_mask_bt):
     return jnp.sum(loss_mask_bt)
 
 
-@jax.jit
-def _largest_gap(logprobs_bt, sampler_logprobs_bt, loss_mask_bt):
-    """max |recomputed - sampler| log-prob over trained tokens (0 without any)."""
-    return jnp.max(jnp.where(loss_mask_bt > 0, jnp.abs(logprobs_bt - sampler_logprobs_bt), 0.0))
-
-
 class Learner:
     """Holds the policy and its optimizer; `step` is one update over a list of same-shaped micro-batches.
 
@@ -104,6 +109,8 @@ class Learner:
         self.optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
         if mesh is not None:
             _replicate_unplaced(self.optimizer, mesh)
+        else:  # optax.init's state is uncommitted, `_apply`'s output committed: jit would compile a second time
+            nnx.update(self.optimizer, jax.device_put(nnx.state(self.optimizer), jax.devices()[0]))
 
     def device_batch(self, batch: TrainBatch) -> TrainBatch:
         """This process's host rows -> the batch the jitted update reads (global over the mesh when there is one)."""
@@ -123,39 +130,74 @@ class Learner:
         return [pad_batch(b, length=length, num_image_rows=rows, patches_per_image=patches,
                           spatial_merge_size=merge) for b in micro_batches]
 
-    def step(self, micro_batches: list[TrainBatch]) -> dict[str, float]:
-        """One optimizer update. For RL, the ratio's denominator is recomputed here with the current weights
-        (the sampler's log-probs only feed the logged gap), and reference log-probs come from `reference`."""
-        if self.mesh is not None:
-            micro_batches = self._agreed(micro_batches)
+    def step(self, micro_batches: list[TrainBatch], updates: int = 1) -> dict[str, float]:
+        """`updates` optimizer updates, one after another over equal runs of consecutive micro-batches (the first
+        len // updates micro-batches make the first update, ...). Metrics of several updates are combined
+        (`combine_updates`). RL: π_old is the policy before the first update (module docstring), and reference
+        log-probs come from `reference`."""
+        if updates < 1 or len(micro_batches) % updates:
+            raise ValueError(f"{len(micro_batches)} micro-batches cannot make {updates} updates of equal runs")
+        # one shape for the whole step (and, multi-host, every process): micro-batches with fewer images would each
+        # compile the update again
+        micro_batches = self._agreed(micro_batches)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            return self._step([self.device_batch(b) for b in micro_batches])
+            batches = [self.device_batch(b) for b in micro_batches]
+            per_update = len(batches) // updates
+            # the later updates' π_old: the weights that sampled the rows, i.e. these, before the first update
+            later_old = [self.logprobs(b) for b in batches[per_update:]] if self.loss.kind == "rl" else None
+            results = []
+            for u in range(updates):
+                run = slice(u * per_update, (u + 1) * per_update)
+                old = later_old[(u - 1) * per_update: u * per_update] if u and later_old else None
+                results.append(self._update(batches[run], old))
+            return combine_updates(results)
 
-    def _step(self, micro_batches: list[TrainBatch]) -> dict[str, float]:
-        # token counts of the global batch: every normalisation below is by the whole step's trained tokens
+    def _update(self, micro_batches: list[TrainBatch], old_logprobs: list | None) -> dict[str, float]:
+        # token counts of the global batch: every normalisation below is by the whole update's trained tokens
         micro_tokens = [float(_trained_tokens(b.loss_mask_bt)) for b in micro_batches]
         denominator = jnp.maximum(sum(micro_tokens), 1.0)
-        total_loss, grads_sum, sums, gaps = 0.0, None, {}, []
-        for batch, tokens in zip(micro_batches, micro_tokens):
-            old = ref = jnp.zeros_like(batch.loss_mask_bt)
-            if self.loss.kind == "rl":
-                old = self.logprobs(batch)
-                gaps.append(float(_largest_gap(old, batch.sampler_logprobs_bt, batch.loss_mask_bt)))
-                if self.loss.kl_coef:
-                    if self.reference is None:
-                        raise ValueError("kl_coef > 0 needs a reference model")
-                    ref = self.logprobs(batch, self.reference)
+        total_loss, grads_sum, sums = 0.0, None, {}
+        for i, (batch, tokens) in enumerate(zip(micro_batches, micro_tokens)):
+            old = None if old_logprobs is None else old_logprobs[i]
+            ref = None
+            if self.loss.kind == "rl" and self.loss.kl_coef:
+                if self.reference is None:
+                    raise ValueError("kl_coef > 0 needs a reference model")
+                ref = self.logprobs(batch, self.reference)
             loss, metrics, grads = _grads(self.model, batch, old, ref, denominator, self.loss)
             total_loss += float(loss)
             grads_sum = grads if grads_sum is None else jax.tree.map(jnp.add, grads_sum, grads)
             for key, value in metrics.items():
                 _accumulate(sums, key, float(value), tokens / float(denominator))
         grad_norm = float(_apply(self.optimizer, self.model, grads_sum))
-        out = {"loss": total_loss, "grad_norm": grad_norm, "trained_tokens": float(denominator),
-               "skipped_updates": skipped_updates(self.optimizer.opt_state), **sums}
-        if gaps:
-            out["sampler_trainer_logprob_gap"] = max(gaps)
-        return out
+        return {"loss": total_loss, "grad_norm": grad_norm, "trained_tokens": float(denominator),
+                "skipped_updates": skipped_updates(self.optimizer.opt_state), **sums}
+
+
+def combine_updates(per_update: list[dict[str, float]]) -> dict[str, float]:
+    """One step's metrics from its updates': trained tokens summed, extremes (ratio_max / ratio_min, the log-prob
+    gap) taken over all, the optimizer's skip counter as it stands after the last, grad_norm averaged, every other
+    metric (each a token mean of its update) weighted by the updates' trained tokens; plus the number of updates."""
+    if len(per_update) == 1:
+        return {**per_update[0], "updates": 1}
+    tokens = np.array([m["trained_tokens"] for m in per_update])
+    weights = tokens / max(tokens.sum(), 1.0)
+    out = {}
+    for key in per_update[0]:
+        values = [m[key] for m in per_update]
+        if key == "trained_tokens":
+            out[key] = float(tokens.sum())
+        elif key in ("ratio_max", "sampler_trainer_logprob_gap"):
+            out[key] = max(values)
+        elif key == "ratio_min":
+            out[key] = min(values)
+        elif key == "skipped_updates":
+            out[key] = values[-1]
+        elif key == "grad_norm":
+            out[key] = float(np.mean(values))
+        else:
+            out[key] = float(np.dot(weights, values))
+    return {**out, "updates": len(per_update)}
 
 
 def _replicate_unplaced(module, mesh) -> None:
@@ -179,7 +221,7 @@ _SUMMED = ("pg_loss", "kl")
 def _accumulate(sums: dict, key: str, value: float, token_share: float) -> None:
     if key == "n_tokens":
         return
-    if key == "ratio_max":
+    if key in ("ratio_max", "sampler_trainer_logprob_gap"):
         sums[key] = max(sums.get(key, -np.inf), value)
     elif key == "ratio_min":
         sums[key] = min(sums.get(key, np.inf), value)

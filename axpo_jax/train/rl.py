@@ -55,7 +55,9 @@ class RLTrainer:
     each process forks the selected sources it owns, padded to one count so the forked batch has the same shape
     everywhere; the update trains on every process's rows as one global batch.
 
-    `micro_batch_size` is rows per micro-batch on each process. `layout_shards` is how many blocks the step's
+    `micro_batch_size` is rows per micro-batch on each process; `updates_per_step` is how many optimizer updates
+    a step's rows are split into (verl's train batch / PPO mini-batch; the later ones are off-policy, so there the
+    clip can bind). `layout_shards` is how many blocks the step's
     questions are laid out in for forking, each block's forks padded to one count: by default the mesh's data
     shards over processes (1 on one process). A single process given a multi-process run's count builds exactly
     that run's global batches, with the same rows in the same places (how the multi-host tests compare the two).
@@ -64,7 +66,7 @@ class RLTrainer:
     def __init__(self, learner: Learner, agent: AgentLoop, estimator, *, num_samples: int, micro_batch_size: int,
                  sampling: SamplingParams = SamplingParams(), reward_kind: str = "exact",
                  reward_fn: Callable[[Trajectory, Task], float] | None = None, layout_shards: int | None = None,
-                 fixed_resample_batch: bool = False):
+                 fixed_resample_batch: bool = False, updates_per_step: int = 1):
         self.learner = learner
         self.agent = agent
         self.estimator = estimator
@@ -81,6 +83,9 @@ class RLTrainer:
         # start finished), so each step reuses the fork sampler's compiled programs; False: as many rows as
         # selected, a sampler (and its compiles) per distinct count
         self.fixed_resample_batch = fixed_resample_batch
+        if not (isinstance(updates_per_step, int) and updates_per_step >= 1):
+            raise ValueError(f"updates_per_step must be an int >= 1, got {updates_per_step!r}")
+        self.updates_per_step = updates_per_step
         if self.layout_shards % self.shard.count:
             raise ValueError(f"layout_shards={self.layout_shards} is not a multiple of the {self.shard.count} data "
                              f"shards over processes")
@@ -226,26 +231,31 @@ class RLTrainer:
         return getattr(config, "resample_from", "") == "scratch" or getattr(config, "candidates", "") == "no_tool"
 
     def _update(self, rows: list[Trajectory], adv_rows, mask_rows, length: int) -> dict:
-        """Micro-batches of equal shape; the last one is filled with untrained copies so no new shape compiles
-        (and, multi-host, whole untrained micro-batches make every process's count the same)."""
+        """`updates_per_step` optimizer updates; row i goes to update i mod M, so every update holds rows of every
+        question and its share of the AXPO continuations (which come last). Each update's rows make micro-batches of
+        one shape, its last filled with untrained copies so no new shape compiles (and, multi-host, whole untrained
+        micro-batches make every process's count the same)."""
+        if len(rows) < self.updates_per_step:  # an update of padding only would still move Adam's weights
+            raise ValueError(f"{len(rows)} rows cannot make {self.updates_per_step} updates (updates_per_step)")
         mb = self.shard.round_rows(self.micro_batch_size)
-        order = list(range(len(rows)))
-        micro_batches = -(-len(order) // mb)
+        parts = [list(range(u, len(rows), self.updates_per_step)) for u in range(self.updates_per_step)]
+        per_update = max(-(-len(part) // mb) for part in parts)
         if self.shard.count > 1:
-            micro_batches = int(distributed.max_across_processes(np.int64(micro_batches)))
-        order += [0] * (micro_batches * mb - len(order))
+            per_update = int(distributed.max_across_processes(np.int64(per_update)))
         micro = []
-        for start in range(0, len(order), mb):
-            chunk = order[start : start + mb]
-            real = [start + i < len(rows) for i in range(len(chunk))]
-            trained = [mask_rows[i][: len(rows[i].token_ids)] * r for i, r in zip(chunk, real)]
-            advantages = [adv_rows[i][: len(rows[i].token_ids)] for i in chunk]
-            images = sum(len(rows[i].images) for i in chunk)
-            micro.append(trajectory_batch(
-                self.learner.model.config, self.agent.processor, [rows[i] for i in chunk], trained, advantages,
-                length=length, num_image_rows=bucket(images, 4),
-            ))
-        return self.learner.step(micro)
+        for part in parts:
+            order = part + [None] * (per_update * mb - len(part))
+            for start in range(0, len(order), mb):
+                chunk = [0 if i is None else i for i in order[start: start + mb]]
+                real = [i is not None for i in order[start: start + mb]]
+                trained = [mask_rows[i][: len(rows[i].token_ids)] * r for i, r in zip(chunk, real)]
+                advantages = [adv_rows[i][: len(rows[i].token_ids)] for i in chunk]
+                images = sum(len(rows[i].images) for i in chunk)
+                micro.append(trajectory_batch(
+                    self.learner.model.config, self.agent.processor, [rows[i] for i in chunk], trained, advantages,
+                    length=length, num_image_rows=bucket(images, 4),
+                ))
+        return self.learner.step(micro, updates=self.updates_per_step)
 
 
 def _rows_of(advantages: Advantages, first_question: int, num_questions: int, selections: list[int]) -> Advantages:

@@ -167,6 +167,10 @@ def run(config) -> dict:
         settings = eval_settings(config)
     except ValueError as error:
         raise ModeError(f"config (the eval_* fields): {error}") from error
+    rows_per_process = config.questions_per_step // jax.process_count() * config.num_samples
+    if not (isinstance(config.updates_per_step, int) and 1 <= config.updates_per_step <= rows_per_process):
+        raise ModeError(f"config.updates_per_step must be an int from 1 to the step's rollouts on each process "
+                        f"({rows_per_process}), got {config.updates_per_step!r}")
     stop = StopRequest().install()
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -194,7 +198,7 @@ def run(config) -> dict:
     trainer = RLTrainer(learner, agent, make_estimator(config), num_samples=config.num_samples,
                         micro_batch_size=config.micro_batch_size, sampling=sampling,
                         reward_kind=config.reward_kind, layout_shards=config.layout_shards or None,
-                        fixed_resample_batch=config.fixed_resample_batch)
+                        fixed_resample_batch=config.fixed_resample_batch, updates_per_step=config.updates_per_step)
     shard = data_shard(mesh)
     source = task_source(config.tasks, seed=config.seed + 1)
     if primary:

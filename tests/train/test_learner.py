@@ -133,3 +133,74 @@ def test_remat_gives_the_same_gradients():
     assert len(grads[0]) == len(grads[1]) > 10
     for a, b in zip(*grads):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+
+
+def rl_batch(seed, length=32):
+    ids, trained, pixels, grids = rows(seed)
+    advantages = [np.where(t > 0, 1.0 if b % 2 == 0 else -1.0, 0.0) for b, t in enumerate(trained)]
+    return make_batch(CONFIG, ids, trained, pixel_values=pixels, image_grid_thw=grids, advantages=advantages,
+                      length=length)
+
+
+def test_one_update_a_step_runs_no_forward_for_pi_old(monkeypatch):
+    """π_old of the step's only update is the policy being trained: the loss and gradients equal those with its
+    log-probs computed by a separate forward (what the update did before), without running that forward."""
+    from axpo_jax.train import learner as learner_module
+
+    batch = jax.tree.map(jnp.asarray, rl_batch(4))
+    model = fresh_model()
+    cfg = LossConfig(kind="rl", kl_coef=0.0)
+    old = learner_module._logprobs(model, batch, cfg.logprob_chunk)
+    denominator = batch.loss_mask_bt.sum()
+    explicit = learner_module._grads(model, batch, old, None, denominator, cfg)
+    implicit = learner_module._grads(model, batch, None, None, denominator, cfg)
+    np.testing.assert_allclose(implicit[0], explicit[0], rtol=1e-6)
+    assert implicit[1]["ratio_max"] == implicit[1]["ratio_min"] == 1.0
+    for a, b in zip(jax.tree.leaves(explicit[2]), jax.tree.leaves(implicit[2])):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+
+    forwards = []
+    monkeypatch.setattr(Learner, "logprobs", lambda self, *a, **k: forwards.append(1))
+    metrics = Learner(fresh_model(), tx(), cfg).step([rl_batch(4)])
+    assert forwards == [] and metrics["updates"] == 1 and metrics["clip_frac"] == 0.0
+
+
+def test_later_updates_use_the_sampling_policy_as_pi_old():
+    """updates=2 over two micro-batches: the first update trains on micro-batch 0; the second on micro-batch 1 with
+    π_old = the log-probs before the first update (hand-made here with a second learner), so after a large first
+    update its ratios leave [1 - ε_low, 1 + ε_high] and the clip binds."""
+    first, second = rl_batch(5), rl_batch(6)
+    cfg = LossConfig(kind="rl", kl_coef=0.0)
+
+    def big_steps():
+        return make_optimizer(learning_rate=3e-2, total_steps=10, warmup_steps=0)
+
+    both = Learner(fresh_model(), big_steps(), cfg)
+    metrics = both.step([first, second], updates=2)
+
+    by_hand = Learner(fresh_model(), big_steps(), cfg)
+    old_second = by_hand.logprobs(jax.tree.map(jnp.asarray, second))
+    m1 = by_hand.step([first])
+    m2 = by_hand._update([jax.tree.map(jnp.asarray, second)], [old_second])
+    for (_, x), (_, y) in zip(qwen3_vl.named_parameters(both.model), qwen3_vl.named_parameters(by_hand.model)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+    assert int(both.optimizer.step[...]) == 2
+    assert metrics["updates"] == 2 and metrics["trained_tokens"] == m1["trained_tokens"] + m2["trained_tokens"]
+    assert m2["ratio_max"] > 1.4 or m2["ratio_min"] < 0.8  # the first update moved the policy
+    assert m2["clip_frac"] > 0 and metrics["clip_frac"] > 0
+    assert metrics["ratio_max"] == max(m1["ratio_max"], m2["ratio_max"])
+    with pytest.raises(ValueError, match="equal runs"):
+        both.step([first, second, first], updates=2)
+
+
+def test_combine_updates_by_hand():
+    from axpo_jax.train.learner import combine_updates
+
+    a = dict(loss=1.0, grad_norm=2.0, trained_tokens=30.0, skipped_updates=0, clip_frac=0.0, ratio_max=1.0,
+             ratio_min=1.0, sampler_trainer_logprob_gap=1e-6)
+    b = dict(loss=3.0, grad_norm=4.0, trained_tokens=10.0, skipped_updates=1, clip_frac=0.4, ratio_max=1.7,
+             ratio_min=0.6, sampler_trainer_logprob_gap=2e-6)
+    out = combine_updates([a, b])
+    assert out == pytest.approx(dict(loss=1.5, grad_norm=3.0, trained_tokens=40.0, skipped_updates=1,
+                                     clip_frac=0.1, ratio_max=1.7, ratio_min=0.6, sampler_trainer_logprob_gap=2e-6,
+                                     updates=2))

@@ -116,13 +116,15 @@ def test_rl_mode_resumes_exactly(sft_result, tmp_path, monkeypatch):
         np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-5)
 
 
-def test_rl_mode_refuses_bad_sampling_fields_before_loading(tmp_path):
+def test_rl_mode_refuses_bad_sampling_and_update_fields_before_loading(tmp_path):
     from axpo_jax.modes import ModeError
 
     missing = str(tmp_path / "no_checkpoint")  # never read: the fields are checked first
     for field, value, match in (("temperature", -1.0, r"\(temperature, top_p.*temperature must be >= 0"),
                                 ("top_k", -2, r"top_k must be an integer"),
-                                ("eval_top_p", 0.0, r"\(the eval_\* fields\): top_p must be in")):
+                                ("eval_top_p", 0.0, r"\(the eval_\* fields\): top_p must be in"),
+                                ("updates_per_step", 0, r"updates_per_step must be an int from 1"),
+                                ("updates_per_step", 1000, r"updates_per_step must be .* \(\d+\), got 1000")):
         with pytest.raises(ModeError, match=match):
             rl_run.run(_rl_config(missing, str(tmp_path / "run"), **{field: value}))
     assert not os.path.exists(tmp_path / "run")

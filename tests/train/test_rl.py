@@ -84,12 +84,15 @@ def test_resample_from_scratch_ablation(loop):  # noqa: F811
 def test_fixed_resample_batch_pads_to_the_budget(loop):  # noqa: F811
     """With `fixed_resample_batch` the 2 selected prefixes x K=2 run in a batch of the budget's 3 prefixes (6 rows:
     2 of them padding that start finished and are dropped), the shape every step gets whatever it selects (here
-    the 6-row sampler test_axpo_step compiled)."""
+    the 6-row sampler test_axpo_step compiled). Its update is two (`updates_per_step=2`): rows 0, 2, .. then 1, 3, ..,
+    each a 5-row micro-batch, the shape test_axpo_step's single update trained."""
     scripted = loop._samplers[4]
     scripted.scripts = [[loop.tokenizer.encode(t, add_special_tokens=False) for t in s] for s in SCRIPTS]
     learner = Learner(loop.model, make_optimizer(learning_rate=1e-3, total_steps=10), LossConfig(kl_coef=0.0))
     estimator = registry.make("axpo", ratio=1.5, k=2)  # budget floor(1.5 * 2 * 2) = 6 continuations = 3 prefixes
-    trainer = RLTrainer(learner, loop, estimator, num_samples=2, micro_batch_size=5, fixed_resample_batch=True)
+    trainer = RLTrainer(learner, loop, estimator, num_samples=2, micro_batch_size=5, fixed_resample_batch=True,
+                        updates_per_step=2)
+    updates_before = int(learner.optimizer.step[...])
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     rows_before = set(loop._samplers)
 
@@ -103,4 +106,6 @@ def test_fixed_resample_batch_pads_to_the_budget(loop):  # noqa: F811
     for t in out.resamples:
         source = out.trajectories[t.resampled_from]
         assert t.token_ids[: source.prefix_end] == source.token_ids[: source.prefix_end]
-    assert np.isfinite(out.metrics["loss"])
+    assert np.isfinite(out.metrics["loss"]) and out.metrics["updates"] == 2
+    assert int(learner.optimizer.step[...]) == updates_before + 2
+    assert out.metrics["trained_tokens"] > 0
