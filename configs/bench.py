@@ -59,7 +59,8 @@ def get_config(arg=None):
         config.image_size = 128  # one image per prompt: 8x8 patches of 16 px, 16 image tokens
         config.new_tokens = 128  # no stop: every row generates all of them
         # "greedy" (the check: identical tokens); "train" (temperature 1, the RL rollouts') or "eval" (the paper's
-        # 0.7 / 0.8 / 20 / 1.5) sample on both sides, then the record adds the draw alone vs a whole-vocabulary draw
+        # 0.7 / 0.8 / 20 / 1.5) or "nucleus" (temperature 1, top-p 0.95 alone) sample on both sides, then the record
+        # adds the draw alone vs a whole-vocabulary draw
         config.sampling = "greedy"
         config.repeats = 3  # timed runs of each, interleaved generate / sampler
         config.torch_threads = 0  # 0: os.cpu_count()

@@ -121,6 +121,7 @@ SAMPLING_SETTINGS = {
     "greedy": dict(temperature=0.0),
     "train": dict(temperature=1.0),
     "eval": dict(temperature=0.7, top_p=0.8, top_k=20, presence_penalty=1.5),
+    "nucleus": dict(temperature=1.0, top_p=0.95),  # top-p alone, as many RL recipes sample
 }
 
 

@@ -101,6 +101,33 @@ def _nucleus_cutoff(sorted_bv, top_p: float):
     return jnp.min(jnp.where(kept_bv, sorted_bv, jnp.inf), axis=-1, keepdims=True)
 
 
+def _nucleus_cutoff_unsorted(logits_bv, top_p: float):
+    """`_nucleus_cutoff` of the same logits without sorting them: the smallest logit whose strictly larger logits
+    hold less than `top_p` of the mass. That mass only falls as the threshold rises, so 32 halvings of the float32
+    order (as integers, where neighbouring floats are neighbouring numbers) leave no logit between `lo` (mass
+    above >= top_p) and `hi` (< top_p), and the cutoff is the first logit above `lo`: exact, in 32 masked sums
+    over the vocabulary instead of a sort (which XLA runs slowly on every backend)."""
+    probs_bv = jax.nn.softmax(logits_bv, axis=-1)
+
+    def ordered(x):  # float32 -> int32 with the same order
+        bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+        return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+    def unordered(k):
+        return jax.lax.bitcast_convert_type(jnp.where(k < 0, k ^ 0x7FFFFFFF, k), jnp.float32)
+
+    def halve(_, bounds):
+        lo_b1, hi_b1 = bounds
+        mid_b1 = (lo_b1 >> 1) + (hi_b1 >> 1) + (lo_b1 & hi_b1 & 1)  # the floor of the mean, without overflow
+        above_b1 = jnp.sum(jnp.where(logits_bv > unordered(mid_b1), probs_bv, 0.0), axis=-1, keepdims=True)
+        return jnp.where(above_b1 >= top_p, mid_b1, lo_b1), jnp.where(above_b1 >= top_p, hi_b1, mid_b1)
+
+    lo_b1 = jnp.full(logits_bv.shape[:-1] + (1,), ordered(jnp.float32(-jnp.inf)))  # all the mass lies above -inf
+    hi_b1 = ordered(jnp.max(logits_bv, axis=-1, keepdims=True))  # none above the largest
+    lo_b1, _ = jax.lax.fori_loop(0, 32, halve, (lo_b1, hi_b1))
+    return jnp.min(jnp.where(logits_bv > unordered(lo_b1), logits_bv, jnp.inf), axis=-1, keepdims=True)
+
+
 def sample_tokens(logits_bv, key, params: SamplingParams):
     """One token per row (int32 [B]) drawn from softmax(filter_logits(logits_bv, params)), at a fraction of what
     drawing over the filtered vocabulary costs. With top-k the k largest logits are the only candidates, so top-p
@@ -108,7 +135,8 @@ def sample_tokens(logits_bv, key, params: SamplingParams):
     step for an [8, 4096] block on this project's 2-core CPU, and it grows with Qwen3-VL's 151,936 tokens.
     Without filters one uniform number per row picks the token by its cumulative probability
     (`_inverse_cdf_sample`) instead of a Gumbel number per vocabulary entry (~0.5 ms of random bits per step at
-    [8, 4096] on that CPU, 40 ms at [16, 151936]). Only top-p without top-k still sorts. Same distributions, different draws for a key; with
+    [8, 4096] on that CPU, 40 ms at [16, 151936]). Top-p without top-k finds its cutoff by bisection
+    (`_nucleus_cutoff_unsorted`), then draws the same way. Same distributions, different draws for a key; with
     tied k-th logits, top-k keeps exactly k tokens where `filter_logits` keeps the ties too."""
     v = logits_bv.shape[-1]
     scaled_bv = logits_bv / params.temperature
@@ -119,7 +147,8 @@ def sample_tokens(logits_bv, key, params: SamplingParams):
         pick_b = jax.random.categorical(key, top_bk, axis=-1)
         return jnp.take_along_axis(ids_bk, pick_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
     if params.top_p < 1.0:
-        return jax.random.categorical(key, filter_logits(logits_bv, params), axis=-1).astype(jnp.int32)
+        cutoff_b1 = _nucleus_cutoff_unsorted(scaled_bv, params.top_p)
+        scaled_bv = jnp.where(scaled_bv < cutoff_b1, -jnp.inf, scaled_bv)
     return _inverse_cdf_sample(scaled_bv, key)
 
 

@@ -191,8 +191,29 @@ def test_sample_tokens_draws_the_filtered_distribution():
     # one allowed token, first, last or in the middle of a block: always that one
     only = np.full((3, v), -np.inf, np.float32)
     only[[0, 1, 2], [0, 127, 298]] = 0.0
-    for params in (SamplingParams(), SamplingParams(top_k=4)):
+    for params in (SamplingParams(), SamplingParams(top_k=4), SamplingParams(top_p=0.5)):
         np.testing.assert_array_equal(np.asarray(draw(jnp.asarray(only), jax.random.key(2), params)), [0, 127, 298])
+
+
+def test_nucleus_cutoff_by_bisection_equals_the_sorted_one():
+    """Top-p without top-k: the cutoff found by halving the float order is exactly the one read off the sorted
+    logits, with ties, banned (-inf) tokens, large offsets and scales, and nuclei of one token to nearly all."""
+    from axpo_jax.rollout.sampler import _nucleus_cutoff, _nucleus_cutoff_unsorted
+
+    rng = np.random.default_rng(0)
+    cutoff = jax.jit(_nucleus_cutoff_unsorted, static_argnums=1)
+    checked = 0
+    for trial in range(6):
+        logits = rng.standard_normal((32, 300)).astype(np.float32) * [0.1, 1.0, 8.0][trial % 3]
+        if trial % 2:
+            logits = np.round(logits * 2) / 2  # ties
+        logits[:, rng.integers(0, 300, 40)] = -np.inf
+        logits += [0.0, -1e3, 50.0][trial % 3]
+        for top_p in (0.01, 0.3, 0.8, 0.95, 0.999):
+            expected = np.asarray(_nucleus_cutoff(jnp.sort(jnp.asarray(logits), -1)[:, ::-1], top_p))
+            np.testing.assert_array_equal(np.asarray(cutoff(jnp.asarray(logits), top_p)), expected)
+            checked += len(logits)
+    assert checked == 6 * 5 * 32
 
 
 def test_sampling_params_refuse_values_that_would_decode_nonsense():
