@@ -40,7 +40,7 @@ def test_sampler_bench_micro_eval_sampling_times_the_draw():
     assert record["draw_ms_per_step"] > 0 and record["whole_vocabulary_draw_ms_per_step"] > 0
     with pytest.raises(forward.BenchError, match="sampling must be one of"):
         sampler.run_sampler(_config(mode="bench_sampler", preset="micro", batch=2, prompt_len=16, image_size=32,
-                                    new_tokens=8, repeats=1, sampling="nucleus"))
+                                    new_tokens=8, repeats=1, sampling="beam"))
 
 
 def test_decode_step_bytes_by_hand():
