@@ -22,8 +22,9 @@ log-probs of the initial weights (a no-grad forward of each, before the first st
 `max_logprob_diff` (1e-4) absolute and the pre-clip gradient norm to `max_grad_norm_rel_diff` (1e-3) relative;
 otherwise `BenchError` is raised after the record has been written to stderr. (At ratio 1 the loss is −mean(A)
 over trained tokens whatever the model, so the log-prob and gradient norm checks are the ones that show both sides
-compute the same thing.) Both are warmed up (the JAX compile is reported separately) and timed over `repeats` interleaved steps; the record holds the median seconds, trained
-and all tokens/s of each, the JAX/torch ratio and, on a device of bench/devices.py's table, the MFU of each.
+compute the same thing.) Both are warmed up (the JAX compile is reported separately) and timed over `repeats`
+interleaved steps; the record holds the median seconds, trained and all tokens/s of each, the JAX/torch ratio and,
+on a device of bench/devices.py's table, the MFU of each.
 On an accelerator: `torch_device="auto"` (CUDA when JAX and torch both see a GPU), `dtype="bfloat16"`,
 `preset="2b"`, and the three agreement checks loosened to bf16 rounding.
 """
