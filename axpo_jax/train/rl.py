@@ -246,8 +246,9 @@ class RLTrainer:
         for part in parts:
             order = part + [None] * (per_update * mb - len(part))
             for start in range(0, len(order), mb):
-                chunk = [0 if i is None else i for i in order[start: start + mb]]
-                real = [i is not None for i in order[start: start + mb]]
+                window = order[start: start + mb]
+                chunk = [0 if i is None else i for i in window]  # padding: untrained copies of row 0
+                real = [i is not None for i in window]
                 trained = [mask_rows[i][: len(rows[i].token_ids)] * r for i, r in zip(chunk, real)]
                 advantages = [adv_rows[i][: len(rows[i].token_ids)] for i in chunk]
                 images = sum(len(rows[i].images) for i in chunk)
