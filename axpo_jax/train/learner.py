@@ -41,12 +41,21 @@ class LossConfig:
     kl_kind: str = "low_var_kl"
     logprob_chunk: int = 256
     remat: bool = False  # recompute each decoder layer in the backward pass (activation memory: one layer's)
+    # RL: the rollouts' sampling temperature. Every log-prob of the loss (π, π_old, the reference) is of
+    # softmax(logits / temperature), the policy the rows were drawn from and whose log-probs the sampler reports;
+    # at 1.0 it is the model's own. (verl scales the actor's and the reference's logits the same way.)
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ValueError(f"LossConfig.temperature must be > 0 (the rollouts' sampling temperature; greedy "
+                             f"rollouts report the model's own log-probs: 1.0), got {self.temperature}")
 
 
 def _loss(model, batch: TrainBatch, old_logprobs_bt, ref_logprobs_bt, denominator, cfg: LossConfig):
     """`old_logprobs_bt` None: π_old is the policy being trained (the step's first update)."""
     logp_bt, entropy_bt = model.token_logprobs(batch.inputs, batch.targets_bt, chunk_size=cfg.logprob_chunk,
-                                               with_entropy=True, remat=cfg.remat)
+                                               with_entropy=True, remat=cfg.remat, temperature=cfg.temperature)
     mask = batch.loss_mask_bt
     # token-mean over this micro-batch's trained tokens (combined across micro-batches by token share)
     entropy = (entropy_bt * mask).sum() / jnp.maximum(mask.sum(), 1.0)
@@ -80,9 +89,9 @@ def _apply(optimizer, model, grads):
     return grad_norm
 
 
-@functools.partial(nnx.jit, static_argnames="chunk")
-def _logprobs(model, batch: TrainBatch, chunk: int):
-    return model.token_logprobs(batch.inputs, batch.targets_bt, chunk_size=chunk)
+@functools.partial(nnx.jit, static_argnames=("chunk", "temperature"))
+def _logprobs(model, batch: TrainBatch, chunk: int, temperature: float):
+    return model.token_logprobs(batch.inputs, batch.targets_bt, chunk_size=chunk, temperature=temperature)
 
 
 @jax.jit
@@ -119,7 +128,9 @@ class Learner:
         return device_batch(batch, self.mesh, spatial_merge_size=self.model.config.vision.spatial_merge_size)
 
     def logprobs(self, batch: TrainBatch, model=None):
-        return _logprobs(self.model if model is None else model, batch, self.loss.logprob_chunk)
+        """Log-probs of `batch`'s targets under the policy (or `model`) at the loss's temperature."""
+        return _logprobs(self.model if model is None else model, batch, self.loss.logprob_chunk,
+                         self.loss.temperature)
 
     def _agreed(self, micro_batches: list[TrainBatch]) -> list[TrainBatch]:
         """Pads every micro-batch to the largest (tokens, image rows, patches) of any of them on any process."""

@@ -4,6 +4,7 @@ the way the advantages say, non-finite gradients are skipped, and a restored run
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -59,12 +60,20 @@ def test_micro_batches_sum_to_the_full_batch_gradient():
     ids, trained, _, _ = rows(1, count=4, with_image=False)
     full = make_batch(CONFIG, ids, trained, length=32)
     halves = [make_batch(CONFIG, ids[:2], trained[:2], length=32), make_batch(CONFIG, ids[2:], trained[2:], length=32)]
-    a, b = Learner(fresh_model(), tx(), LossConfig(kind="sft")), Learner(fresh_model(), tx(), LossConfig(kind="sft"))
+    # plain SGD at rate 1 (with the finite guard the Learner reads): each weight moves by minus its summed gradient.
+    # (Adam's first step moves a weight by ~lr * sign(g), which for a gradient near Adam's eps turns a summation-
+    # order difference of 1e-9 into 1e-5 of weight.)
+    sgd = lambda: optax.apply_if_finite(optax.sgd(1.0), max_consecutive_errors=1)  # noqa: E731
+    a, b = Learner(fresh_model(), sgd(), LossConfig(kind="sft")), Learner(fresh_model(), sgd(), LossConfig(kind="sft"))
+    start = [np.asarray(p) for _, p in qwen3_vl.named_parameters(fresh_model())]
     ma, mb = a.step([full]), b.step(halves)
     assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5)
     assert ma["grad_norm"] == pytest.approx(mb["grad_norm"], rel=1e-4)
-    for (_, x), (_, y) in zip(qwen3_vl.named_parameters(a.model), qwen3_vl.named_parameters(b.model)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)  # Adam: ~lr * sign(g) for tiny g
+    moved = 0.0
+    for w, (_, x), (_, y) in zip(start, qwen3_vl.named_parameters(a.model), qwen3_vl.named_parameters(b.model)):
+        np.testing.assert_allclose(np.asarray(y) - w, np.asarray(x) - w, rtol=1e-4, atol=1e-7)
+        moved = max(moved, float(np.abs(np.asarray(x) - w).max()))
+    assert moved > 1e-3  # the gradients compared are not all ~0
 
 
 def test_rl_update_follows_the_advantages():
@@ -84,6 +93,28 @@ def test_rl_update_follows_the_advantages():
     assert metrics["sampler_trainer_logprob_gap"] < 1e-5 and metrics["clip_frac"] == 0.0
     # a near-uniform random policy over the vocabulary: entropy close to, and never above, log V
     assert 0.9 * np.log(CONFIG.text.vocab_size) < metrics["entropy"] <= np.log(CONFIG.text.vocab_size) + 1e-4
+
+
+def test_rl_log_probs_are_the_sampling_temperatures():
+    """At a rollout temperature T the loss scores softmax(logits / T), the policy the sampler drew from and whose
+    log-probs it reported: π_old, the trained log-probs and the sampler/trainer gap all use it."""
+    ids, trained, pixels, grids = rows(4)
+    model = fresh_model()
+    batch = make_batch(CONFIG, ids, trained, pixel_values=pixels, image_grid_thw=grids,
+                       advantages=[np.where(t > 0, 1.0, 0.0) for t in trained], length=32)
+    device = jax.tree.map(jnp.asarray, batch)
+    logits_btv = np.asarray(model.forward(device.inputs), np.float64)
+    targets = np.asarray(batch.targets_bt)[..., None]
+    by_hand = {t: np.take_along_axis(jax.nn.log_softmax(logits_btv / t, axis=-1), targets, -1)[..., 0]
+               for t in (1.0, 0.6)}
+    mask = batch.loss_mask_bt > 0
+    assert np.abs(by_hand[0.6] - by_hand[1.0])[mask].max() > 1e-2  # the temperature matters for this model
+    learner = Learner(model, tx(), LossConfig(kind="rl", kl_coef=0.0, temperature=0.6))
+    np.testing.assert_allclose(np.asarray(learner.logprobs(device))[mask], by_hand[0.6][mask], atol=2e-5)
+    metrics = learner.step([batch.replace(sampler_logprobs_bt=by_hand[0.6].astype(np.float32))])
+    assert metrics["sampler_trainer_logprob_gap"] < 2e-5
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        LossConfig(temperature=0.0)
 
 
 def test_non_finite_gradients_skip_the_update():
@@ -150,7 +181,7 @@ def test_one_update_a_step_runs_no_forward_for_pi_old(monkeypatch):
     batch = jax.tree.map(jnp.asarray, rl_batch(4))
     model = fresh_model()
     cfg = LossConfig(kind="rl", kl_coef=0.0)
-    old = learner_module._logprobs(model, batch, cfg.logprob_chunk)
+    old = learner_module._logprobs(model, batch, cfg.logprob_chunk, cfg.temperature)
     denominator = batch.loss_mask_bt.sum()
     explicit = learner_module._grads(model, batch, old, None, denominator, cfg)
     implicit = learner_module._grads(model, batch, None, None, denominator, cfg)

@@ -67,9 +67,10 @@ class FirstRolloutRight(GRPOEstimator):
 
 def _rl_config(checkpoint: str, workdir: str, **overrides):
     config = _config("rl")
-    config.update(dict(checkpoint=checkpoint, workdir=workdir, steps=3, algo="grpo_first_right", questions_per_step=2, num_samples=2,
-                       max_new_tokens_per_turn=16, capacity=1024, micro_batch_size=4, kl_coef=0.0, eval_every=0,
-                       tensorboard=False, checkpoint_every=1))
+    # temperature 0.8: the loss must score the tempered policy the rows were drawn from (checked by the log-prob gap)
+    config.update(dict(checkpoint=checkpoint, workdir=workdir, steps=3, algo="grpo_first_right", questions_per_step=2,
+                       num_samples=2, max_new_tokens_per_turn=16, capacity=1024, micro_batch_size=4, kl_coef=0.0,
+                       eval_every=0, tensorboard=False, checkpoint_every=1, temperature=0.8))
     config.update(overrides)
     return config
 
@@ -110,6 +111,8 @@ def test_rl_mode_resumes_exactly(sft_result, tmp_path, monkeypatch):
     assert whole["final_eval_pass@1"] == expected[-1]["eval/average/pass@1"]
     assert [r["step"] for r in resumed] == [1, 2, 3]
     assert all(r["grad_norm"] > 0 for r in expected)  # the weights move every step
+    # the sampler's log-probs (at temperature 0.8) are the trainer's: without the temperature in the loss, ~0.1-1
+    assert all(r["sampler_trainer_logprob_gap"] < 1e-3 for r in expected + resumed)
     for a, b in zip(expected, resumed):
         assert a["sampled_tokens"] == b["sampled_tokens"] and a["reward"] == b["reward"]
         np.testing.assert_allclose(b["loss"], a["loss"], rtol=1e-5, atol=1e-7)

@@ -544,9 +544,10 @@ class Qwen3VL(nnx.Module):
         return jnp.einsum("btd,vd->btv", h_btd, self.lm_head_weight_vd())
 
     def token_logprobs(self, inputs: ModelInputs, targets_bt, *, chunk_size: int = 256, with_entropy: bool = False,
-                       remat: bool = False):
+                       remat: bool = False, temperature: float = 1.0):
         """log p(targets_bt[b, t] | tokens <= t), float32 [B, T], without holding [B, T, V] logits (and the
-        entropy of p(. | tokens <= t) too, without gradient, when `with_entropy`).
+        entropy of p(. | tokens <= t) too, without gradient, when `with_entropy`). p = softmax(logits /
+        temperature): the policy a sampler at that temperature draws from, and the log-prob it reports.
 
         The vocabulary projection and log-softmax run over chunks of positions, each rematerialized in the
         backward pass, so peak memory holds one chunk's logits [B, chunk, V] instead of the whole sequence's.
@@ -554,7 +555,7 @@ class Qwen3VL(nnx.Module):
         """
         h_btd = self.hidden_states(inputs, remat=remat)
         return chunked_token_logprobs(h_btd, self.lm_head_weight_vd(), targets_bt, chunk_size=chunk_size,
-                                      with_entropy=with_entropy)
+                                      with_entropy=with_entropy, temperature=temperature)
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  mm_token_type_ids=None, **processor_outputs):
@@ -571,8 +572,12 @@ def _jitted_forward(model: Qwen3VL, inputs: ModelInputs):
     return model.forward(inputs)
 
 
-def chunked_token_logprobs(h_btd, w_vd, targets_bt, *, chunk_size: int = 256, with_entropy: bool = False):
-    """Per-token log-probs [B, T] (and, with_entropy, the policy's entropy at each position, no gradient)."""
+def chunked_token_logprobs(h_btd, w_vd, targets_bt, *, chunk_size: int = 256, with_entropy: bool = False,
+                           temperature: float = 1.0):
+    """Per-token log-probs [B, T] of softmax(logits / temperature) (and, with_entropy, that policy's entropy at
+    each position, no gradient)."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     b, t, d = h_btd.shape
     chunk = min(chunk_size, t)
     padded = -(-t // chunk) * chunk
@@ -583,6 +588,8 @@ def chunked_token_logprobs(h_btd, w_vd, targets_bt, *, chunk_size: int = 256, wi
     def one_chunk(args):
         h_bkd, y_bk = args
         logits_bkv = jnp.einsum("bkd,vd->bkv", h_bkd, w_vd, preferred_element_type=jnp.float32)
+        if temperature != 1.0:
+            logits_bkv = logits_bkv / temperature
         log_z_bk = jax.nn.logsumexp(logits_bkv, axis=-1)
         picked_bk = jnp.take_along_axis(logits_bkv, y_bk[..., None], axis=-1)[..., 0] - log_z_bk
         if not with_entropy:
