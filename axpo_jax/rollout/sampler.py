@@ -443,7 +443,7 @@ class Sampler:
 
         banned_v = jnp.zeros((v,), bool).at[jnp.asarray(self.banned_token_ids)].set(True)
         # step i of the decode call draws with key i of the call's key, split once here: no key split (an inner
-        # loop of threefry rounds on XLA:CPU, ~4% of a small model's step) inside the loop, and the same draws
+        # loop of threefry rounds on XLA:CPU, a few % of a small model's step) inside the loop, and the same draws
         # however the call is cut into segments. Greedy decoding draws nothing.
         keys_n = None if params.temperature == 0 else jax.random.split(state.rng, state.tokens_bn.shape[1])
 
