@@ -1,0 +1,68 @@
+"""SFT's data path carries the images into the loss: a tiny random model, trained through `sft_example` and
+`sft_micro_batches` (what the sft mode batches) on answers that only the image determines, gets them right on
+images it never saw. A batch that dropped the pixels, or gave a row another row's image, could not."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from axpo_jax.data.processor import load_processor
+from axpo_jax.data.synthetic import sft_example
+from axpo_jax.demo import build_tiny_checkpoint
+from axpo_jax.models import qwen3_vl
+from axpo_jax.train.learner import Learner, LossConfig
+from axpo_jax.train.optimizer import make_optimizer
+from axpo_jax.train.sft_run import sft_micro_batches
+
+COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200)}
+STEPS = 100  # it picks up the colours between steps 30 and 70 (seeds 0-2); the rest is margin
+
+
+def _picture(colour: str, rng) -> Image.Image:
+    """A noisy picture of one colour, its shade drawn anew each time."""
+    shade = np.array(COLOURS[colour], float) + rng.normal(0, 25, 3)
+    return Image.fromarray(np.clip(shade + rng.normal(0, 10, (64, 64, 3)), 0, 255).astype(np.uint8))
+
+
+def _conversation(picture: Image.Image, answer: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "image": picture},
+                                         {"type": "text", "text": "What colour is the picture?"}]},
+            {"role": "assistant", "content": f"<think>\nI look at it.\n</think>\n<answer>\\boxed{{{answer}}}</answer>"}]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("colours") / "checkpoint")
+    build_tiny_checkpoint(folder, seed=0)
+    return qwen3_vl.from_pretrained(folder), load_processor(folder)
+
+
+def test_sft_learns_an_answer_only_the_image_gives(tiny):
+    model, processor = tiny
+    pad_id = processor.tokenizer.pad_token_id or 0
+    rng = np.random.default_rng(0)
+
+    def batches(pairs, micro_batch_size):
+        examples = [sft_example(_conversation(picture, answer), processor, None) for picture, answer in pairs]
+        return sft_micro_batches(examples, model.config, pad_id, micro_batch_size)
+
+    train = batches([(_picture(c, rng), c) for c in list(COLOURS) * 8], micro_batch_size=8)
+    # held-out pictures, each scored with both answers: the model picks the one it gives the higher log-prob
+    held_out = [(_picture(c, rng), c) for c in list(COLOURS) * 4]
+    candidates = [(picture, answer) for picture, _ in held_out for answer in COLOURS]
+    scored, = batches(candidates, micro_batch_size=len(candidates))
+    learner = Learner(model, make_optimizer(learning_rate=3e-3, total_steps=STEPS, final_lr_ratio=1.0),
+                      LossConfig(kind="sft"))
+
+    def accuracy() -> float:
+        logprobs_bt = np.asarray(learner.logprobs(jax.tree.map(jnp.asarray, scored)))
+        score_pc = (logprobs_bt * scored.loss_mask_bt).sum(axis=1).reshape(len(held_out), len(COLOURS))
+        picked = [list(COLOURS)[i] for i in score_pc.argmax(axis=1)]
+        return float(np.mean([p == truth for p, (_, truth) in zip(picked, held_out)]))
+
+    before = accuracy()
+    losses = [learner.step(train)["loss"] for _ in range(STEPS)]
+    assert losses[-1] < 0.1 * losses[0], losses
+    assert before <= 0.75 and accuracy() == 1.0, before  # a random model picks one colour for every picture
