@@ -100,7 +100,8 @@ def run(config) -> dict:
         if stage in evals:
             return
         metrics = rl_run.evaluate_checkpoint(rl, folder, executor)
-        evals[stage] = {k: metrics[f"eval/heldout/{k}"] for k in ("pass@1", "tool_use_rate", "answer_rate")}
+        evals[stage] = {k: metrics[f"eval/heldout/{k}"]
+                        for k in ("pass@1", "tool_use_rate", "answer_rate", "top_answer_share")}
         _log(f"{stage}: {evals[stage]} ({time.perf_counter() - started:.0f}s)")
         with open(evals_path, "w") as f:
             json.dump(evals, f)

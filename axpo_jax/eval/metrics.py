@@ -3,7 +3,9 @@
 Per benchmark (`benchmark_metrics`): pass@k for each reported k (unbiased estimator, `passk`), the share of
 trajectories that called a tool, tool calls per trajectory, failed calls per failure category (the executor's
 statuses, zeros included) and their share of all calls, policy turns per trajectory (mean and max), the share of
-trajectories that gave an answer, and how trajectories ended. Across benchmarks (`average_metrics`): the plain
+trajectories that gave an answer, the share of those answers that are the most common one (`top_answer_share`,
+whitespace and case folded: 1.0 is one answer to every question, a policy that ignores what it is shown), and
+how trajectories ended. Across benchmarks (`average_metrics`): the plain
 mean of each benchmark's pass@k, as the paper's "Avg." column.
 """
 
@@ -33,6 +35,7 @@ def benchmark_metrics(records: Sequence[dict], pass_k: Sequence[int]) -> dict:
     for s in samples:
         statuses.update(s["tool_statuses"])
     calls = sum(s["tool_calls"] for s in samples)
+    answers = Counter(" ".join(s["answer"].split()).casefold() for s in samples if s["answer"] is not None)
     failures = {status: int(statuses.get(status, 0)) for status in FAILURE_STATUSES}
     metrics = {f"pass@{k}": mean_pass_at_k(correct_qn, k) for k in pass_k}
     metrics.update({
@@ -45,6 +48,7 @@ def benchmark_metrics(records: Sequence[dict], pass_k: Sequence[int]) -> dict:
         "turns_mean": float(np.mean([s["turns"] for s in samples])),
         "turns_max": int(max(s["turns"] for s in samples)),
         "answer_rate": float(np.mean([s["answer"] is not None for s in samples])),
+        "top_answer_share": answers.most_common(1)[0][1] / sum(answers.values()) if answers else 0.0,
         "finish_reasons": dict(sorted(Counter(s["finish_reason"] for s in samples).items())),
     })
     return metrics

@@ -74,6 +74,7 @@ def test_evaluate_known_answers(agent):
     assert metrics["eval/toy/tool_failure_rate"] == pytest.approx(0.5)
     assert metrics["eval/toy/turns_mean"] == pytest.approx(1.5) and metrics["eval/toy/turns_max"] == 2
     assert metrics["eval/toy/answer_rate"] == pytest.approx(0.75)
+    assert metrics["eval/toy/top_answer_share"] == pytest.approx(1 / 3)  # "A", "B", "14/2": each once
     assert metrics["eval/toy/finish_reasons/answer"] == 3 and metrics["eval/toy/finish_reasons/no_answer"] == 1
     assert all(isinstance(v, (int, float)) for v in metrics.values())
 
