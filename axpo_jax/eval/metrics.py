@@ -5,8 +5,8 @@ trajectories that called a tool, tool calls per trajectory, failed calls per fai
 statuses, zeros included) and their share of all calls, policy turns per trajectory (mean and max), the share of
 trajectories that gave an answer, the share of those answers that are the most common one (`top_answer_share`,
 whitespace and case folded: 1.0 is one answer to every question, a policy that ignores what it is shown), and
-how trajectories ended. Across benchmarks (`average_metrics`): the plain
-mean of each benchmark's pass@k, as the paper's "Avg." column.
+how trajectories ended. Across benchmarks (`average_metrics`): the plain mean of each benchmark's pass@k, as the
+paper's "Avg." column.
 """
 
 from __future__ import annotations

@@ -3,12 +3,14 @@ continuations from the real sampler, two-stream advantages, and the update."""
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from axpo_jax.algo import registry
 from axpo_jax.algo.axpo import STREAM_CONTINUATION, STREAM_NONE, STREAM_PREFIX
 from axpo_jax.models import qwen3_vl
 from axpo_jax.rollout.agent_loop import Task
+from axpo_jax.rollout.sampler import SamplingParams
 from axpo_jax.train.learner import Learner, LossConfig
 from axpo_jax.train.optimizer import make_optimizer
 from axpo_jax.train.rl import RLTrainer
@@ -52,6 +54,14 @@ def test_axpo_step(loop):  # noqa: F811
     assert out.metrics["sampler_trainer_logprob_gap"] < 1e-3
     changed = [not np.array_equal(b, np.asarray(p)) for b, (_, p) in zip(before, qwen3_vl.named_parameters(loop.model))]
     assert any(changed)
+
+
+def test_the_loss_must_score_the_sampling_temperature(loop):  # noqa: F811
+    learner = Learner(loop.model, make_optimizer(learning_rate=1e-3, total_steps=10), LossConfig(temperature=0.7))
+    with pytest.raises(ValueError, match=r"LossConfig.temperature \(0.7\) differs .* temperature \(1.0\)"):
+        RLTrainer(learner, loop, registry.make("grpo"), num_samples=2, micro_batch_size=4)
+    RLTrainer(learner, loop, registry.make("grpo"), num_samples=2, micro_batch_size=4,
+              sampling=SamplingParams(temperature=0.7))
 
 
 def test_resample_from_scratch_ablation(loop):  # noqa: F811
