@@ -49,6 +49,12 @@ class SamplingParams:
         if not np.isfinite(self.presence_penalty):
             raise ValueError(f"presence_penalty must be finite, got {self.presence_penalty}")
 
+    @property
+    def logprob_temperature(self) -> float:
+        """The T of the log-probs the sampler reports, log softmax(logits / T), and so of the policy a trainer must
+        score: the sampling temperature, or 1.0 (the model's own) when greedy."""
+        return self.temperature or 1.0
+
 
 @dataclasses.dataclass
 class DecodeResult:
@@ -450,7 +456,7 @@ class Sampler:
         def sample(logits, key, seen):
             # The reported log-prob is the model's own, log softmax(logits / temperature), before the bans, the
             # penalty and the top-k/p filters: the number a trainer recomputes from the same weights.
-            scaled = logits / (params.temperature or 1.0)
+            scaled = logits / params.logprob_temperature
             penalized = logits - params.presence_penalty * seen if params.presence_penalty else logits
             shaped = jnp.where(banned_v, -jnp.inf, penalized)
             if params.temperature == 0:

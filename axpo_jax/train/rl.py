@@ -89,9 +89,8 @@ class RLTrainer:
         if self.layout_shards % self.shard.count:
             raise ValueError(f"layout_shards={self.layout_shards} is not a multiple of the {self.shard.count} data "
                              f"shards over processes")
-        # the loss must score the policy the rows are drawn from (the sampler reports log softmax(logits / T);
-        # greedy rollouts report the model's own log-probs)
-        if learner.loss.kind == "rl" and learner.loss.temperature != (sampling.temperature or 1.0):
+        # the loss must score the policy the rows are drawn from, whose log-probs the sampler reports
+        if learner.loss.kind == "rl" and learner.loss.temperature != sampling.logprob_temperature:
             raise ValueError(f"the learner's LossConfig.temperature ({learner.loss.temperature}) differs from the "
                              f"rollouts' sampling temperature ({sampling.temperature}): the loss would train a "
                              f"policy other than the one that sampled the rows")

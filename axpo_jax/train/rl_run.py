@@ -193,7 +193,7 @@ def run(config) -> dict:
                                             weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm),
                       LossConfig(kind="rl", eps_low=config.eps_low, eps_high=config.eps_high,
                                  kl_coef=config.kl_coef, kl_kind=config.kl_kind, logprob_chunk=config.logprob_chunk,
-                                 remat=config.remat, temperature=sampling.temperature or 1.0),
+                                 remat=config.remat, temperature=sampling.logprob_temperature),
                       reference=reference, mesh=mesh)
     trainer = RLTrainer(learner, agent, make_estimator(config), num_samples=config.num_samples,
                         micro_batch_size=config.micro_batch_size, sampling=sampling,
