@@ -29,6 +29,7 @@ _MODES: dict[str, str | ModeFn] = {
     "bench_decode_window": "axpo_jax.bench.sampler:run_decode_window",
     "bench_tool_overlap": "axpo_jax.bench.sampler:run_tool_overlap",
     "bench_algos": "axpo_jax.bench.algos:run",
+    "bench_perception": "axpo_jax.bench.perception:run",
     "memory_plan": "axpo_jax.bench.memory:run",
     "eval": "axpo_jax.eval.run:run",
     "compare": "axpo_jax.bench.compare:run",

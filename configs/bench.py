@@ -8,6 +8,7 @@
     python launch.py --config configs/bench.py:decode_window  # mode bench_decode_window: growing vs one window
     python launch.py --config configs/bench.py:tool_overlap  # mode bench_tool_overlap: tool time hidden by device
     python launch.py --config configs/bench.py:algos     # mode bench_algos: AXPO vs GRPO at equal sampled tokens
+    python launch.py --config configs/bench.py:perception  # mode bench_perception: what SFT teaches the demo's vision
 """
 
 import importlib.util
@@ -17,7 +18,14 @@ import ml_collections
 
 _MODES = {"forward": "bench_forward", "update": "bench_update", "memory": "memory_plan", "sampler": "bench_sampler",
           "fork": "bench_fork", "decode_window": "bench_decode_window", "tool_overlap": "bench_tool_overlap",
-          "algos": "bench_algos"}
+          "algos": "bench_algos", "perception": "bench_perception"}
+
+
+def _demo_config():
+    spec = importlib.util.spec_from_file_location("_demo_config", os.path.join(os.path.dirname(__file__), "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def get_config(arg=None):
@@ -100,16 +108,24 @@ def get_config(arg=None):
         config.repeats = 3
         config.pipeline_groups = 2  # the pipelined loop's row groups (the synchronous loop is timed beside it)
     elif arg == "algos":
-        spec = importlib.util.spec_from_file_location("_demo_config", os.path.join(os.path.dirname(__file__), "demo.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
         config.workdir = "runs/axpo_vs_grpo"
-        config.demo = module.get_config()  # the SFT policy every run starts from, and the RL settings
+        config.demo = _demo_config()  # the SFT policy every run starts from, and the RL settings
         config.seeds = (0, 1, 2)
         config.variants = ("axpo", "grpo_equal")  # + "grpo" (same N as AXPO)
         config.steps = 8
         config.eval_tasks = 16
         config.eval_every = 4
+    elif arg == "perception":
+        demo = _demo_config()
+        config.workdir = "runs/perception"
+        config.model, config.task = demo.model, demo.task  # the demo's tiny model and task variant
+        config.probes = ("colour", "quadrant", "digit")  # axpo_jax/bench/perception.py
+        config.steps = 150  # per probe; the demo's SFT stage takes 120 steps of 4 conversations
+        config.batch_size = 16
+        config.train_examples = 256
+        config.eval_examples = 16
+        config.eval_every = 25
+        config.learning_rate = 3e-3
     else:  # memory
         config.presets = ("8b", "32b")
         config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1))

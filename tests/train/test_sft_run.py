@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
 
+from axpo_jax.bench.perception import COLOURS, answer_conversation, colour_picture
 from axpo_jax.data.processor import load_processor
 from axpo_jax.data.synthetic import sft_example
 from axpo_jax.demo import build_tiny_checkpoint
@@ -16,20 +16,11 @@ from axpo_jax.train.learner import Learner, LossConfig
 from axpo_jax.train.optimizer import make_optimizer
 from axpo_jax.train.sft_run import sft_micro_batches
 
-COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200)}
 STEPS = 100  # it picks up the colours between steps 30 and 70 (seeds 0-2); the rest is margin
 
 
-def _picture(colour: str, rng) -> Image.Image:
-    """A noisy picture of one colour, its shade drawn anew each time."""
-    shade = np.array(COLOURS[colour], float) + rng.normal(0, 25, 3)
-    return Image.fromarray(np.clip(shade + rng.normal(0, 10, (64, 64, 3)), 0, 255).astype(np.uint8))
-
-
-def _conversation(picture: Image.Image, answer: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image", "image": picture},
-                                         {"type": "text", "text": "What colour is the picture?"}]},
-            {"role": "assistant", "content": f"<think>\nI look at it.\n</think>\n<answer>\\boxed{{{answer}}}</answer>"}]
+def _conversation(picture, answer: str) -> list[dict]:
+    return answer_conversation(picture, "What colour is the picture?", answer)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +39,9 @@ def test_sft_learns_an_answer_only_the_image_gives(tiny):
         examples = [sft_example(_conversation(picture, answer), processor, None) for picture, answer in pairs]
         return sft_micro_batches(examples, model.config, pad_id, micro_batch_size)
 
-    train = batches([(_picture(c, rng), c) for c in list(COLOURS) * 8], micro_batch_size=8)
+    train = batches([(colour_picture(c, rng), c) for c in list(COLOURS) * 8], micro_batch_size=8)
     # held-out pictures, each scored with both answers: the model picks the one it gives the higher log-prob
-    held_out = [(_picture(c, rng), c) for c in list(COLOURS) * 4]
+    held_out = [(colour_picture(c, rng), c) for c in list(COLOURS) * 4]
     candidates = [(picture, answer) for picture, _ in held_out for answer in COLOURS]
     scored, = batches(candidates, micro_batch_size=len(candidates))
     learner = Learner(model, make_optimizer(learning_rate=3e-3, total_steps=STEPS, final_lr_ratio=1.0),

@@ -1,0 +1,78 @@
+"""bench_perception's probes: their images and answers are the demo's (the task layout, the zoom tool's crop),
+the scoring picks the best candidate, and a short run of the mode writes its record and plot."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from axpo_jax.bench import perception
+from axpo_jax.bench.perception import QUADRANTS, candidates, picked_answers, probe_example
+from axpo_jax.data.synthetic import make_task
+
+DEMO_TASK = {"grid": 2}
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_quadrant_answers_are_the_cell_of_the_red_box():
+    seen = set()
+    for index in range(12):
+        picture, _, answer = probe_example("quadrant", index, DEMO_TASK)
+        task = make_task(index, **DEMO_TASK)
+        assert np.array_equal(np.asarray(picture), np.asarray(task.images[0]))
+        x0, y0, x1, y1 = task.box_xyxy
+        centre_x, centre_y = (x0 + x1) / 2, (y0 + y1) / 2
+        side = task.images[0].width / 2
+        assert answer == QUADRANTS[2 * int(centre_y >= side) + int(centre_x >= side)]
+        seen.add(answer)
+    assert len(seen) > 1
+    with pytest.raises(ValueError, match="2x2 grid"):
+        probe_example("quadrant", 0, {"grid": 3})
+
+
+def test_digit_probe_shows_the_zoom_crop_of_the_box():
+    picture, _, answer = probe_example("digit", 5, DEMO_TASK)
+    task = make_task(5, **DEMO_TASK)
+    assert answer == task.answer and answer in candidates("digit")
+    assert picture.size == (512, 512)  # the tool upscales the 32-px box to 512 px
+    # the crop is the box's pixels enlarged: its mean colour is the box's, not the image's
+    x0, y0, x1, y1 = task.box_xyxy
+    box_mean = np.asarray(task.images[0])[y0:y1, x0:x1].reshape(-1, 3).mean(0)
+    assert np.allclose(np.asarray(picture).reshape(-1, 3).mean(0), box_mean, atol=6)
+
+
+def test_colour_probe_is_a_pure_function_of_its_index():
+    first, again = probe_example("colour", 3, DEMO_TASK), probe_example("colour", 3, DEMO_TASK)
+    assert np.array_equal(np.asarray(first[0]), np.asarray(again[0])) and first[2] == again[2]
+    answers = {probe_example("colour", i, DEMO_TASK)[2] for i in range(10)}
+    assert answers == set(candidates("colour"))
+    red = probe_example("colour", next(i for i in range(10) if probe_example("colour", i, DEMO_TASK)[2] == "red"),
+                        DEMO_TASK)[0]
+    r, g, b = np.asarray(red).reshape(-1, 3).mean(0)
+    assert r > 2 * b
+
+
+def test_picked_answers_sum_each_rows_trained_log_probs():
+    # 2 questions x 3 candidates; the first column is an untrained prompt token that would flip the pick
+    logprobs = np.array([[-9.0, -1.0, -1.0], [0.0, -0.5, -0.1], [0.0, -2.0, -2.0],
+                         [0.0, -3.0, -3.0], [-9.0, -3.0, -2.0], [0.0, -0.1, -9.0]])
+    mask = np.array([[0, 1, 1]] * 6)
+    assert picked_answers(logprobs, mask, 3).tolist() == [1, 1]  # (-2, -0.6, -4) and (-6, -5, -9.1)
+    assert picked_answers(logprobs, np.ones_like(mask), 3).tolist() == [1, 0]  # (-11, -0.6, -4), (-6, -14, -9.1)
+
+
+def test_a_short_run_writes_its_record_and_plot(tmp_path):
+    spec = importlib.util.spec_from_file_location("_bench", os.path.join(ROOT, "configs", "bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("perception")
+    config.workdir = str(tmp_path)
+    config.probes, config.steps, config.eval_every = ("colour",), 2, 1
+    config.train_examples, config.eval_examples, config.batch_size = 4, 2, 4
+    record = perception.run(config)
+    json.dumps(record)
+    assert record["colour/chance"] == 0.5 and len(record["colour/accuracy_by_step"]) == 3  # steps 0, 1, 2
+    assert all(0.0 <= a <= 1.0 for _, a in record["colour/accuracy_by_step"])
+    assert open(record["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
