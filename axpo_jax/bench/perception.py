@@ -108,8 +108,11 @@ def run_probe(probe: str, model, processor, config) -> dict[str, Any]:
     optimizer = make_optimizer(learning_rate=float(config.learning_rate), total_steps=steps, final_lr_ratio=1.0)
     learner = Learner(model, optimizer, LossConfig(kind="sft"))
 
+    top_share = []  # the most picked answer's share at each evaluation: 1.0 = one answer for every image
+
     def accuracy() -> float:
         picked = picked_answers(learner.logprobs(scored_batch), scored_batch.loss_mask_bt, len(choices))
+        top_share.append(float(np.bincount(picked).max() / len(picked)))
         return float(np.mean([choices[p] == t for p, t in zip(picked, truth)]))
 
     rng = np.random.default_rng(int(config.seed))
@@ -124,7 +127,7 @@ def run_probe(probe: str, model, processor, config) -> dict[str, Any]:
             _log(f"{probe}: step {step}, loss {losses[-1]:.4f}, held-out accuracy {curve[-1][1]:.3f} "
                  f"({time.perf_counter() - started:.0f}s)")
     return {"chance": round(1 / len(choices), 4), "final_accuracy": curve[-1][1],
-            "best_accuracy": max(a for _, a in curve), "accuracy_by_step": curve,
+            "best_accuracy": max(a for _, a in curve), "accuracy_by_step": curve, "top_pick_share_by_step": top_share,
             "first_loss": round(losses[0], 4), "final_loss": round(losses[-1], 4),
             "seconds": round(time.perf_counter() - started, 1)}
 

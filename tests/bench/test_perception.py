@@ -75,4 +75,5 @@ def test_a_short_run_writes_its_record_and_plot(tmp_path):
     json.dumps(record)
     assert record["colour/chance"] == 0.5 and len(record["colour/accuracy_by_step"]) == 3  # steps 0, 1, 2
     assert all(0.0 <= a <= 1.0 for _, a in record["colour/accuracy_by_step"])
+    assert all(0.5 <= s <= 1.0 for s in record["colour/top_pick_share_by_step"])  # 2 images, 2 answers
     assert open(record["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
