@@ -87,6 +87,7 @@ def run_probe(probe: str, model, processor, config) -> dict[str, Any]:
     """Trains `model` (in place) on one probe; held-out accuracy every `eval_every` steps."""
     import jax
     import jax.numpy as jnp
+
     from axpo_jax.data.synthetic import sft_example
     from axpo_jax.train.learner import Learner, LossConfig
     from axpo_jax.train.optimizer import make_optimizer
