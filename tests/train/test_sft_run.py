@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from axpo_jax.bench.perception import COLOURS, answer_conversation, colour_picture
+from axpo_jax.bench.perception import COLOURS, answer_conversation, colour_picture, picked_answers
 from axpo_jax.data.processor import load_processor
 from axpo_jax.data.synthetic import sft_example
 from axpo_jax.demo import build_tiny_checkpoint
@@ -48,9 +48,8 @@ def test_sft_learns_an_answer_only_the_image_gives(tiny):
                       LossConfig(kind="sft"))
 
     def accuracy() -> float:
-        logprobs_bt = np.asarray(learner.logprobs(jax.tree.map(jnp.asarray, scored)))
-        score_pc = (logprobs_bt * scored.loss_mask_bt).sum(axis=1).reshape(len(held_out), len(COLOURS))
-        picked = [list(COLOURS)[i] for i in score_pc.argmax(axis=1)]
+        logprobs_bt = learner.logprobs(jax.tree.map(jnp.asarray, scored))
+        picked = [list(COLOURS)[i] for i in picked_answers(logprobs_bt, scored.loss_mask_bt, len(COLOURS))]
         return float(np.mean([p == truth for p, (_, truth) in zip(picked, held_out)]))
 
     before = accuracy()
