@@ -59,14 +59,15 @@ def stage_configs(config):
 def prepare_sft_policy(config, sft, *, before_sft=None) -> dict | None:
     """Builds the tiny checkpoint and the SFT data unless they exist, calls `before_sft()`, and runs the sft mode
     unless its result exists. Returns the sft mode's result when it was stopped by a signal, else None."""
-    from axpo_jax.data.synthetic import make_task, sft_conversations, task_seed, write_sft_jsonl
+    from axpo_jax.data.synthetic import make_synthetic_task, sft_conversations, task_seed, write_sft_jsonl
     from axpo_jax.train import sft_run
 
     if not os.path.isfile(os.path.join(sft.checkpoint, "config.json")):
         _log(f"building a tiny Qwen3-VL checkpoint in {sft.checkpoint}")
         build_tiny_checkpoint(sft.checkpoint, seed=config.seed, **config.model.to_dict())
     if not os.path.isfile(sft.data):
-        tasks = [make_task(task_seed(config.seed, i), **config.task.to_dict()) for i in range(config.sft_examples)]
+        tasks = [make_synthetic_task(task_seed(config.seed, i), **config.task.to_dict())
+                 for i in range(config.sft_examples)]
         os.makedirs(os.path.dirname(sft.data), exist_ok=True)
         write_sft_jsonl(sft.data, sft_conversations(tasks, tool_fraction=config.sft_tool_fraction, seed=config.seed))
     if before_sft is not None:

@@ -35,7 +35,9 @@ def get_config():
     # zoom (tests/data/test_synthetic.py checks the demo's variant). With the full 6x6 grid (36 bboxes) SFT at these
     # sizes wrote malformed boxes and never answered (after-SFT Pass@1 0.0); with grid=2 it calls the tool, gets
     # the crop and answers every held-out task (Pass@1 0.12-0.38 over 4 runs; README, Results).
-    config.task = ml_collections.ConfigDict(dict(grid=2))
+    # kind="mark" (`--config.task.kind=mark`): name the colour of the mark in the box the question names
+    # (make_mark_task); the model learns to read it from the crop, but not yet which box to zoom on (README, Results)
+    config.task = ml_collections.ConfigDict(dict(kind="digit", grid=2))
     config.eval_tasks = 16  # held-out synthetic tasks, greedy, before SFT / after SFT / during and after RL
 
     # SFT on generated expert trajectories, written as JSONL + PNGs and read back through the sft mode

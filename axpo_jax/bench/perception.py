@@ -9,7 +9,11 @@ on held-out images by the candidate answer the model gives the highest log-prob 
 - `quadrant`: which cell of the demo's 2x2 grid holds the red box, on the demo's task images (what the tool
   call's bbox needs);
 - `digit`: the digit in the crop that `image_zoom_in` returns for the expert box (what the answer needs, from
-  the observation the policy gets).
+  the observation the policy gets);
+- `mark`: the colour of the mark in that crop, on "mark" tasks (`make_mark_task`, the demo's task: what its
+  answer needs);
+- `mark_full`: the same colour from the full image and the task's question, which names the box (what answering
+  without the tool would need).
 
     python launch.py --config configs/bench.py:perception [--config.model.rope_theta=10000 ...]
 
@@ -27,7 +31,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-PROBES = ("colour", "quadrant", "digit")
+PROBES = ("colour", "quadrant", "digit", "mark", "mark_full")
 COLOURS = {"red": (200, 30, 30), "blue": (30, 30, 200)}
 QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 
@@ -48,9 +52,18 @@ def answer_conversation(picture: Image.Image, question: str, answer: str) -> lis
             {"role": "assistant", "content": f"<think>\nI look at it.\n</think>\n<answer>\\boxed{{{answer}}}</answer>"}]
 
 
+def _probe_task(kind: str, index: int, task_options: dict):
+    """Task `index` of `kind`, with the configured task options when they are for that kind, else with only their
+    grid (the quadrant and digit probes on the demo's "mark" variant look at the 2x2 "digit" task)."""
+    from axpo_jax.data.synthetic import make_synthetic_task
+
+    if task_options.get("kind", "digit") == kind:
+        return make_synthetic_task(index, **task_options)
+    return make_synthetic_task(index, kind=kind, grid=int(task_options.get("grid", 2)))
+
+
 def probe_example(probe: str, index: int, task_options: dict) -> tuple[Image.Image, str, str]:
     """(picture, question, answer) number `index` of a probe, a pure function of both."""
-    from axpo_jax.data.synthetic import make_task
     from axpo_jax.tools.base import ToolContext
     from axpo_jax.tools.image_zoom_in import ImageZoomIn
 
@@ -58,20 +71,28 @@ def probe_example(probe: str, index: int, task_options: dict) -> tuple[Image.Ima
         rng = np.random.default_rng([index, 7])
         colour = list(COLOURS)[int(rng.integers(0, len(COLOURS)))]
         return colour_picture(colour, rng), "What colour is the picture?", colour
-    task = make_task(index, **task_options)
+    if probe not in PROBES:
+        raise ValueError(f"unknown probe {probe!r}; known: {PROBES}")
+    task = _probe_task("mark" if probe.startswith("mark") else "digit", index, task_options)
+    if probe == "mark_full":
+        return task.images[0], task.question, task.answer
     if probe == "quadrant":
         if task.grid != 2:
             raise ValueError(f"the quadrant probe needs the 2x2 grid (task.grid=2), got grid={task.grid}")
         row, col = task.cell
         return task.images[0], "Where is the red box?", QUADRANTS[2 * row + col]
-    if probe == "digit":
-        arguments = {"bbox_2d": task.bbox_2d, "label": "the red box"}
-        crop, = ImageZoomIn()(arguments, ToolContext(list(task.images), "probe")).images
-        return crop, "Which digit is in the picture?", task.answer
-    raise ValueError(f"unknown probe {probe!r}; known: {PROBES}")
+    arguments = {"bbox_2d": task.bbox_2d, "label": "the red box"}
+    crop, = ImageZoomIn()(arguments, ToolContext(list(task.images), "probe")).images
+    question = "Which digit is in the picture?" if probe == "digit" else "What colour is the mark?"
+    return crop, question, task.answer
 
 
-def candidates(probe: str) -> tuple[str, ...]:
+def candidates(probe: str, task_options: dict) -> tuple[str, ...]:
+    if probe.startswith("mark"):
+        from axpo_jax.data.synthetic import MARK_COLOURS
+
+        mark_options = task_options if task_options.get("kind", "digit") == "mark" else {}
+        return tuple(mark_options.get("colours", MARK_COLOURS))
     return {"colour": tuple(COLOURS), "quadrant": QUADRANTS, "digit": tuple(str(d) for d in range(10))}[probe]
 
 
@@ -101,7 +122,7 @@ def run_probe(probe: str, model, processor, config) -> dict[str, Any]:
              for i in range(int(config.train_examples))]
     # held-out images (indices no training image has), each scored with every candidate answer
     held = [probe_example(probe, i, task_options) for i in range(10**6, 10**6 + int(config.eval_examples))]
-    truth, choices = [answer for _, _, answer in held], candidates(probe)
+    truth, choices = [answer for _, _, answer in held], candidates(probe, task_options)
     scored = [sft_example(answer_conversation(picture, question, answer), processor, None)
               for picture, question, _ in held for answer in choices]
     scored_batch, = sft_micro_batches(scored, model.config, pad_id, len(scored))

@@ -58,6 +58,11 @@ DIGIT_BITMAPS: dict[str, np.ndarray] = {
 DIGITS = tuple(DIGIT_BITMAPS)
 
 BOX_COLOR = (220, 40, 40)
+# "mark" tasks: the colours a box's mark may have (none near the boxes' red), and their question
+MARK_COLOURS = {"green": (40, 170, 40), "blue": (40, 70, 220), "yellow": (235, 205, 30), "purple": (150, 50, 190)}
+MARK_QUESTION = ("Each red box holds a small coloured mark. What colour is the mark in the box in row {row}, column "
+                 "{col}? It is too small to see in the full image, so zoom in on that box first. Answer with "
+                 "<answer>\\boxed{{colour}}</answer>.")
 QUESTION = ("What digit is written inside the red box? It is too small to read in the full image, so zoom in on "
             "the box first. Answer with <answer>\\boxed{digit}</answer>.")
 ZOOM_LABEL = "the red box"
@@ -73,6 +78,8 @@ class SyntheticTask(Task):
     box_xyxy: tuple[int, int, int, int] = (0, 0, 0, 0)  # the red box, pixels (right/bottom exclusive)
     digit_xyxy: tuple[int, int, int, int] = (0, 0, 0, 0)  # the digit's bitmap extent, pixels
     digit_scale: int = 1  # image pixels per font pixel
+    kind: str = "digit"  # "digit": read the digit in the one box; "mark": name the colour of the asked box's mark
+    mark_xyxy: tuple[int, int, int, int] = (0, 0, 0, 0)  # the asked box's colour mark, pixels ("mark" tasks)
 
 
 def pixel_bbox(xyxy: Sequence[int], image_size: int) -> list[int]:
@@ -101,20 +108,14 @@ def make_task(seed: int, *, image_size: int = 576, grid: int = 6, box_size: int 
     `digit` overrides the drawn digit and `noise=False` draws the same image without its random noise (layout,
     colours and the other random draws are unchanged), which an oracle uses to render the alternatives.
     """
-    if image_size % grid:
-        raise ValueError(f"image_size {image_size} must be divisible by grid {grid} (whole-pixel cells)")
-    cell_px = image_size // grid
+    cell_px = _cell_pixels(image_size, grid)
     glyph_w, glyph_h = 5 * digit_scale, 7 * digit_scale
     inner = box_size - 2 * border
     if inner < glyph_h + 4 or box_size + 2 * jitter > cell_px:
         raise ValueError(f"a {box_size}-px box (border {border}, jitter {jitter}) in a {cell_px}-px cell cannot "
                          f"hold a {glyph_w}x{glyph_h} digit: change the sizes")
-    layout = np.random.default_rng([seed, 0])
-    noise_rng = np.random.default_rng([seed, 1])
-
-    # layout and colours (one stream, always drawn in the same order)
-    grey = layout.integers(100, 160)
-    base = grey + layout.integers(-12, 13, 3)
+    # layout and colours (one stream, always drawn in the same order), and the noise
+    layout, noise_rng, base = _streams_and_grey(seed)
     row, col = (int(v) for v in layout.integers(0, grid, 2))
     offset_x, offset_y = (int(v) for v in layout.integers(-jitter, jitter + 1, 2))
     box_x = col * cell_px + (cell_px - box_size) // 2 + offset_x
@@ -131,16 +132,8 @@ def make_task(seed: int, *, image_size: int = 576, grid: int = 6, box_size: int 
     # background: a grey with a coarse colour texture and fine pixel noise; the box's interior gets fine noise
     # plus smooth blotches about one processor pixel across (`blotch_px`), which bury the ~1-pixel smudge the
     # digit leaves at low resolution but are far weaker than the digit's sharp strokes once zoomed in
-    base = base.astype(np.float32) + 0.5  # + 0.5: the final cast to uint8 rounds
-    if noise:  # mostly brightness, little colour, so that only the box is saturated red
-        blocks = -(-image_size // 16)
-        texture = (noise_rng.normal(0, texture_std, (blocks, blocks, 1))
-                   + noise_rng.normal(0, texture_chroma_std, (blocks, blocks, 3))).astype(np.float32) + base
-        pixels = np.repeat(np.repeat(texture, 16, axis=0), 16, axis=1)[:image_size, :image_size]
-        pixels += noise_rng.standard_normal((image_size, image_size, 1), dtype=np.float32) * pixel_noise_std
-    else:
-        pixels = np.empty((image_size, image_size, 3), np.float32)
-        pixels[:] = base
+    pixels = _background(noise_rng if noise else None, base, image_size, texture_std, texture_chroma_std,
+                         pixel_noise_std)
     pixels[box_y:box_y + box_size, box_x:box_x + box_size] = BOX_COLOR
     interior = pixels[box_y + border:box_y + border + inner, box_x + border:box_x + border + inner]
     interior[:] = fill + 0.5
@@ -160,6 +153,102 @@ def make_task(seed: int, *, image_size: int = 576, grid: int = 6, box_size: int 
         cell=(row, col), grid=grid, bbox_2d=pixel_bbox(box_xyxy, image_size), box_xyxy=box_xyxy,
         digit_xyxy=(digit_x, digit_y, digit_x + glyph_w, digit_y + glyph_h), digit_scale=digit_scale,
     )
+
+
+def _cell_pixels(image_size: int, grid: int) -> int:
+    if image_size % grid:
+        raise ValueError(f"image_size {image_size} must be divisible by grid {grid} (whole-pixel cells)")
+    return image_size // grid
+
+
+def _streams_and_grey(seed: int):
+    """(layout stream, noise stream, the background's base colour: the layout stream's first draws)."""
+    layout = np.random.default_rng([seed, 0])
+    grey = layout.integers(100, 160)
+    return layout, np.random.default_rng([seed, 1]), grey + layout.integers(-12, 13, 3)
+
+
+def _background(noise_rng, base, image_size: int, texture_std: float, texture_chroma_std: float,
+                pixel_noise_std: float) -> np.ndarray:
+    """float32 [H, W, 3] pixels: the grey `base` under a coarse 16-px texture, mostly brightness with little
+    colour (so that only the boxes are saturated), and fine pixel noise; plain `base` when `noise_rng` is None."""
+    base = np.asarray(base, np.float32) + 0.5  # + 0.5: the final cast to uint8 rounds
+    if noise_rng is None:
+        pixels = np.empty((image_size, image_size, 3), np.float32)
+        pixels[:] = base
+        return pixels
+    blocks = -(-image_size // 16)
+    texture = (noise_rng.normal(0, texture_std, (blocks, blocks, 1))
+               + noise_rng.normal(0, texture_chroma_std, (blocks, blocks, 3))).astype(np.float32) + base
+    pixels = np.repeat(np.repeat(texture, 16, axis=0), 16, axis=1)[:image_size, :image_size]
+    return pixels + noise_rng.standard_normal((image_size, image_size, 1), dtype=np.float32) * pixel_noise_std
+
+
+def make_mark_task(seed: int, *, image_size: int = 576, grid: int = 2, box_size: int = 48, border: int = 3,
+                   mark_px: int = 20, colours: Sequence[str] = tuple(MARK_COLOURS), shade_std: float = 12.0,
+                   texture_std: float = 14.0, texture_chroma_std: float = 4.0, pixel_noise_std: float = 6.0,
+                   interior_noise_std: float = 6.0, task_id: str | None = None) -> SyntheticTask:
+    """A "mark" task, a pure function of `seed`: every cell of a `grid` x `grid` grid holds a red box (centred)
+    with a small square mark of one of `colours` at a random place inside; the question names one cell, and the
+    answer is the colour of that box's mark. The colours differ between boxes while there are enough of them, so
+    a crop of the wrong box gives the wrong answer.
+
+    Made for the demo's tiny model (configs/demo.py): the box to zoom on is named in the question, so the tool
+    call's bbox is one of grid*grid strings picked by the question's words; the full image (96 px for the tiny
+    processor) shows a mark as a ~3-pixel square inside one 8-px vision patch, the crop as a 40-px square over
+    ~25 patches. The demo's tiny model learns the colour from the crop in a demo's budget of SFT steps, but not
+    from the full image (`configs/bench.py:perception`, probes `mark` and `mark_full`); a model that finds the
+    mark at low resolution could answer without the tool, unlike the "digit" task's.
+    """
+    unknown = [c for c in colours if c not in MARK_COLOURS]
+    if unknown or not colours:
+        raise ValueError(f"colours must be some of {tuple(MARK_COLOURS)}, got {tuple(colours)!r}")
+    cell_px, inner = _cell_pixels(image_size, grid), box_size - 2 * border
+    if box_size > cell_px or inner < mark_px + 4:
+        raise ValueError(f"a {box_size}-px box (border {border}) in a {cell_px}-px cell cannot hold a {mark_px}-px "
+                         f"mark: change the sizes")
+    layout, noise_rng, base = _streams_and_grey(seed)
+    cells = grid * grid
+    drawn = (layout.permutation(len(colours))[:cells] if cells <= len(colours)
+             else layout.integers(0, len(colours), cells))
+    asked = int(layout.integers(0, cells))
+    pixels = _background(noise_rng, base, image_size, texture_std, texture_chroma_std, pixel_noise_std)
+    for cell in range(cells):
+        row, col = divmod(cell, grid)
+        box_x, box_y = col * cell_px + (cell_px - box_size) // 2, row * cell_px + (cell_px - box_size) // 2
+        pixels[box_y:box_y + box_size, box_x:box_x + box_size] = BOX_COLOR
+        interior = pixels[box_y + border:box_y + border + inner, box_x + border:box_x + border + inner]
+        interior[:] = int(layout.integers(200, 246)) + 0.5
+        interior += noise_rng.standard_normal((inner, inner, 1), dtype=np.float32) * interior_noise_std
+        mark_x = box_x + border + int(layout.integers(2, inner - mark_px - 1))
+        mark_y = box_y + border + int(layout.integers(2, inner - mark_px - 1))
+        shade = np.asarray(MARK_COLOURS[colours[drawn[cell]]], np.float32) + layout.normal(0, shade_std, 3)
+        pixels[mark_y:mark_y + mark_px, mark_x:mark_x + mark_px] = shade + 0.5
+        if cell == asked:
+            box_xyxy = (box_x, box_y, box_x + box_size, box_y + box_size)
+            mark_xyxy = (mark_x, mark_y, mark_x + mark_px, mark_y + mark_px)
+    image = Image.fromarray(np.clip(pixels, 0, 255, out=pixels).astype(np.uint8), "RGB")
+    row, col = divmod(asked, grid)
+    return SyntheticTask(
+        question=MARK_QUESTION.format(row=row + 1, col=col + 1), images=[image], answer=colours[drawn[asked]],
+        task_id=task_id if task_id is not None else f"mark-{seed}", cell=(row, col), grid=grid,
+        bbox_2d=pixel_bbox(box_xyxy, image_size), box_xyxy=box_xyxy, kind="mark", mark_xyxy=mark_xyxy,
+    )
+
+
+TASK_MAKERS = {"digit": make_task, "mark": make_mark_task}
+
+
+def make_synthetic_task(seed: int, *, kind: str = "digit", **options) -> SyntheticTask:
+    """`make_task` (kind "digit") or `make_mark_task` (kind "mark") with `options`, which must be its own."""
+    if kind not in TASK_MAKERS:
+        raise ValueError(f"unknown synthetic task kind {kind!r}; known: {sorted(TASK_MAKERS)}")
+    maker = TASK_MAKERS[kind]
+    unknown = set(options) - (set(inspect.signature(maker).parameters) - {"seed"})
+    if unknown:
+        raise ValueError(f"unknown synthetic task options {sorted(unknown)} for kind {kind!r} "
+                         f"({maker.__name__}'s keyword arguments)")
+    return maker(seed, **options)
 
 
 def processor_view(processor, image: Image.Image) -> np.ndarray:
@@ -195,13 +284,20 @@ def expert_trajectory(task: SyntheticTask, *, zoom_tool: ImageZoomIn | None = No
     row, col = task.cell
     arguments = {"bbox_2d": list(task.bbox_2d), "label": ZOOM_LABEL}
     observation = zoom_tool(arguments, ToolContext(list(task.images), "expert"))
+    if task.kind == "mark":
+        reason = (f"The question asks about the box in row {row + 1}, column {col + 1}. Its mark is too small to "
+                  "see, so I zoom in on that box.")
+        seen = f"The zoomed box shows a {task.answer} mark."
+    else:
+        reason = (f"The red box is in row {row + 1}, column {col + 1} of a {task.grid}x{task.grid} grid. "
+                  "The digit is too small to read, so I zoom in on the box.")
+        seen = f"The zoomed box shows the digit {task.answer}."
     call_turn = {
         "role": "assistant",
-        "content": (f"<think>\nThe red box is in row {row + 1}, column {col + 1} of a {task.grid}x{task.grid} grid. "
-                    "The digit is too small to read, so I zoom in on the box.\n</think>\n"),
+        "content": f"<think>\n{reason}\n</think>\n",
         "tool_calls": [{"type": "function", "function": {"name": zoom_tool.name, "arguments": arguments}}],
     }
-    answer_turn = _answer_turn(f"The zoomed box shows the digit {task.answer}.", task.answer)
+    answer_turn = _answer_turn(seen, task.answer)
     return [*prompt_messages(task, system_prompt), call_turn, *observation_messages([observation]), answer_turn]
 
 
@@ -209,8 +305,9 @@ def direct_trajectory(task: Task, answer: str | None = None, *, system_prompt: s
     """A no-tool solution: think + answer straight from the full image (a guess here; `answer` defaults to the
     task's answer, i.e. a teacher trajectory that happened to be right)."""
     answer = task.answer if answer is None else answer
-    return [*prompt_messages(task, system_prompt),
-            _answer_turn(f"The digit in the red box looks like {answer}.", answer)]
+    guess = (f"The mark in that box looks {answer}." if getattr(task, "kind", "digit") == "mark"
+             else f"The digit in the red box looks like {answer}.")
+    return [*prompt_messages(task, system_prompt), _answer_turn(guess, answer)]
 
 
 def sft_conversations(tasks: Iterable[SyntheticTask], *, tool_fraction: float = 0.9, seed: int = 0,
@@ -364,14 +461,14 @@ class SFTSource(grain.sources.RandomAccessDataSource):
 
 
 class SyntheticTaskSource(grain.sources.RandomAccessDataSource):
-    """`num_tasks` synthetic tasks as a grain random-access source: record i is `make_task(task_seed(seed, i))`,
-    so any index is reproducible without generating the others."""
+    """`num_tasks` synthetic tasks as a grain random-access source: record i is
+    `make_synthetic_task(task_seed(seed, i), **task_options)`, so any index is reproducible without generating the
+    others."""
 
     def __init__(self, num_tasks: int, seed: int, **task_options: Any):
-        allowed = set(inspect.signature(make_task).parameters) - {"seed", "task_id"}
-        unknown = set(task_options) - allowed
-        if unknown:
-            raise ValueError(f"unknown synthetic task options {sorted(unknown)} (make_task's keyword arguments)")
+        if "task_id" in task_options:
+            raise ValueError("task_id is set by the source (<kind>-<seed>-<index>)")
+        make_synthetic_task(0, **task_options)  # unknown kinds and options fail here, not at the first read
         self.num_tasks = num_tasks
         self.seed = seed
         self.task_options = task_options
@@ -383,7 +480,9 @@ class SyntheticTaskSource(grain.sources.RandomAccessDataSource):
         index = int(index)
         if not 0 <= index < self.num_tasks:
             raise IndexError(index)
-        return make_task(task_seed(self.seed, index), task_id=f"digit-{self.seed}-{index}", **self.task_options)
+        kind = self.task_options.get("kind", "digit")
+        return make_synthetic_task(task_seed(self.seed, index), task_id=f"{kind}-{self.seed}-{index}",
+                                   **self.task_options)
 
     def __repr__(self) -> str:
         return f"SyntheticTaskSource(num_tasks={self.num_tasks}, seed={self.seed}, options={self.task_options})"

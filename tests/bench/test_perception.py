@@ -10,9 +10,10 @@ import pytest
 
 from axpo_jax.bench import perception
 from axpo_jax.bench.perception import QUADRANTS, candidates, picked_answers, probe_example
-from axpo_jax.data.synthetic import make_task
+from axpo_jax.data.synthetic import MARK_COLOURS, make_mark_task, make_task
 
 DEMO_TASK = {"grid": 2}
+MARK_TASK = {"kind": "mark", "grid": 2}
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -35,7 +36,7 @@ def test_quadrant_answers_are_the_cell_of_the_red_box():
 def test_digit_probe_shows_the_zoom_crop_of_the_box():
     picture, _, answer = probe_example("digit", 5, DEMO_TASK)
     task = make_task(5, **DEMO_TASK)
-    assert answer == task.answer and answer in candidates("digit")
+    assert answer == task.answer and answer in candidates("digit", DEMO_TASK)
     assert picture.size == (512, 512)  # the tool upscales the 32-px box to 512 px
     # the crop is the box's pixels enlarged: its mean colour is the box's, not the image's
     x0, y0, x1, y1 = task.box_xyxy
@@ -43,11 +44,28 @@ def test_digit_probe_shows_the_zoom_crop_of_the_box():
     assert np.allclose(np.asarray(picture).reshape(-1, 3).mean(0), box_mean, atol=6)
 
 
+def test_mark_probes_ask_the_named_boxs_colour_from_the_crop_or_the_full_image():
+    for index in range(4):
+        crop, question, answer = probe_example("mark", index, MARK_TASK)
+        full, full_question, full_answer = probe_example("mark_full", index, MARK_TASK)
+        task = make_mark_task(index, grid=2)
+        assert answer == full_answer == task.answer and full_question == task.question
+        assert np.array_equal(np.asarray(full), np.asarray(task.images[0]))
+        # the crop is the asked box enlarged (48 px to 512): its mark fills a sixth of it, in the answer's colour
+        mark_pixels = np.asarray(crop).reshape(-1, 3).astype(float)
+        near = np.linalg.norm(mark_pixels - MARK_COLOURS[answer], axis=1) < 60
+        assert 0.1 < near.mean() < 0.25 and crop.size == (512, 512)
+    assert candidates("mark", MARK_TASK) == tuple(MARK_COLOURS)
+    assert candidates("mark", {"kind": "mark", "colours": ("green", "blue")}) == ("green", "blue")
+    # the digit probes on the mark variant look at the digit task of the same grid
+    assert probe_example("digit", 5, MARK_TASK)[2] == make_task(5, grid=2).answer
+
+
 def test_colour_probe_is_a_pure_function_of_its_index():
     first, again = probe_example("colour", 3, DEMO_TASK), probe_example("colour", 3, DEMO_TASK)
     assert np.array_equal(np.asarray(first[0]), np.asarray(again[0])) and first[2] == again[2]
     answers = {probe_example("colour", i, DEMO_TASK)[2] for i in range(10)}
-    assert answers == set(candidates("colour"))
+    assert answers == set(candidates("colour", DEMO_TASK))
     red = probe_example("colour", next(i for i in range(10) if probe_example("colour", i, DEMO_TASK)[2] == "red"),
                         DEMO_TASK)[0]
     r, g, b = np.asarray(red).reshape(-1, 3).mean(0)

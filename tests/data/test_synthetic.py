@@ -187,12 +187,12 @@ def _demo_task_options() -> dict:
     return module.get_config().task.to_dict()
 
 
-def test_the_demo_variant_still_needs_the_zoom_and_shows_the_box(processor):
-    """The demo's easier variant (configs/demo.py `task`: fewer cells) keeps what matters: the box shows at low
-    res (the reddest merged vision token lies in its cell, which gives the bbox), the digit does not, and the
-    zoom reads it."""
-    options = _demo_task_options()
-    grid = options.get("grid", 6)
+def test_the_2x2_variant_still_needs_the_zoom_and_shows_the_box(processor):
+    """The easier digit variant (fewer cells, `grid=2`, the perception benchmark's quadrant probe) keeps what
+    matters: the box shows at low res (the reddest merged vision token lies in its cell, which gives the bbox), the
+    digit does not, and the zoom reads it."""
+    options = {"grid": 2}
+    grid = options["grid"]
     zoom, bbox_of_cell, low, zoomed, strong = ImageZoomIn(), {}, [], [], []
     for i in range(DEMO_VARIANT_TASKS):
         seed = syn.task_seed(0, i)
@@ -205,10 +205,92 @@ def test_the_demo_variant_still_needs_the_zoom_and_shows_the_box(processor):
         zoomed.append(read_zoomed(processor, task, zoom) == task.answer)
         if i < DEMO_VARIANT_TASKS // 2:
             strong.append(read_low_res_knowing_all_but_the_digit(processor, seed, task, view, **options) == task.answer)
-    print(f"demo variant {options}: low-res {np.mean(low):.3f}, all-but-the-digit {np.mean(strong):.3f}, "
+    print(f"2x2 variant: low-res {np.mean(low):.3f}, all-but-the-digit {np.mean(strong):.3f}, "
           f"zoomed {np.mean(zoomed):.3f}")
-    assert len(bbox_of_cell) >= min(grid * grid, 20)
+    assert len(bbox_of_cell) == grid * grid
     assert np.mean(low) <= 0.30 and np.mean(strong) <= 0.40 and np.mean(zoomed) >= 0.95
+
+
+# -------------------------------------------------------------------------------------------- the mark task
+def mark_colour(view: np.ndarray, xyxy=None) -> str | None:
+    """The palette colour nearest the mean of the saturated, not-red pixels of `view` (inside `xyxy` when given),
+    None when no pixel is: a reader that knows nothing of where the mark is."""
+    pixels = view if xyxy is None else view[xyxy[1]:xyxy[3], xyxy[0]:xyxy[2]]
+    pixels = pixels.reshape(-1, 3).astype(np.float32)
+    saturated = pixels.max(-1) - pixels.min(-1) > 90
+    not_red = np.linalg.norm(pixels - syn.BOX_COLOR, axis=-1) > 90
+    chosen = pixels[saturated & not_red]
+    if not len(chosen):
+        return None
+    mean = chosen.mean(0)
+    return min(syn.MARK_COLOURS, key=lambda c: np.linalg.norm(mean - syn.MARK_COLOURS[c]))
+
+
+def test_mark_task_names_a_box_whose_mark_only_the_crop_shows_large(processor):
+    zoom, asked, answers, crop_share, full_share = ImageZoomIn(), set(), set(), [], []
+    for i in range(24):
+        task = syn.make_mark_task(syn.task_seed(2, i))
+        row, col = task.cell
+        assert task.kind == "mark" and f"row {row + 1}, column {col + 1}?" in task.question
+        asked.add(task.cell)
+        answers.add(task.answer)
+        image = np.asarray(task.images[0])
+        # four boxes, one per cell, with marks of four different colours; the asked box's is the answer
+        corners = [(c * 288 + 120, r * 288 + 120) for r in range(2) for c in range(2)]  # 48-px boxes, centred
+        colours = [mark_colour(image, (x, y, x + 48, y + 48)) for x, y in corners]
+        assert sorted(colours) == sorted(syn.MARK_COLOURS) and colours[2 * row + col] == task.answer
+        x0, y0, x1, y1 = task.mark_xyxy
+        assert mark_colour(image, task.mark_xyxy) == task.answer and (x1 - x0, y1 - y0) == (20, 20)
+        bx0, by0, bx1, by1 = task.box_xyxy
+        assert bx0 < x0 < x1 < bx1 and by0 < y0 < y1 < by1
+        # the expert bbox crops exactly the asked box; the crop as the model sees it reads the answer
+        crop = zoom({"bbox_2d": task.bbox_2d, "label": "x"}, ToolContext(task.images, "s")).images[0]
+        expected = task.images[0].crop(task.box_xyxy).resize((512, 512), Image.Resampling.BICUBIC)
+        assert np.array_equal(np.asarray(crop), np.asarray(expected))
+        crop_view, full_view = syn.processor_view(processor, crop), syn.processor_view(processor, task.images[0])
+        assert mark_colour(crop_view) == task.answer
+        near = lambda view: np.linalg.norm(view - syn.MARK_COLOURS[task.answer], axis=-1) < 60  # noqa: E731
+        crop_share.append(near(crop_view).mean())
+        full_share.append(near(full_view[by0 // 6:by1 // 6, bx0 // 6:bx1 // 6]).sum() / full_view[..., 0].size)
+    assert asked == {(0, 0), (0, 1), (1, 0), (1, 1)} and answers == set(syn.MARK_COLOURS)
+    # in the processor's 96-px view the mark is a few pixels of the full image, a sixth of the crop
+    print(f"mark share of the view: crop {np.mean(crop_share):.4f}, full image {np.mean(full_share):.5f}")
+    assert min(crop_share) > 0.1 and max(full_share) < 0.002
+
+
+def test_synthetic_task_kinds_and_their_options():
+    mark = syn.make_synthetic_task(9, kind="mark", mark_px=10)
+    assert mark.answer in syn.MARK_COLOURS and mark.task_id == "mark-9"
+    assert syn.make_synthetic_task(9).answer == syn.make_task(9).answer
+    with pytest.raises(ValueError, match="unknown synthetic task kind"):
+        syn.make_synthetic_task(0, kind="colour")
+    with pytest.raises(ValueError, match="unknown synthetic task options"):
+        syn.make_synthetic_task(0, kind="mark", digit_scale=2)  # a digit-task option
+    with pytest.raises(ValueError, match="colours must be some of"):
+        syn.make_mark_task(0, colours=("red",))
+    with pytest.raises(ValueError, match="cannot hold"):
+        syn.make_mark_task(0, box_size=16)
+    three = syn.make_mark_task(4, grid=3, colours=("green", "blue"))  # 9 boxes, 2 colours: repeats allowed
+    assert three.answer in ("green", "blue") and three.cell[0] < 3
+    source = syn.SyntheticTaskSource(6, seed=3, kind="mark")
+    assert source[4].task_id == "mark-3-4" and source[4].answer == syn.make_mark_task(syn.task_seed(3, 4)).answer
+    with pytest.raises(ValueError, match="unknown synthetic task options"):
+        syn.SyntheticTaskSource(6, seed=3, kind="mark", jitter=2)
+
+
+def test_the_demo_switches_to_mark_colours(processor):
+    options = {**_demo_task_options(), "kind": "mark"}  # --config.task.kind=mark
+    task = syn.make_synthetic_task(syn.task_seed(0, 0), **options)
+    assert task.kind == "mark" and task.answer in syn.MARK_COLOURS
+    messages = syn.expert_trajectory(task)
+    text = processor.apply_chat_template(messages, tools=TOOLS, tokenize=False)
+    turns = text.split("<|im_start|>assistant\n")[1:]
+    row, col = task.cell
+    assert f"box in row {row + 1}, column {col + 1}" in turns[0]
+    assert parse_tool_calls(turns[0])[0].arguments["bbox_2d"] == task.bbox_2d
+    assert f"shows a {task.answer} mark" in turns[1] and extract_answer(turns[1]) == task.answer
+    direct = syn.direct_trajectory(task, "blue")
+    assert direct[-1]["content"].startswith("<think>\nThe mark in that box looks blue.")
 
 
 def test_processor_view_undoes_the_patch_layout(processor):
