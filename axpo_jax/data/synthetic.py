@@ -239,8 +239,8 @@ def make_mark_task(seed: int, *, image_size: int = 576, grid: int = 2, box_size:
 TASK_MAKERS = {"digit": make_task, "mark": make_mark_task}
 
 
-def make_synthetic_task(seed: int, *, kind: str = "digit", **options) -> SyntheticTask:
-    """`make_task` (kind "digit") or `make_mark_task` (kind "mark") with `options`, which must be its own."""
+def task_maker(kind: str, options) -> Any:
+    """The maker of `kind` tasks, after checking that `options` are among its keyword arguments."""
     if kind not in TASK_MAKERS:
         raise ValueError(f"unknown synthetic task kind {kind!r}; known: {sorted(TASK_MAKERS)}")
     maker = TASK_MAKERS[kind]
@@ -248,7 +248,12 @@ def make_synthetic_task(seed: int, *, kind: str = "digit", **options) -> Synthet
     if unknown:
         raise ValueError(f"unknown synthetic task options {sorted(unknown)} for kind {kind!r} "
                          f"({maker.__name__}'s keyword arguments)")
-    return maker(seed, **options)
+    return maker
+
+
+def make_synthetic_task(seed: int, *, kind: str = "digit", **options) -> SyntheticTask:
+    """`make_task` (kind "digit") or `make_mark_task` (kind "mark") with `options`, which must be its own."""
+    return task_maker(kind, options)(seed, **options)
 
 
 def processor_view(processor, image: Image.Image) -> np.ndarray:
@@ -468,7 +473,9 @@ class SyntheticTaskSource(grain.sources.RandomAccessDataSource):
     def __init__(self, num_tasks: int, seed: int, **task_options: Any):
         if "task_id" in task_options:
             raise ValueError("task_id is set by the source (<kind>-<seed>-<index>)")
-        make_synthetic_task(0, **task_options)  # unknown kinds and options fail here, not at the first read
+        self.kind = task_options.get("kind", "digit")
+        self._options = {k: v for k, v in task_options.items() if k != "kind"}
+        self._make = task_maker(self.kind, self._options)  # unknown kinds and options fail here
         self.num_tasks = num_tasks
         self.seed = seed
         self.task_options = task_options
@@ -480,9 +487,7 @@ class SyntheticTaskSource(grain.sources.RandomAccessDataSource):
         index = int(index)
         if not 0 <= index < self.num_tasks:
             raise IndexError(index)
-        kind = self.task_options.get("kind", "digit")
-        return make_synthetic_task(task_seed(self.seed, index), task_id=f"{kind}-{self.seed}-{index}",
-                                   **self.task_options)
+        return self._make(task_seed(self.seed, index), task_id=f"{self.kind}-{self.seed}-{index}", **self._options)
 
     def __repr__(self) -> str:
         return f"SyntheticTaskSource(num_tasks={self.num_tasks}, seed={self.seed}, options={self.task_options})"
