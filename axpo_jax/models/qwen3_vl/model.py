@@ -175,6 +175,31 @@ def attention(q_bthe, k_bkes, v_bkse, mask_bts):
     return out_btkge.reshape(b, t, h * e)
 
 
+def causal_attention(q_bthe, k_bkes, v_bkse, mask_bts, query_block: int):
+    """`attention` of a sequence over itself (key s is the token at query position s, and `mask_bts` is causal), in
+    blocks of `query_block` queries, each against the keys up to its own end only: the same result (the keys it
+    skips are masked for all of its queries), with half the products and a score block that stays in cache. On the
+    CPU, for the demo's training shapes (4 x 1024 tokens, 4 heads of 16), one layer's forward and backward take
+    ~60 ms in blocks of 64 vs ~210 ms in one piece. `query_block` 0 (or >= T): one piece."""
+    t = q_bthe.shape[1]
+    if query_block <= 0 or t <= query_block:
+        return attention(q_bthe, k_bkes, v_bkse, mask_bts)
+    blocks = []
+    for start in range(0, t, query_block):
+        end = min(start + query_block, t)
+        blocks.append(attention(q_bthe[:, start:end], k_bkes[..., :end], v_bkse[:, :, :end],
+                                mask_bts[:, start:end, :end]))
+    return jnp.concatenate(blocks, axis=1)
+
+
+def causal_query_block(t: int) -> int:
+    """The query block `causal_attention` uses for a T-token sequence: on the CPU at most 16 blocks of >= 64 queries
+    (few enough that the unrolled blocks compile quickly); elsewhere one piece (accelerators: not measured here)."""
+    if jax.default_backend() != "cpu":
+        return 0
+    return max(64, -(-t // 16))
+
+
 # ----------------------------------------------------------------------------------------------- vision tower
 
 
@@ -352,7 +377,8 @@ class TextAttention(nnx.Module):
             k_bket = _write_rows(kv[0], k_bket.astype(kv[0].dtype), write_at_b, slot_axis=3)
             v_bkte = _write_rows(kv[1], v_bkte.astype(kv[1].dtype), write_at_b, slot_axis=2)
             kv = (k_bket, v_bkte)
-        return self.o_proj(attention(q_bthe, k_bket, v_bkte, mask_bts)), kv
+            return self.o_proj(attention(q_bthe, k_bket, v_bkte, mask_bts)), kv
+        return self.o_proj(causal_attention(q_bthe, k_bket, v_bkte, mask_bts, causal_query_block(t))), kv
 
 
 class TextMLP(nnx.Module):

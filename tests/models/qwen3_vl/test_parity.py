@@ -17,6 +17,8 @@ CASES = {
     "text_only": [[9], [5]],
     "one_image": [[3, (1, 4, 6), 4], [2, (1, 6, 4), 6]],
     "three_images_and_none": [[2, (1, 4, 6), 3, (1, 2, 2), 1, (1, 6, 8), 2], [11]],
+    # longer than one causal query block (64 on the CPU): the training forward runs in blocks
+    "long": [[70, (1, 4, 6), 80], [140]],
 }
 
 
@@ -142,3 +144,33 @@ def test_decoding_copy_computes_the_same_step(hf_checkpoint):
     np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=1e-5)
     for got, want in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_causal_blocks_give_the_same_attention():
+    """Query blocks against keys up to each block's end (`causal_attention`) = one piece, values and gradients, at
+    every query that attends to some key (a padded query's row attends to none: its output is never read)."""
+    from axpo_jax.models.qwen3_vl.model import attention, causal_attention
+
+    b, t, h, k, e = 2, 150, 4, 2, 16
+    keys = jax.random.split(jax.random.key(0), 3)
+    q_bthe = jax.random.normal(keys[0], (b, t, h, e))
+    k_bkes = jax.random.normal(keys[1], (b, k, e, t))
+    v_bkse = jax.random.normal(keys[2], (b, k, t, e))
+    real_bt = jnp.arange(t)[None] < jnp.array([[t], [97]])  # the second row right-padded
+    mask_bts = jnp.tril(jnp.ones((t, t), bool))[None] & real_bt[:, None, :]
+    weights_bthe = jax.random.normal(jax.random.key(1), (b, t, h * e)) * real_bt[..., None]
+
+    def loss(fn, *qkv):
+        return (fn(*qkv) * weights_bthe).sum()
+
+    whole = attention(q_bthe, k_bkes, v_bkse, mask_bts)
+    blocked = causal_attention(q_bthe, k_bkes, v_bkse, mask_bts, 64)  # blocks of 64, 64, 22
+    assert np.abs(np.asarray(blocked - whole))[np.asarray(real_bt)].max() < 1e-5
+    grads_whole = jax.grad(lambda *a: loss(lambda *x: attention(*x, mask_bts), *a), argnums=(0, 1, 2))(
+        q_bthe, k_bkes, v_bkse)
+    grads_blocked = jax.grad(lambda *a: loss(lambda *x: causal_attention(*x, mask_bts, 64), *a), argnums=(0, 1, 2))(
+        q_bthe, k_bkes, v_bkse)
+    for g_whole, g_blocked in zip(grads_whole, grads_blocked):
+        assert np.abs(np.asarray(g_blocked - g_whole)).max() < 1e-4
+    # a block of the whole length, or none, is the one-piece computation
+    assert np.array_equal(causal_attention(q_bthe, k_bkes, v_bkse, mask_bts, 0), whole)
