@@ -139,6 +139,8 @@ def compile_forward(config, mesh, *, dtype, target: str, inputs, targets, logpro
     import jax
     from flax import nnx
 
+    from axpo_jax.models.qwen3_vl.model import causal_query_blocks
+
     graphdef, state, _ = abstract_sharded_state(config, mesh, dtype)
 
     if target == "logits":
@@ -154,7 +156,8 @@ def compile_forward(config, mesh, *, dtype, target: str, inputs, targets, logpro
     start = time.perf_counter()
     # The abstract arguments carry their NamedShardings; under the mesh the model's activation constraints keep
     # the hidden states split by sample (as training and rollouts run), and XLA propagates the rest.
-    with jax.set_mesh(mesh):
+    # the accelerator's attention (one piece), not the CPU's causal query blocks
+    with jax.set_mesh(mesh), causal_query_blocks(0):
         compiled = jax.jit(fn).lower(*args).compile()
     seconds = time.perf_counter() - start
     stats = compiled.memory_analysis()

@@ -11,6 +11,9 @@ N image rows, L patches per row, M merged tokens per row (L / merge^2), V vocab.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -192,9 +195,25 @@ def causal_attention(q_bthe, k_bkes, v_bkse, mask_bts, query_block: int):
     return jnp.concatenate(blocks, axis=1)
 
 
+_QUERY_BLOCK = contextvars.ContextVar("causal_query_block", default=None)
+
+
+@contextlib.contextmanager
+def causal_query_blocks(block: int | None):
+    """Within this context, programs traced use query blocks of `block` (0: one piece; None: the backend's
+    default), e.g. the memory plan, which compiles on the CPU what an accelerator will run."""
+    token = _QUERY_BLOCK.set(block)
+    try:
+        yield
+    finally:
+        _QUERY_BLOCK.reset(token)
+
+
 def causal_query_block(t: int) -> int:
     """The query block `causal_attention` uses for a T-token sequence: on the CPU at most 16 blocks of >= 64 queries
     (few enough that the unrolled blocks compile quickly); elsewhere one piece (accelerators: not measured here)."""
+    if _QUERY_BLOCK.get() is not None:
+        return _QUERY_BLOCK.get()
     if jax.default_backend() != "cpu":
         return 0
     return max(64, -(-t // 16))

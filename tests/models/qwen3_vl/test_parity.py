@@ -174,3 +174,16 @@ def test_causal_blocks_give_the_same_attention():
         assert np.abs(np.asarray(g_blocked - g_whole)).max() < 1e-4
     # a block of the whole length, or none, is the one-piece computation
     assert np.array_equal(causal_attention(q_bthe, k_bkes, v_bkse, mask_bts, 0), whole)
+
+
+def test_query_block_defaults_and_override():
+    from axpo_jax.models.qwen3_vl.model import causal_query_block, causal_query_blocks
+
+    assert jax.default_backend() == "cpu"
+    assert [causal_query_block(t) for t in (64, 1024, 1040, 4096)] == [64, 64, 65, 256]
+    with causal_query_blocks(0):  # what the memory plan compiles: an accelerator's one piece
+        assert causal_query_block(4096) == 0
+        with causal_query_blocks(128):
+            assert causal_query_block(4096) == 128
+        assert causal_query_block(4096) == 0
+    assert causal_query_block(4096) == 256
