@@ -58,3 +58,18 @@ def test_sft_recipe_follows_the_rl_machine():
     assert sft.mode == "sft" and dict(sft.mesh) == dict(rl.mesh) and sft.tools == rl.tools
     with pytest.raises(ValueError, match="hardware"):
         _config("rl", "8b,tpu-9000")
+
+
+def test_demo_config_and_its_digit_variant():
+    """configs/demo.py: the mark task named in words (the default) or, with `:digit`, the demo before it; the task
+    options of each are those of its task maker."""
+    from axpo_jax.data.synthetic import make_synthetic_task
+
+    default, digit = _config("demo"), _config("demo", "digit")
+    assert default.task.to_dict() == {"kind": "mark", "grid": 2, "ask": "place"}
+    assert digit.task.to_dict() == {"kind": "digit", "grid": 2}
+    assert (digit.sft_examples, digit.sft.steps, digit.eval_tasks) == (64, 120, 16)
+    assert (default.sft_examples, default.sft.steps, default.eval_tasks) == (256, 400, 32)
+    assert make_synthetic_task(0, **default.task).kind == "mark" and make_synthetic_task(0, **digit.task).kind == "digit"
+    with pytest.raises(ValueError, match="takes no argument or 'digit'"):
+        _config("demo", "mark")

@@ -11,7 +11,7 @@ on held-out images by the candidate answer the model gives the highest log-prob 
 - `digit`: the digit in the crop that `image_zoom_in` returns for the expert box (what the answer needs, from
   the observation the policy gets);
 - `mark`: the colour of the mark in the zoom crop of the named box, on "mark" tasks (`make_mark_task`, the
-  demo's `--config.task.kind=mark`: what their answer needs);
+  demo's task: what their answer needs);
 - `mark_full`: the same colour from the full image and the task's question, which names the box (what answering
   without the tool would need).
 

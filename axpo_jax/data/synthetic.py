@@ -60,9 +60,10 @@ DIGITS = tuple(DIGIT_BITMAPS)
 BOX_COLOR = (220, 40, 40)
 # "mark" tasks: the colours a box's mark may have (none near the boxes' red), and their question
 MARK_COLOURS = {"green": (40, 170, 40), "blue": (40, 70, 220), "yellow": (235, 205, 30), "purple": (150, 50, 190)}
-MARK_QUESTION = ("Each red box holds a small coloured mark. What colour is the mark in the box in row {row}, column "
-                 "{col}? It is too small to see in the full image, so zoom in on that box first. Answer with "
-                 "<answer>\\boxed{{colour}}</answer>.")
+MARK_QUESTION = ("Each red box holds a small coloured mark. What colour is the mark in {box}? It is too small to see "
+                 "in the full image, so zoom in on that box first. Answer with <answer>\\boxed{{colour}}</answer>.")
+# how a mark question names its box (make_mark_task's `ask`); "place" only for the 2x2 grid
+MARK_ASK = ("cell", "place")
 QUESTION = ("What digit is written inside the red box? It is too small to read in the full image, so zoom in on "
             "the box first. Answer with <answer>\\boxed{digit}</answer>.")
 ZOOM_LABEL = "the red box"
@@ -80,6 +81,15 @@ class SyntheticTask(Task):
     digit_scale: int = 1  # image pixels per font pixel
     kind: str = "digit"  # "digit": read the digit in the one box; "mark": name the colour of the asked box's mark
     mark_xyxy: tuple[int, int, int, int] = (0, 0, 0, 0)  # the asked box's colour mark, pixels ("mark" tasks)
+    ask: str = "cell"  # how a "mark" question names its box (`named_box`)
+
+
+def named_box(row: int, col: int, ask: str) -> str:
+    """How a mark question (and the expert's reasoning) names the box of a cell: "the box in row 2, column 1"
+    (`ask="cell"`) or "the bottom left box" (`ask="place"`, the 2x2 grid)."""
+    if ask == "place":
+        return f"the {('top', 'bottom')[row]} {('left', 'right')[col]} box"
+    return f"the box in row {row + 1}, column {col + 1}"
 
 
 def pixel_bbox(xyxy: Sequence[int], image_size: int) -> list[int]:
@@ -187,7 +197,7 @@ def _background(noise_rng, base, image_size: int, texture_std: float, texture_ch
 def make_mark_task(seed: int, *, image_size: int = 576, grid: int = 2, box_size: int = 48, border: int = 3,
                    mark_px: int = 20, colours: Sequence[str] = tuple(MARK_COLOURS), shade_std: float = 12.0,
                    texture_std: float = 14.0, texture_chroma_std: float = 4.0, pixel_noise_std: float = 6.0,
-                   interior_noise_std: float = 6.0, task_id: str | None = None) -> SyntheticTask:
+                   interior_noise_std: float = 6.0, ask: str = "cell", task_id: str | None = None) -> SyntheticTask:
     """A "mark" task, a pure function of `seed`: every cell of a `grid` x `grid` grid holds a red box (centred)
     with a small square mark of one of `colours` at a random place inside; the question names one cell, and the
     answer is the colour of that box's mark. The colours differ between boxes while there are enough of them, so
@@ -199,7 +209,17 @@ def make_mark_task(seed: int, *, image_size: int = 576, grid: int = 2, box_size:
     ~25 patches. The demo's tiny model learns the colour from the crop in a demo's budget of SFT steps, but not
     from the full image (`configs/bench.py:perception`, probes `mark` and `mark_full`); a model that finds the
     mark at low resolution could answer without the tool, unlike the "digit" task's.
+
+    `ask`: how the question names the box. "cell": by row and column numbers; the policy must turn the two numbers
+    into the box's coordinates, and the demo's model, after 400 SFT steps, zooms on the named box no more often than
+    chance (8 of 32). "place" (2x2 grid only): "the top left box"; each word alone decides two of the bbox's four
+    numbers, and the same model zooms on the named box 32 times of 32 (README, Results).
     """
+    if ask not in MARK_ASK:
+        raise ValueError(f"ask must be one of {MARK_ASK}, got {ask!r}")
+    if ask == "place" and grid != 2:
+        raise ValueError(f"ask='place' names the boxes of a 2x2 grid (top/bottom, left/right); grid={grid} needs "
+                         f"ask='cell'")
     unknown = [c for c in colours if c not in MARK_COLOURS]
     if unknown or not colours:
         raise ValueError(f"colours must be some of {tuple(MARK_COLOURS)}, got {tuple(colours)!r}")
@@ -230,9 +250,9 @@ def make_mark_task(seed: int, *, image_size: int = 576, grid: int = 2, box_size:
     image = Image.fromarray(np.clip(pixels, 0, 255, out=pixels).astype(np.uint8), "RGB")
     row, col = divmod(asked, grid)
     return SyntheticTask(
-        question=MARK_QUESTION.format(row=row + 1, col=col + 1), images=[image], answer=colours[drawn[asked]],
+        question=MARK_QUESTION.format(box=named_box(row, col, ask)), images=[image], answer=colours[drawn[asked]],
         task_id=task_id if task_id is not None else f"mark-{seed}", cell=(row, col), grid=grid,
-        bbox_2d=pixel_bbox(box_xyxy, image_size), box_xyxy=box_xyxy, kind="mark", mark_xyxy=mark_xyxy,
+        bbox_2d=pixel_bbox(box_xyxy, image_size), box_xyxy=box_xyxy, kind="mark", mark_xyxy=mark_xyxy, ask=ask,
     )
 
 
@@ -290,8 +310,8 @@ def expert_trajectory(task: SyntheticTask, *, zoom_tool: ImageZoomIn | None = No
     arguments = {"bbox_2d": list(task.bbox_2d), "label": ZOOM_LABEL}
     observation = zoom_tool(arguments, ToolContext(list(task.images), "expert"))
     if task.kind == "mark":
-        reason = (f"The question asks about the box in row {row + 1}, column {col + 1}. Its mark is too small to "
-                  "see, so I zoom in on that box.")
+        reason = (f"The question asks about {named_box(row, col, task.ask)}. Its mark is too small to see, so I zoom "
+                  "in on that box.")
         seen = f"The zoomed box shows a {task.answer} mark."
     else:
         reason = (f"The red box is in row {row + 1}, column {col + 1} of a {task.grid}x{task.grid} grid. "

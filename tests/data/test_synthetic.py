@@ -278,19 +278,38 @@ def test_synthetic_task_kinds_and_their_options():
         syn.SyntheticTaskSource(6, seed=3, kind="mark", jitter=2)
 
 
-def test_the_demo_switches_to_mark_colours(processor):
-    options = {**_demo_task_options(), "kind": "mark"}  # --config.task.kind=mark
-    task = syn.make_synthetic_task(syn.task_seed(0, 0), **options)
-    assert task.kind == "mark" and task.answer in syn.MARK_COLOURS
-    messages = syn.expert_trajectory(task)
-    text = processor.apply_chat_template(messages, tools=TOOLS, tokenize=False)
-    turns = text.split("<|im_start|>assistant\n")[1:]
-    row, col = task.cell
-    assert f"box in row {row + 1}, column {col + 1}" in turns[0]
-    assert parse_tool_calls(turns[0])[0].arguments["bbox_2d"] == task.bbox_2d
-    assert f"shows a {task.answer} mark" in turns[1] and extract_answer(turns[1]) == task.answer
-    direct = syn.direct_trajectory(task, "blue")
+def test_the_demo_asks_for_the_mark_of_a_box_named_by_its_place(processor):
+    """The demo's task (configs/demo.py): a mark question naming its box as "the top left box" etc.; the words name
+    the box whose mark is the answer, and the expert's reasoning repeats them before zooming on that box."""
+    options = _demo_task_options()
+    assert options["kind"] == "mark" and options["ask"] == "place"
+    words = {(0, 0): "top left", (0, 1): "top right", (1, 0): "bottom left", (1, 1): "bottom right"}
+    for i in range(8):
+        task = syn.make_synthetic_task(syn.task_seed(0, i), **options)
+        row, col = task.cell
+        assert f"the mark in the {words[row, col]} box?" in task.question and "row" not in task.question
+        image = np.asarray(task.images[0])
+        x, y = col * 288 + 120, row * 288 + 120  # the named cell's 48-px box
+        assert mark_colour(image, (x, y, x + 48, y + 48)) == task.answer
+        messages = syn.expert_trajectory(task)
+        text = processor.apply_chat_template(messages, tools=TOOLS, tokenize=False)
+        turns = text.split("<|im_start|>assistant\n")[1:]
+        assert f"asks about the {words[row, col]} box." in turns[0]
+        assert parse_tool_calls(turns[0])[0].arguments["bbox_2d"] == task.bbox_2d
+        assert f"shows a {task.answer} mark" in turns[1] and extract_answer(turns[1]) == task.answer
+    # the same image and answer as the numbered question: only the words differ
+    numbered = syn.make_synthetic_task(syn.task_seed(0, 0), **{**options, "ask": "cell"})
+    placed = syn.make_synthetic_task(syn.task_seed(0, 0), **options)
+    assert numbered.answer == placed.answer and np.array_equal(np.asarray(numbered.images[0]),
+                                                               np.asarray(placed.images[0]))
+    row, col = numbered.cell
+    assert f"the box in row {row + 1}, column {col + 1}?" in numbered.question
+    direct = syn.direct_trajectory(placed, "blue")
     assert direct[-1]["content"].startswith("<think>\nThe mark in that box looks blue.")
+    with pytest.raises(ValueError, match="2x2 grid"):
+        syn.make_mark_task(0, grid=3, ask="place")
+    with pytest.raises(ValueError, match="ask must be one of"):
+        syn.make_mark_task(0, ask="colour")
 
 
 def test_processor_view_undoes_the_patch_layout(processor):
