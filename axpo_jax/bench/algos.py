@@ -108,21 +108,31 @@ def plot(path: str, runs: dict[str, list[list[dict]]], start: list[float]) -> st
     return path
 
 
+def stage_configs(config):
+    """(the demo config that makes the SFT policy, its sft stage, the rl config every run starts from)."""
+    from axpo_jax import demo
+    from axpo_jax.data.tasks import synthetic_spec
+
+    base = config.demo.copy_and_resolve_references()
+    base.workdir = os.path.join(os.path.abspath(config.workdir), "sft_policy")
+    sft, rl = demo.stage_configs(base)
+    # held-out questions of the demo's own task, with its options (grid, kind, ...), as the demo evaluates
+    rl.eval_tasks = synthetic_spec(config.eval_tasks, base.task.to_dict())
+    rl.eval_every = config.eval_every
+    rl.steps = config.steps
+    return base, sft, rl
+
+
 def run(config) -> dict:
     from axpo_jax import demo
     from axpo_jax.train import rl_run
 
     started = time.perf_counter()
     workdir = os.path.abspath(config.workdir)
-    base = config.demo.copy_and_resolve_references()
-    base.workdir = os.path.join(workdir, "sft_policy")
-    sft, rl = demo.stage_configs(base)
+    base, sft, rl = stage_configs(config)
     stopped = demo.prepare_sft_policy(base, sft)
     if stopped:
         return stopped
-    rl.eval_tasks = f"synthetic:{config.eval_tasks}"
-    rl.eval_every = config.eval_every
-    rl.steps = config.steps
     runs: dict[str, list[list[dict]]] = {v: [] for v in config.variants}
     for seed in config.seeds:
         for variant in config.variants:

@@ -43,3 +43,24 @@ def test_summary_and_plot(tmp_path):
     assert summary["axpo"]["sampled_tokens_per_seed"] == [400, 320] and summary["grpo_equal"]["seeds"] == 1
     path = plot(str(tmp_path / "p.png"), runs, start=[0.0, 0.0])
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_train_and_evaluate_on_the_demos_task(tmp_path):
+    """Every run's training and held-out questions are the demo's task with its options (an earlier version
+    evaluated on the default task, another grid and kind, than the one trained on)."""
+    from axpo_jax.bench.algos import stage_configs
+    from axpo_jax.data.tasks import task_source
+
+    spec = importlib.util.spec_from_file_location("_bench", os.path.join(ROOT, "configs", "bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("algos")
+    config.workdir = str(tmp_path)
+    base, _, rl = stage_configs(config)
+    options = base.task.to_dict()
+    train, held_out = task_source(rl.tasks, seed=0), task_source(rl.eval_tasks, seed=10_000)
+    assert len(held_out) == config.eval_tasks and rl.steps == config.steps
+    for source in (train, held_out):
+        task = source[0]
+        assert task.kind == options["kind"] and task.grid == options["grid"]
+    assert held_out[0].ask == train[0].ask == options.get("ask", "cell")
