@@ -338,14 +338,15 @@ class Sampler:
         elif logits_bv is None:
             raise ValueError("extending a cache needs the rows' current logits (from decode or an earlier extend)")
         inputs, slots = self.chunk_inputs(batch, cache, prompt)
-        return self._extend(self.model, self._place(inputs), cache, logits_bv, slots)
+        return self._extend(self.model, self._place(inputs), cache, logits_bv, slots, prompt)
 
     # graph=False (tree mode): the model goes in as a plain pytree. nnx.jit's default graph mode walks the module
     # graph on every call, ~10 ms of host time per call for this model, as much as a whole small decode turn.
-    @functools.partial(nnx.jit, static_argnums=(0, 5), graph=False)
-    def _extend(self, model, inputs, cache, previous_logits_bv, slots: int):
+    @functools.partial(nnx.jit, static_argnums=(0, 5, 6), graph=False)
+    def _extend(self, model, inputs, cache, previous_logits_bv, slots: int, prompt: bool):
         self.trace_counts["extend"] += 1
-        logits_bv, part = model.extend(inputs, cache.first_slots(slots))
+        # a prompt goes into an empty cache: its attention can skip future slots (`causal_attention`)
+        logits_bv, part = model.extend(inputs, cache.first_slots(slots), empty_cache=prompt)
         has_new_b1 = inputs.attention_mask_bt.sum(axis=1, keepdims=True) > 0
         return jnp.where(has_new_b1, logits_bv, previous_logits_bv), cache.with_first_slots(part)
 

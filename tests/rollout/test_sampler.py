@@ -48,6 +48,20 @@ def test_greedy_matches_generate(models, sampler):
     assert not result.stopped_b.any()
 
 
+def test_a_long_prompt_extends_in_causal_blocks_like_generate(models):
+    """A prompt longer than a causal query block (64 on the CPU) goes into the empty cache in blocks: the same
+    logits as one piece, and greedy tokens equal to transformers'."""
+    hf, model = models
+    batch = make_batch(hf.config, [[70, (1, 4, 6), 80], [140]], padding="left")
+    sampler = Sampler(model, batch_size=2, capacity=256)
+    logits, cache = sampler.extend(batch)
+    inputs, slots = sampler.chunk_inputs(batch, sampler.empty_cache(), prompt=True)
+    one_piece, _ = model.extend(jax.device_put(inputs), sampler.empty_cache().first_slots(slots))
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(one_piece), atol=1e-4)
+    result, _, _ = sampler.decode(logits, cache, jax.random.key(0), GREEDY, 8)
+    np.testing.assert_array_equal(result.tokens_bn, hf_greedy(hf, batch, 8))
+
+
 def test_extend_with_observation_image_matches_generate(models, sampler):
     """Turn 1, then a tool observation (text + a new image for three rows, nothing for one), then turn 2."""
     hf, _ = models

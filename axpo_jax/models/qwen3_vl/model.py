@@ -379,9 +379,10 @@ class TextAttention(nnx.Module):
         kv_size = self.cfg.num_key_value_heads * self.cfg.head_dim
         return jnp.split(self.qkv_proj(x_btd), [q_size, q_size + kv_size], axis=-1)
 
-    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, kv=None, write_at_b=None):
+    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, kv=None, write_at_b=None, query_block: int = 0):
         """Without `kv`, attends within x. With `kv` = (keys, values) of a cache, writes x's keys and values at
-        slots write_at_b + [0, T) and attends over all cache slots; returns the updated (keys, values) too."""
+        slots write_at_b + [0, T) and attends over all cache slots; returns the updated (keys, values) too.
+        `query_block` > 0: key slot s holds token s (no cache, or an empty one), so `causal_attention`'s blocks."""
         b, t, _ = x_btd.shape
         e = self.cfg.head_dim
         q_btd, k_btd, v_btd = self.project(x_btd)
@@ -396,8 +397,7 @@ class TextAttention(nnx.Module):
             k_bket = _write_rows(kv[0], k_bket.astype(kv[0].dtype), write_at_b, slot_axis=3)
             v_bkte = _write_rows(kv[1], v_bkte.astype(kv[1].dtype), write_at_b, slot_axis=2)
             kv = (k_bket, v_bkte)
-            return self.o_proj(attention(q_bthe, k_bket, v_bkte, mask_bts)), kv
-        return self.o_proj(causal_attention(q_bthe, k_bket, v_bkte, mask_bts, causal_query_block(t))), kv
+        return self.o_proj(causal_attention(q_bthe, k_bket, v_bkte, mask_bts, query_block)), kv
 
 
 class TextMLP(nnx.Module):
@@ -426,14 +426,15 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, kv=None, write_at_b=None):
-        attn_btd, kv = self.self_attn(self.input_layernorm(x_btd), cos_bte, sin_bte, mask_bts, kv, write_at_b)
+    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, kv=None, write_at_b=None, query_block: int = 0):
+        attn_btd, kv = self.self_attn(self.input_layernorm(x_btd), cos_bte, sin_bte, mask_bts, kv, write_at_b,
+                                      query_block)
         x_btd = x_btd + attn_btd
         return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), kv
 
 
-def _run_layer(decoder_layer, x_btd, cos_bte, sin_bte, mask_bts):
-    return decoder_layer(x_btd, cos_bte, sin_bte, mask_bts)
+def _run_layer(decoder_layer, x_btd, cos_bte, sin_bte, mask_bts, query_block: int):
+    return decoder_layer(x_btd, cos_bte, sin_bte, mask_bts, query_block=query_block)
 
 
 class TextModel(nnx.Module):
@@ -444,15 +445,18 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
     def __call__(self, x_btd, position_ids_3bt, attention_mask_bt, vision_index_bt, deepstack_rows_md,
-                 cache: KVCache | None = None, remat: bool = False):
+                 cache: KVCache | None = None, remat: bool = False, empty_cache: bool = False):
         """Final-norm hidden states [B, T, D], and the cache with these tokens appended when one is given.
 
         With a cache, x holds each row's new tokens right-padded (attention_mask_bt marks the real ones); a new
         token attends to the row's cached slots and to the new tokens up to itself. `remat` (training, no cache)
         keeps only each layer's input for the backward pass and recomputes the layer's insides from it.
+        `empty_cache` (static): every row's cache is empty (a prompt), so attention can skip future slots in
+        causal query blocks as without a cache.
         """
         cos_bte, sin_bte = mrope_cos_sin(self.cfg, position_ids_3bt, x_btd.dtype)
         b, t, _ = x_btd.shape
+        query_block = causal_query_block(t) if cache is None or empty_cache else 0
         if cache is None:
             causal_tt = jnp.tril(jnp.ones((t, t), bool))
             mask_bts = causal_tt[None] & (attention_mask_bt[:, None, :] > 0)
@@ -467,9 +471,11 @@ class TextModel(nnx.Module):
         for layer, decoder_layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[layer], cache.values[layer])
             if remat and cache is None:
-                x_btd, kv = nnx.remat(_run_layer)(decoder_layer, constrain_batch(x_btd), cos_bte, sin_bte, mask_bts)
+                x_btd, kv = nnx.remat(_run_layer, static_argnums=(5,))(decoder_layer, constrain_batch(x_btd), cos_bte,
+                                                                      sin_bte, mask_bts, query_block)
             else:
-                x_btd, kv = decoder_layer(constrain_batch(x_btd), cos_bte, sin_bte, mask_bts, kv, write_at_b)
+                x_btd, kv = decoder_layer(constrain_batch(x_btd), cos_bte, sin_bte, mask_bts, kv, write_at_b,
+                                          query_block)
             x_btd = constrain_batch(x_btd)
             if kv is not None:
                 keys.append(kv[0])
@@ -493,7 +499,8 @@ class Qwen3VLModel(nnx.Module):
         self.visual = VisionModel(cfg.vision, dtype=dtype, rngs=rngs)
         self.language_model = TextModel(cfg.text, dtype=dtype, rngs=rngs)
 
-    def __call__(self, inputs: ModelInputs, cache: KVCache | None = None, remat: bool = False):
+    def __call__(self, inputs: ModelInputs, cache: KVCache | None = None, remat: bool = False,
+                 empty_cache: bool = False):
         merged_nmd, deepstack_nmd = self.visual(inputs)
         d = merged_nmd.shape[-1]
         vision_rows_md = merged_nmd.reshape(-1, d)
@@ -504,7 +511,7 @@ class Qwen3VLModel(nnx.Module):
         deepstack_rows_md = [f.reshape(-1, d) for f in deepstack_nmd]
         return self.language_model(
             x_btd, inputs.position_ids_3bt, inputs.attention_mask_bt, vision_index_bt, deepstack_rows_md, cache,
-            remat=remat,
+            remat=remat, empty_cache=empty_cache,
         )
 
     def decode_step(self, token_ids_bt, cache: KVCache, active_b):
@@ -560,14 +567,15 @@ class Qwen3VL(nnx.Module):
         """Final-norm hidden states [B, T, D] (`remat`: decoder layers recomputed in the backward pass)."""
         return self.model(inputs, remat=remat)[0]
 
-    def extend(self, inputs: ModelInputs, cache: KVCache):
+    def extend(self, inputs: ModelInputs, cache: KVCache, empty_cache: bool = False):
         """Appends a multimodal chunk (a prompt, or a tool observation with new images) to each row's cache.
 
         `inputs` holds each row's new tokens right-padded, with rope positions starting at the row's
         next_position (prepare_inputs(..., position_offset_b=cache.next_position_b)). Returns the logits of
         each row's last new token [B, V] (float32) and the cache. A row with no new tokens keeps its cache.
+        `empty_cache` (static, a prompt into an empty cache): the same result, attended in causal query blocks.
         """
-        h_btd, cache = self.model(inputs, cache)
+        h_btd, cache = self.model(inputs, cache, empty_cache=empty_cache)
         last_b = jnp.maximum(inputs.attention_mask_bt.sum(axis=1) - 1, 0)
         h_bd = jnp.take_along_axis(h_btd, last_b[:, None, None], axis=1)[:, 0]
         return self.logits(h_bd), cache
