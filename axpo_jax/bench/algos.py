@@ -111,13 +111,11 @@ def plot(path: str, runs: dict[str, list[list[dict]]], start: list[float]) -> st
 def stage_configs(config):
     """(the demo config that makes the SFT policy, its sft stage, the rl config every run starts from)."""
     from axpo_jax import demo
-    from axpo_jax.data.tasks import synthetic_spec
 
     base = config.demo.copy_and_resolve_references()
     base.workdir = os.path.join(os.path.abspath(config.workdir), "sft_policy")
+    base.eval_tasks = config.eval_tasks  # the demo's stages make them questions of its own task, with its options
     sft, rl = demo.stage_configs(base)
-    # held-out questions of the demo's own task, with its options (grid, kind, ...), as the demo evaluates
-    rl.eval_tasks = synthetic_spec(config.eval_tasks, base.task.to_dict())
     rl.eval_every = config.eval_every
     rl.steps = config.steps
     return base, sft, rl
