@@ -340,9 +340,10 @@ class Sampler:
         inputs, slots = self.chunk_inputs(batch, cache, prompt)
         return self._extend(self.model, self._place(inputs), cache, logits_bv, slots, prompt)
 
-    # graph=False (tree mode): the model goes in as a plain pytree. nnx.jit's default graph mode walks the module
-    # graph on every call, ~10 ms of host time per call for this model, as much as a whole small decode turn.
-    @functools.partial(nnx.jit, static_argnums=(0, 5, 6), graph=False)
+    # Plain jax.jit: the model goes in as a pytree (nnx modules are pytrees; nothing is written back to it).
+    # nnx.jit's graph mode walks the module graph on every call (~10 ms of host time for this model, as much as a
+    # small decode turn), and its tree mode checks every leaf for aliases (~0.8 ms, per extend and per segment).
+    @functools.partial(jax.jit, static_argnums=(0, 5, 6))
     def _extend(self, model, inputs, cache, previous_logits_bv, slots: int, prompt: bool):
         self.trace_counts["extend"] += 1
         # a prompt goes into an empty cache: its attention can skip future slots (`causal_attention`)
@@ -437,7 +438,7 @@ class Sampler:
             recent_bw=jnp.full((b, self._stop_sequences.shape[1]), -5, jnp.int32), stopped_b=jnp.zeros((b,), bool),
         )
 
-    @functools.partial(nnx.jit, static_argnums=(0, 5, 6), graph=False)
+    @functools.partial(jax.jit, static_argnums=(0, 5, 6))
     def _decode(self, model, state: "DecodeState", cache, segment_end, params: SamplingParams, window: int):
         """Runs the decode loop from `state` until no row runs or the step count reaches `segment_end` (traced: the
         host's count, so budgets of every size share the program), attending over the cache's first `window`
