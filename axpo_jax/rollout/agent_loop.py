@@ -314,7 +314,6 @@ class AgentLoop:
                 trajectory = trajectories[b]
                 trajectory.turns[-1].statuses = [o.status for o in observations]
                 images[b] = [image for o in observations for image in o.images]
-                trajectory.images.extend(images[b])
                 texts[b] = self.observation_text(observations, trajectory.token_ids[-1] == self.end_of_turn_id)
             chunk = self._chunk(texts, images, batch_size)
             # a row whose observation would not fit its cache (with room for one more token) ends here
@@ -324,6 +323,10 @@ class AgentLoop:
                     trajectories[b].finish_reason, active[b] = "length", False
                     texts.pop(b, None)
                 chunk = self._chunk(texts, images, batch_size)
+            # only an observation that went in brings its images: the trajectory's images are those its tokens
+            # show, in order (re-scoring and training pair them up with the image tokens)
+            for b in texts:
+                trajectories[b].images.extend(images[b])
             logits, cache = sampler.extend(chunk, cache, logits)
             for b in np.nonzero(active)[0]:
                 ids = chunk["input_ids"][b][chunk["attention_mask"][b] > 0].tolist()

@@ -143,6 +143,38 @@ def test_resample_forks_the_prefix_from_the_cache(loop):
         np.testing.assert_allclose(rescored[b, : len(mask) - 1][mask[1:]], sampled, atol=1e-4)
 
 
+def test_an_observation_that_does_not_fit_ends_the_row_without_its_images(loop):
+    """A zoom whose observation would overflow the cache ends its row ("length"); the crop, which no token of the
+    trajectory shows, is not among its images, so re-scoring pairs every image with its tokens (an RL step of
+    the demo once failed here: the orphan crop shifted every later row's images)."""
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    tasks = [Task("Which digit?", [image], "7")]
+    scripts = [SCRIPTS[0], SCRIPTS[1]]
+
+    def rollout(capacity: int):
+        small = AgentLoop(loop.model, loop.processor, loop.executor, max_turns=3, max_new_tokens_per_turn=64,
+                          capacity=capacity, log=lambda m: None)
+        small._samplers[2] = ScriptedSampler(loop.model, batch_size=2, capacity=capacity, pad_id=loop.pad_id)
+        small._samplers[2].scripts = [[loop.tokenizer.encode(t, add_special_tokens=False) for t in s]
+                                      for s in scripts]
+        return small.run(tasks, num_samples=2, rng=jax.random.key(0), params=SamplingParams()).trajectories
+
+    roomy = rollout(1024)[0]
+    assert roomy.finish_reason == "answer" and len(roomy.images) == 2
+    # room for the prompt and the first turn, not for the observation after it
+    first_turn_end = roomy.prompt_length + len(loop.tokenizer.encode(SCRIPTS[0][0], add_special_tokens=False))
+    trajectories = rollout(first_turn_end + 4)
+    zoomed, plain = trajectories
+    assert zoomed.finish_reason == "length" and [t.statuses for t in zoomed.turns] == [["ok"]]
+    assert len(zoomed.token_ids) == first_turn_end and len(zoomed.images) == 1  # the prompt's image only
+    assert plain.finish_reason == "answer"
+    rescored = _rescored_logprobs(loop, trajectories)  # raised InputError when the crop stayed in the images
+    for b, trajectory in enumerate(trajectories):
+        mask = np.asarray(trajectory.policy_mask, bool)
+        np.testing.assert_allclose(rescored[b, : len(mask) - 1][mask[1:]], np.asarray(trajectory.logprobs)[mask],
+                                   atol=1e-4)
+
+
 class GroupScriptedLoop(AgentLoop):
     """Each row group's turn loop gets the next scripts of `group_scripts` on the scripted sampler of its size."""
 
