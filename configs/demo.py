@@ -49,12 +49,16 @@ def get_config(arg=None):
     config.sft.steps = 400  # 120 steps: the policy finds the named box in 18 of 32 held-out tasks; 400: in 32
     config.sft.checkpoint_every = 40
 
-    # RL (configs/rl.py's tiny defaults: AXPO, N=4, K=2, r=0.5, 8 steps on 4 questions, lr 5e-4, β 1e-3)
+    # RL (configs/rl.py's tiny defaults: AXPO, N=4, K=2, r=0.5, 8 steps on 4 questions, β 1e-3)
     config.rl = _load("rl")
+    # rl.py's 5e-4 moved one of three AXPO seeds to KL 0.12 from the SFT policy in one step on this task (Pass@1
+    # 0.69 -> 0.38); at 2e-4 no seed of either algorithm passed KL 0.003 and the means were as good (README, Results)
+    config.rl.learning_rate = 2e-4
     config.rl.eval_every = 0  # the demo evaluates after the last step only
     if arg == "digit":
         config.task = ml_collections.ConfigDict(dict(kind="digit", grid=2))
         config.eval_tasks, config.sft_examples, config.sft.steps = 16, 64, 120
+        config.rl.learning_rate = 5e-4  # as its README figures were measured
     elif arg:
         raise ValueError(f"configs/demo.py takes no argument or 'digit', got {arg!r}")
     return config
