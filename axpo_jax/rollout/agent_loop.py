@@ -60,7 +60,7 @@ class Trajectory:
     num_prompt_images: int = 0
     turns: list[TurnRecord] = dataclasses.field(default_factory=list)
     answer: str | None = None
-    finish_reason: str = ""  # "answer" | "no_answer" | "turn_limit" | "length"
+    finish_reason: str = ""  # "answer" | "no_answer" | "turn_limit" | "length" | "prompt_too_long"
     prefix_end: int | None = None  # index into token_ids just past the first <tool_call> token
     tool_call_logprobs: list[float] = dataclasses.field(default_factory=list)  # of every tool-call span token
     resampled_from: int | None = None  # for an AXPO continuation: the row of the trajectory it was forked from
@@ -177,14 +177,15 @@ class AgentLoop:
         groups = self._row_groups(len(rows))
         for group, key in zip(groups, self._group_keys(rng, len(groups))):
             sampler = self.sampler(len(group))
-            prompt = self.processor.apply_chat_template(
-                [self.prompt_messages(tasks[rows[r][0]]) for r in group], tools=self.tool_schemas,
-                add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np",
-                processor_kwargs={"padding": True},
-            )
+            prompt, too_long = self._prompts([tasks[rows[r][0]] for r in group])
             group_trajectories = []
             for b, r in enumerate(group):
                 t, s = rows[r]
+                if too_long[b]:
+                    # a stub with nothing to train: reward 0, no tool use, counted by its finish reason
+                    group_trajectories.append(Trajectory(t, s, [self.pad_id], [0], [0.0], 1, [],
+                                                         finish_reason="prompt_too_long"))
+                    continue
                 ids = prompt["input_ids"][b][prompt["attention_mask"][b] > 0].tolist()
                 group_trajectories.append(Trajectory(t, s, ids, [0] * len(ids), [0.0] * len(ids), len(ids),
                                                      list(tasks[t].images), num_prompt_images=len(tasks[t].images)))
@@ -192,9 +193,30 @@ class AgentLoop:
             next_positions.append(sampler.rows(cache.next_position_b))
             trajectories += group_trajectories
             loops.append(self._turn_loop(sampler, group_trajectories, logits, cache, key, params,
-                                         [len(t.token_ids) for t in group_trajectories], f"{run_id}-{group[0]}"))
+                                         [len(t.token_ids) for t in group_trajectories], f"{run_id}-{group[0]}",
+                                         ~too_long))
         caches = self._run_groups(loops)
         return Rollout(trajectories, caches, np.concatenate(next_positions))
+
+    def _prompts(self, tasks: list[Task]) -> tuple[dict, np.ndarray]:
+        """The chat template's prompt batch for `tasks`, and which rows' prompts do not fit the KV cache with room
+        for one sampled token (a question with large images, say). Such rows hold a text-only placeholder whose
+        tokens are masked out: they start finished and the others roll out as usual."""
+        def render(batch_tasks):
+            return self.processor.apply_chat_template(
+                [self.prompt_messages(task) for task in batch_tasks], tools=self.tool_schemas,
+                add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np",
+                processor_kwargs={"padding": True},
+            )
+
+        prompt = render(tasks)
+        too_long = np.asarray(prompt["attention_mask"]).sum(axis=1) + 1 > self.capacity
+        if too_long.any():
+            self.log(f"{int(too_long.sum())} of {len(tasks)} prompts do not fit the {self.capacity}-token cache: "
+                     "those rows are skipped (finish_reason 'prompt_too_long')")
+            prompt = render([Task("", []) if long else task for task, long in zip(tasks, too_long)])
+            prompt["attention_mask"] = np.where(too_long[:, None], 0, prompt["attention_mask"])
+        return prompt, too_long
 
     def resample(self, rollout: "Rollout", sources: list[int], k: int, rng, params: SamplingParams):
         """K continuations of each source trajectory's prefix, forked from its KV cache (AXPO.md §4.2, §4.5).

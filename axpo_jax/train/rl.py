@@ -162,6 +162,9 @@ class RLTrainer:
             "tool_use_rate": float(used_qn.mean()),
             "all_wrong_tool_subgroup_rate": float(all_wrong_tool.mean()),
             "answer_rate": float(answered_qn.mean()),
+            # rows whose prompt did not fit the KV cache (skipped by the agent loop, reward 0)
+            "prompt_too_long_rate": float(everywhere([t.finish_reason == "prompt_too_long"
+                                                      for t in trajectories]).mean()),
             "resamples_used": int(resample_rewards_sk.size),
             "resample_budget": int(budget),
             "recovery_rate": float((resample_rewards_sk.max(axis=1) >= 1).mean()) if selections else 0.0,

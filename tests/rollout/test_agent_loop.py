@@ -175,6 +175,28 @@ def test_an_observation_that_does_not_fit_ends_the_row_without_its_images(loop):
                                    atol=1e-4)
 
 
+def test_a_prompt_that_does_not_fit_skips_its_rows_and_the_others_roll_out(loop):
+    """A question too long for the KV cache does not stop the batch: its rows end at once ("prompt_too_long", a
+    one-token stub with nothing to train and no images) and the other rows roll out as with room to spare."""
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    # ~480 prompt tokens with the tool schemas; the long question adds ~740 more
+    tasks = [Task("Which digit? " + "Look again. " * 80, [image], "7"), Task("Which digit?", [image], "3")]
+    small = AgentLoop(loop.model, loop.processor, loop.executor, max_turns=3, max_new_tokens_per_turn=64,
+                      capacity=1024, log=lambda m: None)
+    small._samplers[2] = ScriptedSampler(loop.model, batch_size=2, capacity=1024, pad_id=loop.pad_id)
+    small._samplers[2].scripts = [[loop.tokenizer.encode(t, add_special_tokens=False) for t in s]
+                                  for s in (SCRIPTS[0], SCRIPTS[1])]
+    skipped, answered = small.run(tasks, num_samples=1, rng=jax.random.key(0), params=SamplingParams()).trajectories
+    assert skipped.finish_reason == "prompt_too_long" and skipped.answer is None and not skipped.used_tool
+    assert skipped.token_ids == [loop.pad_id] and skipped.policy_mask == [0] and skipped.images == []
+    assert answered.finish_reason == "answer" and answered.answer == "3" and len(answered.images) == 1
+    assert small._samplers[2].scripts[0] == [loop.tokenizer.encode(t, add_special_tokens=False) for t in SCRIPTS[0]]
+    rescored = _rescored_logprobs(loop, [answered, skipped])
+    mask = np.asarray(answered.policy_mask, bool)
+    np.testing.assert_allclose(rescored[0, : len(mask) - 1][mask[1:]], np.asarray(answered.logprobs)[mask],
+                               atol=1e-4)
+
+
 class GroupScriptedLoop(AgentLoop):
     """Each row group's turn loop gets the next scripts of `group_scripts` on the scripted sampler of its size."""
 

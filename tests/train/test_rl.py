@@ -119,3 +119,22 @@ def test_fixed_resample_batch_pads_to_the_budget(loop):  # noqa: F811
     assert np.isfinite(out.metrics["loss"]) and out.metrics["updates"] == 2
     assert int(learner.optimizer.step[...]) == updates_before + 2
     assert out.metrics["trained_tokens"] > 0
+
+
+def test_a_question_too_long_for_the_cache_is_skipped_not_fatal(loop):  # noqa: F811
+    """A question whose prompt does not fit the KV cache ends its rows at once (reward 0, nothing trained); the
+    step trains the other question's rollouts and reports the skipped share."""
+    scripted = loop._samplers[4]
+    scripted.scripts = [[loop.tokenizer.encode(t, add_special_tokens=False) for t in s]
+                        for s in (SCRIPTS[0], SCRIPTS[3], [], [])]
+    learner = Learner(loop.model, make_optimizer(learning_rate=1e-3, total_steps=10), LossConfig(kl_coef=0.0))
+    trainer = RLTrainer(learner, loop, registry.make("grpo"), num_samples=2, micro_batch_size=4)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    tasks = [Task("Which digit?", [image], "3"), Task("Which digit? " + "Look again. " * 80, [image], "3")]
+
+    out = trainer.step(tasks, jax.random.key(0), step=0)
+
+    assert [t.finish_reason for t in out.trajectories] == ["answer", "answer", "prompt_too_long", "prompt_too_long"]
+    np.testing.assert_array_equal(out.rewards_qn, [[0, 1], [0, 0]])
+    assert out.metrics["prompt_too_long_rate"] == 0.5 and out.metrics["tool_use_rate"] == 0.5
+    assert np.isfinite(out.metrics["loss"]) and out.metrics["skipped_updates"] == 0 and out.metrics["trained_tokens"] > 0
