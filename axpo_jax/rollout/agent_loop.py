@@ -17,7 +17,6 @@ import uuid
 
 import jax
 import numpy as np
-from flax import nnx
 from PIL import Image
 
 from axpo_jax.models.qwen3_vl.model import KVCache
@@ -417,7 +416,7 @@ class Rollout:
         return gather_cache_rows(self.caches, rows)
 
 
-@nnx.jit
+@jax.jit  # the model as a pytree, as in the sampler: nnx.jit's graph mode walks the module graph per call
 def _decode_step(model, token_b, cache):
     return model.decode_step(token_b, cache)
 
