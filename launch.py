@@ -208,6 +208,10 @@ def main(argv: list[str]) -> None:
             result = modes.run(config)
         except modes.ModeError as e:
             _fail(str(e), code=1)
+        except Exception as e:  # noqa: BLE001 - a wrong path or data file is one line; anything else, a traceback
+            if not modes.is_input_error(e):
+                raise
+            _fail(_one_line(str(e)), code=1)
     print(json.dumps(result, default=_jsonable), flush=True)
 
 

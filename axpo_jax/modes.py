@@ -106,6 +106,18 @@ def resolve(name: str) -> ModeFn:
     return fn
 
 
+def is_input_error(error: BaseException) -> bool:
+    """Whether `error` says the run's input is wrong (a missing file or folder, a folder that is not a Qwen3-VL
+    checkpoint, a data file with no usable record, a benchmark's data in the wrong shape), not the code: launch.py
+    reports those in one line, as it does a wrong config field, instead of a traceback."""
+    from axpo_jax.data.tasks import DataFileError
+    from axpo_jax.eval.benchmarks.base import BenchmarkDataError
+    from axpo_jax.models.qwen3_vl.config import CheckpointError
+
+    return isinstance(error, (FileNotFoundError, NotADirectoryError, CheckpointError, DataFileError,
+                              BenchmarkDataError))
+
+
 def run(config) -> dict[str, Any]:
     """Runs the mode named by `config.mode` and returns its result dict."""
     name = config.get("mode") if hasattr(config, "get") else getattr(config, "mode", None)

@@ -176,3 +176,47 @@ def test_runs_mode_prints_json_last_and_sets_env(tmp_path):
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
         "jax_imported": False,
     }
+
+
+@pytest.mark.parametrize("raised, shown", [
+    ("FileNotFoundError(\"task file 'q.jsonl' does not exist\")", "task file 'q.jsonl' does not exist"),
+    ("CheckpointError('/ckpt is not a folder; expected a Qwen3-VL checkpoint folder')", "/ckpt is not a folder"),
+    ("DataFileError(\"task file 'q.jsonl' has no usable task (2 lines skipped: [...])\")", "has no usable task"),
+])
+def test_a_wrong_path_or_data_file_is_one_line_not_a_traceback(tmp_path, raised, shown):
+    config_file = tmp_path / "raise_config.py"
+    config_file.write_text(textwrap.dedent(
+        """
+        import ml_collections
+        def get_config():
+            return ml_collections.ConfigDict(dict(mode="raise_input_error"))
+        """))
+    prelude = f"""
+        from axpo_jax import modes
+        from axpo_jax.data.tasks import DataFileError
+        from axpo_jax.models.qwen3_vl.config import CheckpointError
+        @modes.register("raise_input_error")
+        def _raise(config):
+            raise {raised}
+        """
+    proc = _launch("--config", str(config_file), prelude=prelude)
+    assert proc.returncode == 1, proc.stderr
+    assert shown in _error_line(proc)
+
+
+def test_an_error_of_the_code_keeps_its_traceback(tmp_path):
+    config_file = tmp_path / "bug_config.py"
+    config_file.write_text(textwrap.dedent(
+        """
+        import ml_collections
+        def get_config():
+            return ml_collections.ConfigDict(dict(mode="raise_bug"))
+        """))
+    prelude = """
+        from axpo_jax import modes
+        @modes.register("raise_bug")
+        def _raise(config):
+            raise ZeroDivisionError("a bug")
+        """
+    proc = _launch("--config", str(config_file), prelude=prelude)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "ZeroDivisionError: a bug" in proc.stderr

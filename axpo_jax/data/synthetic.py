@@ -442,8 +442,8 @@ class SFTSource(grain.sources.RandomAccessDataSource):
         self.path = os.fspath(path)
         self.folder = os.path.dirname(os.path.abspath(self.path))
         self.validate_images = validate_images
-        self._offsets, self.skip_reasons = scan_jsonl(self.path,
-                                                      lambda record, _: self._decode(record, load=validate_images))
+        self._offsets, self.skip_reasons = scan_jsonl(
+            self.path, lambda record, _: self._decode(record, load=validate_images), "conversation")
         self.skipped = len(self.skip_reasons)
 
     def _skip(self, reason: str) -> None:

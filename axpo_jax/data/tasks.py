@@ -28,10 +28,17 @@ def load_image(path: str) -> Image.Image:
         return image.convert("RGB")
 
 
-def scan_jsonl(path: str, check) -> tuple[list[int], list[str]]:
+class DataFileError(ValueError):
+    """A data file that no run can use: every line of it was skipped (the reasons of the first ones say why)."""
+
+
+def scan_jsonl(path: str, check, what: str) -> tuple[list[int], list[str]]:
     """The byte offsets of the lines of a JSONL file whose record passes `check(record, line_index)` (blank lines
     ignored), and a reason for each line that did not (bad JSON, or whatever `check` raised): records are read
-    again by offset, so a big file is never held in memory."""
+    again by offset, so a big file is never held in memory. A missing file is FileNotFoundError; a file with no
+    usable line, DataFileError. `what` names a record in those messages ("task", "conversation")."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} file {path!r} does not exist")
     offsets, skip_reasons = [], []
     with open(path, "rb") as f:
         offset = 0
@@ -45,20 +52,18 @@ def scan_jsonl(path: str, check) -> tuple[list[int], list[str]]:
                 skip_reasons.append(f"{path}:{line_number + 1}: {type(error).__name__}: {error}")
                 continue
             offsets.append(start)
+    if not offsets:
+        raise DataFileError(f"{what} file {path!r} has no usable {what} ({len(skip_reasons)} lines skipped: "
+                            f"{skip_reasons[:3]})")
     return offsets, skip_reasons
 
 
 class TaskFileSource(grain.sources.RandomAccessDataSource):
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
-            raise FileNotFoundError(f"task file {self.path!r} does not exist")
         self.folder = os.path.dirname(os.path.abspath(self.path))
-        self._offsets, self.skip_reasons = scan_jsonl(self.path, self._decode)
+        self._offsets, self.skip_reasons = scan_jsonl(self.path, self._decode, "task")
         self.skipped = len(self.skip_reasons)
-        if not self._offsets:
-            raise ValueError(f"task file {self.path!r} has no usable task ({self.skipped} skipped: "
-                             f"{self.skip_reasons[:3]})")
 
     def _decode(self, record: dict, index: int) -> Task:
         missing = [k for k in ("question", "answer") if k not in record]

@@ -12,6 +12,7 @@ from PIL import Image
 
 from axpo_jax.data import synthetic as syn
 from axpo_jax.data.processor import load_processor
+from axpo_jax.data.tasks import DataFileError
 from axpo_jax.data.tiny_processor import build_tiny_processor
 from axpo_jax.models.qwen3_vl.inputs import patch_rows_cols
 from axpo_jax.rollout.agent_loop import AgentLoop
@@ -474,6 +475,15 @@ def test_sft_jsonl_round_trip_skips_bad_records(tmp_path, processor):
     batches = iter(syn.task_dataset(lazy, seed=0, batch_size=3, num_epochs=1))
     records = next(batches)
     assert len(records) == 3 and all(r is not None for r in records)
+
+
+def test_an_sft_file_with_no_usable_conversation_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="conversation file .*nope.jsonl.* does not exist"):
+        syn.SFTSource(tmp_path / "nope.jsonl")
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{not json\n{"task_id": "no messages"}\n')
+    with pytest.raises(DataFileError, match=r"has no usable conversation \(2 lines skipped"):
+        syn.SFTSource(path)
 
 
 def test_task_source_and_grain_resume():

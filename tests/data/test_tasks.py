@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from axpo_jax.data.tasks import TaskFileSource, synthetic_spec, task_source, write_task_jsonl
+from axpo_jax.data.tasks import DataFileError, TaskFileSource, synthetic_spec, task_source, write_task_jsonl
 from axpo_jax.rollout.agent_loop import Task
 
 
@@ -36,7 +36,7 @@ def test_clear_errors_and_the_synthetic_spec(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         TaskFileSource(tmp_path / "nope.jsonl")
     (tmp_path / "bad.jsonl").write_text("{}\n")
-    with pytest.raises(ValueError, match="no usable task"):
+    with pytest.raises(DataFileError, match="no usable task"):
         TaskFileSource(tmp_path / "bad.jsonl")
     synthetic = task_source("synthetic:3", seed=5)
     assert len(synthetic) == 3 and synthetic[2].answer == task_source("synthetic:3", seed=5)[2].answer
