@@ -12,6 +12,7 @@ Add a built-in mode by adding a line to `_MODES`; register an extra one from cod
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -104,6 +105,16 @@ def resolve(name: str) -> ModeFn:
     if not callable(fn):
         raise ModeError(f"mode {name!r} is registered as {target} but {module_name!r} has no function {fn_name!r}")
     return fn
+
+
+@contextlib.contextmanager
+def config_fields(fields: str):
+    """Reports a ValueError, TypeError or FileNotFoundError raised while the config's `fields` are read (a mode
+    does this before it loads anything) as a one-line ModeError that names them."""
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        raise ModeError(f"config ({fields}): {error}") from error
 
 
 def is_input_error(error: BaseException) -> bool:

@@ -37,7 +37,7 @@ def get_config(arg=None):
     config.workdir = "runs/rl"
     config.checkpoint = ""  # transformers folder of the starting policy (the SFT result)
     config.reference = ""  # the KL reference; "" = the starting checkpoint
-    config.dtype = ""  # "" = the checkpoint's; "bfloat16" on accelerators
+    config.dtype = ""  # "" = float32; "bfloat16" on accelerators
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: every remaining device
     config.device_memory_gib = 0.0  # > 0: refuse a plan above this per device; 0: the device's own size (if known)
 

@@ -123,6 +123,8 @@ def task_source(spec: str, *, seed: int = 0):
         from axpo_jax.data.synthetic import SyntheticTaskSource
 
         count, _, options = spec[len("synthetic:"):].partition(":")
+        if not count.strip().isdigit() or int(count) < 1:
+            raise ValueError(f"task spec {spec!r}: expected synthetic:N with N a positive number of tasks")
         task_options = {}
         for item in filter(None, options.split(",")):
             key, equals, value = item.partition("=")

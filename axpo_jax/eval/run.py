@@ -26,7 +26,7 @@ import os
 import sys
 import time
 
-from axpo_jax.modes import ModeError
+from axpo_jax.modes import ModeError, config_fields
 
 
 def _log(message: str) -> None:
@@ -105,7 +105,6 @@ def _check_run_config(path: str, run_config: dict, *, write: bool = True) -> Non
 
 def run(config) -> dict:
     import jax
-    import jax.numpy as jnp
     from tqdm.auto import tqdm
 
     from axpo_jax.eval.benchmarks import BENCHMARKS, BenchmarkDataError
@@ -116,6 +115,7 @@ def run(config) -> dict:
     from axpo_jax.eval.runner import benchmark_key, make_agent, run_benchmark
     from axpo_jax.eval.scoring import describe_scorer
     from axpo_jax.eval.settings import EvalSettings
+    from axpo_jax.models.qwen3_vl import dtype_named
     from axpo_jax.parallel import distributed
     from axpo_jax.parallel.mesh import make_mesh
     from axpo_jax.tools.executor import ToolExecutor
@@ -133,9 +133,8 @@ def run(config) -> dict:
     except (BenchmarkDataError, ValueError) as error:
         raise ModeError(str(error)) from error
     judge = load_judge(config.judge)
-    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    if config.dtype not in dtypes:
-        raise ModeError(f"config.dtype={config.dtype!r}: expected one of {', '.join(dtypes)}")
+    with config_fields("dtype"):
+        dtype = dtype_named(config.dtype)
     base_tools = _split(config.tools)
     if "search" in base_tools:
         raise ModeError("config.tools must not list search: it is added to the benchmarks that need it "
@@ -145,7 +144,7 @@ def run(config) -> dict:
         mesh = None if len(jax.devices()) == 1 else make_mesh(dict(config.mesh))  # one device: unsharded path
         model, processor, source = load_policy(config.checkpoint, orbax_dir=config.orbax_dir,
                                                orbax_step=None if config.orbax_step < 0 else config.orbax_step,
-                                               dtype=dtypes[config.dtype], mesh=mesh)
+                                               dtype=dtype, mesh=mesh)
     except (FileNotFoundError, ValueError) as error:
         raise ModeError(str(error)) from error
     model_name = config.model_name or os.path.basename(os.path.normpath(config.checkpoint)) + (

@@ -135,7 +135,6 @@ def bench_record(config, records: list[dict], text_config):
 
 def run(config) -> dict:
     import jax
-    import jax.numpy as jnp
     from tqdm.auto import tqdm
 
     from axpo_jax.data.processor import load_processor
@@ -147,7 +146,7 @@ def run(config) -> dict:
     from axpo_jax.parallel.mesh import mesh_from_config
     from axpo_jax.rollout.agent_loop import AgentLoop
     from axpo_jax.eval.runner import evaluate, make_agent
-    from axpo_jax.modes import ModeError
+    from axpo_jax.modes import ModeError, config_fields
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
     from axpo_jax.train.checkpoints import Checkpointer, StopRequest, export_folder
@@ -159,14 +158,19 @@ def run(config) -> dict:
     from axpo_jax.train.rl import RLTrainer
 
     started = time.perf_counter()
-    try:  # the sampling fields are checked before anything loads
+    # the fields are checked, and the tasks read, before anything loads: a wrong value is one line, not a traceback
+    with config_fields("temperature, top_p, top_k, presence_penalty"):
         sampling = sampling_params(config)
-    except ValueError as error:
-        raise ModeError(f"config (temperature, top_p, top_k, presence_penalty): {error}") from error
-    try:
+    with config_fields("the eval_* fields"):
         settings = eval_settings(config)
-    except ValueError as error:
-        raise ModeError(f"config (the eval_* fields): {error}") from error
+    with config_fields("algo, axpo"):
+        estimator = make_estimator(config)
+    with config_fields("dtype"):
+        dtype = qwen3_vl.dtype_named(config.dtype)
+    with config_fields("tools, search_corpus"):
+        registry = build_registry(list(config.tools), search_corpus=config.search_corpus or None)
+    with config_fields("tasks"):
+        source = task_source(config.tasks, seed=config.seed + 1)
     rows_per_process = config.questions_per_step // jax.process_count() * config.num_samples
     if not (isinstance(config.updates_per_step, int) and 1 <= config.updates_per_step <= rows_per_process):
         raise ModeError(f"config.updates_per_step must be an int from 1 to the step's rollouts on each process "
@@ -176,14 +180,12 @@ def run(config) -> dict:
     os.makedirs(workdir, exist_ok=True)
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
     mesh = mesh_from_config(config.mesh.to_dict())
-    dtype = jnp.dtype(config.dtype) if config.dtype else jnp.float32
     check_memory(config, mesh)
     model = qwen3_vl.from_pretrained(config.checkpoint, dtype=dtype, mesh=mesh)
     reference = (qwen3_vl.from_pretrained(config.reference or config.checkpoint, dtype=dtype, mesh=mesh)
                  if config.kl_coef else None)
     processor = load_processor(config.checkpoint)
-    executor = ToolExecutor(build_registry(list(config.tools), search_corpus=config.search_corpus or None),
-                            timeout_s=config.tool_timeout_s)
+    executor = ToolExecutor(registry, timeout_s=config.tool_timeout_s)
     agent = AgentLoop(model, processor, executor, max_turns=config.max_turns,
                       max_new_tokens_per_turn=config.max_new_tokens_per_turn, capacity=config.capacity,
                       pipeline_groups=config.pipeline_groups, decode_segment_tokens=config.decode_segment_tokens,
@@ -195,12 +197,11 @@ def run(config) -> dict:
                                  kl_coef=config.kl_coef, kl_kind=config.kl_kind, logprob_chunk=config.logprob_chunk,
                                  remat=config.remat, temperature=sampling.logprob_temperature),
                       reference=reference, mesh=mesh)
-    trainer = RLTrainer(learner, agent, make_estimator(config), num_samples=config.num_samples,
+    trainer = RLTrainer(learner, agent, estimator, num_samples=config.num_samples,
                         micro_batch_size=config.micro_batch_size, sampling=sampling,
                         reward_kind=config.reward_kind, layout_shards=config.layout_shards or None,
                         fixed_resample_batch=config.fixed_resample_batch, updates_per_step=config.updates_per_step)
     shard = data_shard(mesh)
-    source = task_source(config.tasks, seed=config.seed + 1)
     if primary:
         _log(f"{len(source)} training tasks from {config.tasks}")
     dataset = iter(task_dataset(source, seed=config.seed, batch_size=config.questions_per_step))

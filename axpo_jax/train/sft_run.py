@@ -74,10 +74,10 @@ def agreed_micro_batches(examples: list[dict], model_config, pad_id: int, micro_
 
 
 def run(config) -> dict:
-    import jax.numpy as jnp
     from tqdm.auto import tqdm
 
     from axpo_jax.data.processor import load_processor
+    from axpo_jax.modes import config_fields
     from axpo_jax.data.synthetic import SFTSource, sft_example, task_dataset
     from axpo_jax.models import qwen3_vl
     from axpo_jax.parallel import distributed
@@ -91,18 +91,22 @@ def run(config) -> dict:
     from axpo_jax.train.optimizer import make_optimizer
 
     started = time.perf_counter()
+    # the fields are checked, and the conversations read, before anything loads
+    with config_fields("dtype"):
+        dtype = qwen3_vl.dtype_named(config.dtype)
+    with config_fields("tools"):
+        # the tool schemas the conversations were written against: they are part of the rendered system prompt
+        schemas = build_registry(list(config.tools)).schemas() if config.tools else None
+    with config_fields("data"):
+        source = SFTSource(config.data)
     stop = StopRequest().install()
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
     mesh = mesh_from_config(config.mesh.to_dict())
-    model = qwen3_vl.from_pretrained(config.checkpoint, mesh=mesh,
-                                     dtype=jnp.dtype(config.dtype) if config.dtype else jnp.float32)
+    model = qwen3_vl.from_pretrained(config.checkpoint, mesh=mesh, dtype=dtype)
     processor = load_processor(config.checkpoint)
     pad_id = processor.tokenizer.pad_token_id or 0
-    # the tool schemas the conversations were written against: they are part of the rendered system prompt
-    schemas = build_registry(list(config.tools)).schemas() if config.tools else None
-    source = SFTSource(config.data)
     if primary:
         _log(f"{len(source)} conversations in {config.data} ({source.skipped} skipped: {source.skip_reasons[:3]})")
     dataset = iter(task_dataset(source, seed=config.seed, batch_size=config.batch_size))

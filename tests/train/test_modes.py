@@ -128,7 +128,30 @@ def test_rl_mode_refuses_bad_sampling_and_update_fields_before_loading(tmp_path)
                                 ("top_k", -2, r"top_k must be an integer"),
                                 ("eval_top_p", 0.0, r"\(the eval_\* fields\): top_p must be in"),
                                 ("updates_per_step", 0, r"updates_per_step must be an int from 1"),
-                                ("updates_per_step", 1000, r"updates_per_step must be .* \(\d+\), got 1000")):
+                                ("updates_per_step", 1000, r"updates_per_step must be .* \(\d+\), got 1000"),
+                                ("algo", "grpoo", r"\(algo, axpo\): unknown advantage estimator 'grpoo'"),
+                                ("dtype", "float33", r"\(dtype\): dtype 'float33': expected float32 or bfloat16"),
+                                ("tools", ("image_zoom_in", "zoom"), r"\(tools, search_corpus\): unknown tool\(s\) \['zoom'\]"),
+                                ("tasks", "synthetic:many", r"\(tasks\): task spec 'synthetic:many': expected synthetic:N"),
+                                ("tasks", str(tmp_path / "nope.jsonl"), r"\(tasks\): task file .*nope.jsonl.* does not exist")):
         with pytest.raises(ModeError, match=match):
-            rl_run.run(_rl_config(missing, str(tmp_path / "run"), **{field: value}))
+            rl_run.run(_rl_config(missing, str(tmp_path / "run"), **{"algo": "grpo", field: value}))
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_sft_mode_refuses_bad_fields_and_data_before_loading(tmp_path):
+    from axpo_jax.modes import ModeError
+
+    bad_lines = tmp_path / "bad.jsonl"
+    bad_lines.write_text('{not json\n{"task_id": "no messages"}\n')
+    for field, value, match in (("dtype", "fp32", r"\(dtype\): dtype 'fp32'"),
+                                ("tools", ("image_zoom_in", "zoom"), r"\(tools\): unknown tool\(s\) \['zoom'\]"),
+                                ("data", str(tmp_path / "nope.jsonl"), r"\(data\): conversation file .* does not exist"),
+                                ("data", str(bad_lines), r"\(data\): .* has no usable conversation \(2 lines skipped")):
+        with pytest.raises(ModeError, match=match):
+            config = _config("sft")
+            config.update(dict(checkpoint=str(tmp_path / "no_checkpoint"), data=str(bad_lines),
+                               workdir=str(tmp_path / "run")))
+            config.update({field: value})
+            sft_run.run(config)
     assert not os.path.exists(tmp_path / "run")

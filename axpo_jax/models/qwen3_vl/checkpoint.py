@@ -23,6 +23,9 @@ from axpo_jax.models.qwen3_vl.config import CheckpointError, Qwen3VLConfig
 from axpo_jax.models.qwen3_vl.model import Qwen3VL
 from axpo_jax.parallel.sharding import param_sharding
 
+# the parameter dtypes a run's config may name ("" = float32: exact on the CPU, and what parity is checked in)
+DTYPES = {"": jnp.float32, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
 
@@ -82,6 +85,13 @@ class SafetensorsFolder:
             return np.asarray(self._open(filename).get_slice(name)[index])
         except SafetensorError as e:
             raise CheckpointError(f"cannot read tensor {name} from {os.path.join(self.path, filename)}: {e}") from None
+
+
+def dtype_named(name: str):
+    """The parameter dtype `config.dtype` names (one of DTYPES)."""
+    if name not in DTYPES:
+        raise ValueError(f"dtype {name!r}: expected float32 or bfloat16 ('' = float32)")
+    return DTYPES[name]
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, mesh=None) -> Qwen3VL:
