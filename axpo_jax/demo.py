@@ -84,13 +84,15 @@ def prepare_sft_policy(config, sft, *, before_sft=None) -> dict | None:
 def run(config) -> dict:
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
-    from axpo_jax.train import rl_run
+    from axpo_jax.train import rl_run, sft_run
     from axpo_jax.train.plots import plot_rl_run
 
     started = time.perf_counter()
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
     sft, rl = stage_configs(config)
+    sft_run.checked_settings(sft)  # both stages' fields, before minutes of SFT
+    rl_run.checked_settings(rl)
     executor = ToolExecutor(build_registry(list(rl.tools)), timeout_s=rl.tool_timeout_s)
     evals_path = os.path.join(workdir, "evals.json")
     evals = json.load(open(evals_path)) if os.path.isfile(evals_path) else {}

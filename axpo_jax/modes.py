@@ -117,6 +117,14 @@ def config_fields(fields: str):
         raise ModeError(f"config ({fields}): {error}") from error
 
 
+def require_positive_ints(config, *fields: str) -> None:
+    """ValueError unless each of the config's `fields` is an int >= 1."""
+    for field in fields:
+        value = config[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{field} must be an int >= 1, got {value!r}")
+
+
 def is_input_error(error: BaseException) -> bool:
     """Whether `error` says the run's input is wrong (a missing file or folder, a folder that is not a Qwen3-VL
     checkpoint, a data file with no usable record, a benchmark's data in the wrong shape), not the code: launch.py

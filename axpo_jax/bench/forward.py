@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from axpo_jax import modes
+
 # Sizes of the random models (a config.json-shaped dict is built from these by `hf_config_dict`). Special token
 # ids sit at the top of the small vocabulary.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -59,8 +61,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 _TORCH_MISSING = "bench_forward compares against transformers' PyTorch model; pip install -e '.[test]'"
 
 
-class BenchError(RuntimeError):
-    """The benchmark cannot run, or the two implementations disagree."""
+class BenchError(modes.ModeError, RuntimeError):
+    """The benchmark cannot run, or the two implementations disagree. A ModeError, so launch.py prints it as one
+    line."""
 
 
 def _log(message: str) -> None:

@@ -133,6 +133,31 @@ def bench_record(config, records: list[dict], text_config):
         notes=notes)
 
 
+def checked_settings(config):
+    """The run's sampling and evaluation settings, advantage estimator and parameter dtype, each field checked
+    (ModeError, one line, naming the fields) before anything loads; the demo calls it before its SFT stage."""
+    import jax
+
+    from axpo_jax.models.qwen3_vl import dtype_named
+    from axpo_jax.modes import ModeError, config_fields, require_positive_ints
+
+    with config_fields("steps, questions_per_step, num_samples, micro_batch_size"):
+        require_positive_ints(config, "steps", "questions_per_step", "num_samples", "micro_batch_size")
+    with config_fields("temperature, top_p, top_k, presence_penalty"):
+        sampling = sampling_params(config)
+    with config_fields("the eval_* fields"):
+        settings = eval_settings(config)
+    with config_fields("algo, axpo"):
+        estimator = make_estimator(config)
+    with config_fields("dtype"):
+        dtype = dtype_named(config.dtype)
+    rows_per_process = config.questions_per_step // jax.process_count() * config.num_samples
+    if not (isinstance(config.updates_per_step, int) and 1 <= config.updates_per_step <= rows_per_process):
+        raise ModeError(f"config.updates_per_step must be an int from 1 to the step's rollouts on each process "
+                        f"({rows_per_process}), got {config.updates_per_step!r}")
+    return sampling, settings, estimator, dtype
+
+
 def run(config) -> dict:
     import jax
     from tqdm.auto import tqdm
@@ -146,7 +171,7 @@ def run(config) -> dict:
     from axpo_jax.parallel.mesh import mesh_from_config
     from axpo_jax.rollout.agent_loop import AgentLoop
     from axpo_jax.eval.runner import evaluate, make_agent
-    from axpo_jax.modes import ModeError, config_fields
+    from axpo_jax.modes import config_fields
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
     from axpo_jax.train.checkpoints import Checkpointer, StopRequest, export_folder
@@ -158,23 +183,12 @@ def run(config) -> dict:
     from axpo_jax.train.rl import RLTrainer
 
     started = time.perf_counter()
-    # the fields are checked, and the tasks read, before anything loads: a wrong value is one line, not a traceback
-    with config_fields("temperature, top_p, top_k, presence_penalty"):
-        sampling = sampling_params(config)
-    with config_fields("the eval_* fields"):
-        settings = eval_settings(config)
-    with config_fields("algo, axpo"):
-        estimator = make_estimator(config)
-    with config_fields("dtype"):
-        dtype = qwen3_vl.dtype_named(config.dtype)
+    sampling, settings, estimator, dtype = checked_settings(config)
+    # the tools and the tasks are made before anything loads too: a wrong file is one line, not a traceback
     with config_fields("tools, search_corpus"):
         registry = build_registry(list(config.tools), search_corpus=config.search_corpus or None)
     with config_fields("tasks"):
         source = task_source(config.tasks, seed=config.seed + 1)
-    rows_per_process = config.questions_per_step // jax.process_count() * config.num_samples
-    if not (isinstance(config.updates_per_step, int) and 1 <= config.updates_per_step <= rows_per_process):
-        raise ModeError(f"config.updates_per_step must be an int from 1 to the step's rollouts on each process "
-                        f"({rows_per_process}), got {config.updates_per_step!r}")
     stop = StopRequest().install()
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)

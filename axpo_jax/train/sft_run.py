@@ -73,6 +73,23 @@ def agreed_micro_batches(examples: list[dict], model_config, pad_id: int, micro_
     return batches[:count] + [untrained] * (count - len(batches[:count]))
 
 
+def checked_settings(config):
+    """The parameter dtype and the tool schemas of the run, each field checked (ModeError, one line, naming the
+    fields) before anything loads; the demo calls it before it starts."""
+    from axpo_jax.models.qwen3_vl import dtype_named
+    from axpo_jax.modes import config_fields, require_positive_ints
+    from axpo_jax.tools.registry import build_registry
+
+    with config_fields("steps, batch_size, micro_batch_size, checkpoint_every"):
+        require_positive_ints(config, "steps", "batch_size", "micro_batch_size", "checkpoint_every")
+    with config_fields("dtype"):
+        dtype = dtype_named(config.dtype)
+    with config_fields("tools"):
+        # the tool schemas the conversations were written against: they are part of the rendered system prompt
+        schemas = build_registry(list(config.tools)).schemas() if config.tools else None
+    return dtype, schemas
+
+
 def run(config) -> dict:
     from tqdm.auto import tqdm
 
@@ -83,7 +100,6 @@ def run(config) -> dict:
     from axpo_jax.parallel import distributed
     from axpo_jax.parallel.distributed import data_shard
     from axpo_jax.parallel.mesh import mesh_from_config
-    from axpo_jax.tools.registry import build_registry
     from axpo_jax.train.checkpoints import Checkpointer, StopRequest, export_folder
     from axpo_jax.train.compiles import CompileClock
     from axpo_jax.train.learner import Learner, LossConfig
@@ -91,13 +107,8 @@ def run(config) -> dict:
     from axpo_jax.train.optimizer import make_optimizer
 
     started = time.perf_counter()
-    # the fields are checked, and the conversations read, before anything loads
-    with config_fields("dtype"):
-        dtype = qwen3_vl.dtype_named(config.dtype)
-    with config_fields("tools"):
-        # the tool schemas the conversations were written against: they are part of the rendered system prompt
-        schemas = build_registry(list(config.tools)).schemas() if config.tools else None
-    with config_fields("data"):
+    dtype, schemas = checked_settings(config)
+    with config_fields("data"):  # read before anything loads: a file with no usable line is one line, not a traceback
         source = SFTSource(config.data)
     stop = StopRequest().install()
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files

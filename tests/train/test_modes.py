@@ -129,6 +129,7 @@ def test_rl_mode_refuses_bad_sampling_and_update_fields_before_loading(tmp_path)
                                 ("eval_top_p", 0.0, r"\(the eval_\* fields\): top_p must be in"),
                                 ("updates_per_step", 0, r"updates_per_step must be an int from 1"),
                                 ("updates_per_step", 1000, r"updates_per_step must be .* \(\d+\), got 1000"),
+                                ("questions_per_step", 0, r"questions_per_step must be an int >= 1, got 0"),
                                 ("algo", "grpoo", r"\(algo, axpo\): unknown advantage estimator 'grpoo'"),
                                 ("dtype", "float33", r"\(dtype\): dtype 'float33': expected float32 or bfloat16"),
                                 ("tools", ("image_zoom_in", "zoom"), r"\(tools, search_corpus\): unknown tool\(s\) \['zoom'\]"),
@@ -155,3 +156,15 @@ def test_sft_mode_refuses_bad_fields_and_data_before_loading(tmp_path):
             config.update({field: value})
             sft_run.run(config)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_the_demo_checks_its_rl_fields_before_its_sft_stage(tmp_path):
+    from axpo_jax import demo
+    from axpo_jax.modes import ModeError
+
+    config = _config("demo")
+    config.workdir = str(tmp_path / "demo")
+    config.rl.algo = "grpoo"
+    with pytest.raises(ModeError, match=r"\(algo, axpo\): unknown advantage estimator 'grpoo'"):
+        demo.run(config)
+    assert not os.path.exists(tmp_path / "demo" / "tiny_checkpoint")  # nothing was built or trained
