@@ -193,7 +193,8 @@ def run(config) -> dict:
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
-    mesh = mesh_from_config(config.mesh.to_dict())
+    with config_fields("mesh"):
+        mesh = mesh_from_config(config.mesh.to_dict())
     check_memory(config, mesh)
     model = qwen3_vl.from_pretrained(config.checkpoint, dtype=dtype, mesh=mesh)
     reference = (qwen3_vl.from_pretrained(config.reference or config.checkpoint, dtype=dtype, mesh=mesh)

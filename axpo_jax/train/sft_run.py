@@ -114,7 +114,8 @@ def run(config) -> dict:
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
-    mesh = mesh_from_config(config.mesh.to_dict())
+    with config_fields("mesh"):
+        mesh = mesh_from_config(config.mesh.to_dict())
     model = qwen3_vl.from_pretrained(config.checkpoint, mesh=mesh, dtype=dtype)
     processor = load_processor(config.checkpoint)
     pad_id = processor.tokenizer.pad_token_id or 0
