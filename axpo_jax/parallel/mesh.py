@@ -34,7 +34,9 @@ def make_mesh(shape: Mapping[str, int] | None = None, devices=None) -> Mesh:
 
 def mesh_from_config(shape: Mapping[str, int] | None) -> Mesh | None:
     """A run's mesh from its config's {"data": .., "fsdp": .., "tensor": ..}; None when everything is one device of
-    one process (the single-device code path, no sharding annotations)."""
+    one process (the single-device code path, no sharding annotations). A shape the devices cannot hold is a
+    ValueError there too: a pod's config on one device says so rather than running unsharded."""
+    mesh = make_mesh(dict(shape) if shape else None)
     if jax.process_count() == 1 and len(jax.devices()) == 1:
         return None
-    return make_mesh(dict(shape) if shape else None)
+    return mesh
