@@ -26,7 +26,7 @@ import os
 import sys
 import time
 
-from axpo_jax.modes import ModeError, config_fields
+from axpo_jax.modes import ModeError, config_fields, require_positive_ints
 
 
 def _log(message: str) -> None:
@@ -124,6 +124,7 @@ def run(config) -> dict:
     started = time.perf_counter()
     try:
         settings = EvalSettings.from_config(config)
+        require_positive_ints(config, "batch_size")
         names = _split(config.benchmarks)
         unknown = [name for name in names if name not in BENCHMARKS]
         if unknown or not names:
