@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Iterable, Sequence
 
+from axpo_jax.tools import schemas
 from axpo_jax.tools.base import Tool
 from axpo_jax.tools.image_zoom_in import ImageZoomIn
 from axpo_jax.tools.search import BM25Backend, SearchBackend, SearchTool
@@ -46,6 +47,19 @@ class ToolRegistry:
                 _log.exception("tool %s failed to close session %s", tool.name, session_id)
 
 
+def _check_standard(names: Sequence[str]) -> None:
+    unknown = [name for name in names if name not in STANDARD_TOOLS]
+    if unknown:
+        raise ValueError(f"unknown tool(s) {unknown}; the standard tools are {list(STANDARD_TOOLS)}")
+
+
+def standard_schemas(names: Sequence[str]) -> list[dict]:
+    """The schemas of the standard tools named in `names`, in that order, without making the tools (no python
+    kernel's sandbox, no search index): what SFT renders its conversations' system prompts with."""
+    _check_standard(names)
+    return [schemas.ALL[name] for name in names]
+
+
 def build_registry(
     names: Sequence[str],
     *,
@@ -59,9 +73,7 @@ def build_registry(
     "search" answers from `search_backend` (any SearchBackend) or else from a BM25 index of the JSONL file
     `search_corpus`. "python" is imported only when asked for, so the other tools work without its dependencies.
     """
-    unknown = [name for name in names if name not in STANDARD_TOOLS]
-    if unknown:
-        raise ValueError(f"unknown tool(s) {unknown}; the standard tools are {list(STANDARD_TOOLS)}")
+    _check_standard(names)
     tools: list[Tool] = []
     for name in names:
         if name == "image_zoom_in":

@@ -78,7 +78,7 @@ def checked_settings(config):
     fields) before anything loads; the demo calls it before it starts."""
     from axpo_jax.models.qwen3_vl import dtype_named
     from axpo_jax.modes import config_fields, require_positive_ints
-    from axpo_jax.tools.registry import build_registry
+    from axpo_jax.tools.registry import standard_schemas
 
     with config_fields("steps, batch_size, micro_batch_size, checkpoint_every"):
         require_positive_ints(config, "steps", "batch_size", "micro_batch_size", "checkpoint_every")
@@ -86,7 +86,7 @@ def checked_settings(config):
         dtype = dtype_named(config.dtype)
     with config_fields("tools"):
         # the tool schemas the conversations were written against: they are part of the rendered system prompt
-        schemas = build_registry(list(config.tools)).schemas() if config.tools else None
+        schemas = standard_schemas(list(config.tools)) if config.tools else None
     return dtype, schemas
 
 

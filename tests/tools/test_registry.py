@@ -7,7 +7,7 @@ import pytest
 
 from axpo_jax.tools import schemas
 from axpo_jax.tools.image_zoom_in import ImageZoomIn
-from axpo_jax.tools.registry import ToolRegistry, build_registry
+from axpo_jax.tools.registry import ToolRegistry, build_registry, standard_schemas
 from axpo_jax.tools.search import BM25Backend, SearchTool
 
 
@@ -20,6 +20,16 @@ def test_builds_named_tools_in_order(tmp_path):
     assert isinstance(registry.get("search").backend, BM25Backend)
     assert registry.get("image_zoom_in").upscale_to == 64
     assert registry.get("python") is None
+
+
+def test_standard_schemas_are_the_built_tools_schemas_without_building_them():
+    # what SFT renders with: the python tool's schema with no kernel sandbox made for it
+    assert standard_schemas(["python", "image_zoom_in"]) == [schemas.PYTHON, schemas.IMAGE_ZOOM_IN]
+    backend = BM25Backend([])
+    built = build_registry(["search", "image_zoom_in"], search_backend=backend)
+    assert standard_schemas(["search", "image_zoom_in"]) == built.schemas()
+    with pytest.raises(ValueError, match=r"unknown tool\(s\) \['calculator'\]"):
+        standard_schemas(["calculator"])
 
 
 def test_search_uses_a_given_backend():
