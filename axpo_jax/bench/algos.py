@@ -123,11 +123,18 @@ def stage_configs(config):
 
 def run(config) -> dict:
     from axpo_jax import demo
-    from axpo_jax.train import rl_run
+    from axpo_jax.modes import config_fields
+    from axpo_jax.train import rl_run, sft_run
 
     started = time.perf_counter()
     workdir = os.path.abspath(config.workdir)
     base, sft, rl = stage_configs(config)
+    # every run's fields, before the SFT policy is made (minutes): a wrong variant or field is one line now
+    with config_fields("variants"):
+        runs_of_seed_0 = [variant_config(rl, variant, 0, workdir) for variant in config.variants]
+    sft_run.checked_settings(sft)
+    for cfg in runs_of_seed_0:
+        rl_run.checked_settings(cfg)
     stopped = demo.prepare_sft_policy(base, sft)
     if stopped:
         return stopped

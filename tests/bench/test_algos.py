@@ -5,6 +5,7 @@ import importlib.util
 import os
 
 import numpy as np
+import pytest
 
 from axpo_jax.bench.algos import plot, summarize, variant_config
 
@@ -64,3 +65,22 @@ def test_runs_train_and_evaluate_on_the_demos_task(tmp_path):
         task = source[0]
         assert task.kind == options["kind"] and task.grid == options["grid"]
     assert held_out[0].ask == train[0].ask == options.get("ask", "cell")
+
+
+def test_a_wrong_variant_or_field_stops_it_before_the_sft_policy_is_made(tmp_path):
+    from axpo_jax.bench.algos import run
+    from axpo_jax.modes import ModeError
+
+    spec = importlib.util.spec_from_file_location("_bench", os.path.join(ROOT, "configs", "bench.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("algos")
+    config.workdir = str(tmp_path)
+    config.variants = ("axpo", "grpo_eq")
+    with pytest.raises(ModeError, match=r"\(variants\): unknown variant 'grpo_eq'"):
+        run(config)
+    config.variants = ("axpo",)
+    config.demo.rl.temperature = -1.0
+    with pytest.raises(ModeError, match=r"temperature must be >= 0"):
+        run(config)
+    assert not os.path.exists(tmp_path / "sft_policy" / "tiny_checkpoint")
