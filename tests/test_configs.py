@@ -2,8 +2,6 @@
 the machines they name by the memory plan that the rl mode checks before it allocates; plans that cannot fit are
 refused."""
 
-import importlib.util
-import os
 
 import pytest
 
@@ -11,8 +9,8 @@ from axpo_jax.bench import devices
 from axpo_jax.bench.memory import PlanDoesNotFit, check_fits, rl_memory_plan
 from axpo_jax.models.qwen3_vl import preset
 from axpo_jax.train.rl_run import memory_settings
+from tests.config_files import config_module
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MEMORY = {"v5p": devices.TPU_V5P, "v6e": devices.TPU_V6E, "8xh100": devices.H100_SXM,
           "8xa100": devices.lookup("NVIDIA A100-SXM4-80GB")}
 # the smallest slice documented for each preset (README, tpu/README.md) and the paper's 8 x A100
@@ -22,10 +20,7 @@ TOO_SMALL = [("8b", "v6e-8"), ("32b", "v5p-16"), ("32b", "v6e-32"), ("32b", "8xh
 
 
 def _config(name: str, arg=None):
-    spec = importlib.util.spec_from_file_location(f"_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return config_module(name).get_config(arg)
 
 
 def _check(size: str, hardware: str):

@@ -1,26 +1,23 @@
 """The AXPO-vs-GRPO comparison's pieces: the equal-budget GRPO group size, the per-variant summary, the plot (the
 runs themselves are `rl` mode runs, tested in tests/train/test_modes.py)."""
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 
 from axpo_jax.bench.algos import plot, summarize, variant_config
+from tests.config_files import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def _rl_config():
-    spec = importlib.util.spec_from_file_location("_rl", os.path.join(ROOT, "configs", "rl.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+def _algos_config(workdir):
+    config = load_config("bench", "algos")
+    config.workdir = str(workdir)
+    return config
 
 
 def test_variants(tmp_path):
-    rl = _rl_config()  # N=4, r=0.5, K=2: AXPO adds at most r*B*N continuations, GRPO gets N' = N(1 + r) = 6
+    rl = load_config("rl")  # N=4, r=0.5, K=2: AXPO adds at most r*B*N continuations, GRPO gets N' = N(1 + r) = 6
     axpo, grpo_equal, grpo = (variant_config(rl, v, 3, str(tmp_path)) for v in ("axpo", "grpo_equal", "grpo"))
     assert (axpo.algo, axpo.num_samples, axpo.seed) == ("axpo", 4, 3)
     assert (grpo_equal.algo, grpo_equal.num_samples) == ("grpo", 6)
@@ -52,11 +49,7 @@ def test_runs_train_and_evaluate_on_the_demos_task(tmp_path):
     from axpo_jax.bench.algos import stage_configs
     from axpo_jax.data.tasks import task_source
 
-    spec = importlib.util.spec_from_file_location("_bench", os.path.join(ROOT, "configs", "bench.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("algos")
-    config.workdir = str(tmp_path)
+    config = _algos_config(tmp_path)
     base, _, rl = stage_configs(config)
     options = base.task.to_dict()
     train, held_out = task_source(rl.tasks, seed=0), task_source(rl.eval_tasks, seed=10_000)
@@ -71,11 +64,7 @@ def test_a_wrong_variant_or_field_stops_it_before_the_sft_policy_is_made(tmp_pat
     from axpo_jax.bench.algos import run
     from axpo_jax.modes import ModeError
 
-    spec = importlib.util.spec_from_file_location("_bench", os.path.join(ROOT, "configs", "bench.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("algos")
-    config.workdir = str(tmp_path)
+    config = _algos_config(tmp_path)
     config.variants = ("axpo", "grpo_eq")
     with pytest.raises(ModeError, match=r"\(variants\): unknown variant 'grpo_eq'"):
         run(config)

@@ -6,6 +6,7 @@ import ml_collections
 import pytest
 
 from axpo_jax.bench import forward, memory
+from tests.config_files import load_config
 
 
 def _forward_config(**overrides):
@@ -94,13 +95,7 @@ def test_shard_bytes_rounds_up_per_split():
 
 
 def test_memory_config_device_count_follows_mesh_overrides():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("bench_config", Path(__file__).parents[2] / "configs" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("memory")
+    config = load_config("bench", "memory")
     assert config.xla_host_device_count == 8
     config.mesh.fsdp = 2
     config.mesh.tensor = 2

@@ -1,9 +1,7 @@
 """bench_perception's probes: their images and answers are the demo's (the task layout, the zoom tool's crop),
 the scoring picks the best candidate, and a short run of the mode writes its record and plot."""
 
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
@@ -11,10 +9,10 @@ import pytest
 from axpo_jax.bench import perception
 from axpo_jax.bench.perception import QUADRANTS, candidates, picked_answers, probe_example
 from axpo_jax.data.synthetic import MARK_COLOURS, make_mark_task, make_task
+from tests.config_files import load_config
 
 DEMO_TASK = {"grid": 2}
 MARK_TASK = {"kind": "mark", "grid": 2}
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_quadrant_answers_are_the_cell_of_the_red_box():
@@ -82,10 +80,7 @@ def test_picked_answers_sum_each_rows_trained_log_probs():
 
 
 def test_a_short_run_writes_its_record_and_plot(tmp_path):
-    spec = importlib.util.spec_from_file_location("_bench", os.path.join(ROOT, "configs", "bench.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("perception")
+    config = load_config("bench", "perception")
     config.workdir = str(tmp_path)
     config.probes, config.steps, config.eval_every = ("colour",), 2, 1
     config.train_examples, config.eval_examples, config.batch_size = 4, 2, 4

@@ -1,7 +1,6 @@
 """The synthetic zoom task: the tool is necessary (oracle readers), expert data renders and masks right, the JSONL
 and grain sources skip bad records and resume exactly."""
 
-import importlib.util
 import json
 import os
 from types import SimpleNamespace
@@ -20,12 +19,12 @@ from axpo_jax.tools import schemas
 from axpo_jax.tools.base import ToolCall, ToolContext
 from axpo_jax.tools.image_zoom_in import ImageZoomIn
 from axpo_jax.tools.protocol import extract_answer, parse_tool_calls
+from tests.config_files import load_config
 
 TOOLS = [schemas.IMAGE_ZOOM_IN]
 ORACLE_TASKS = 200
 STRONG_ORACLE_TASKS = 60
 DEMO_VARIANT_TASKS = 60
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
@@ -182,10 +181,7 @@ def test_the_box_shows_at_low_res_and_gives_the_bbox(tasks_and_views):
 
 
 def _demo_task_options() -> dict:
-    spec = importlib.util.spec_from_file_location("_demo_config", os.path.join(ROOT, "configs", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config().task.to_dict()
+    return load_config("demo").task.to_dict()
 
 
 def test_the_2x2_variant_still_needs_the_zoom_and_shows_the_box(processor):

@@ -17,6 +17,7 @@ from axpo_jax.eval.benchmarks.mathvr import read_mathvr
 from axpo_jax.eval.benchmarks.mmsearch import read_mmsearch
 from axpo_jax.eval.benchmarks.visualprobe import read_visualprobe
 from axpo_jax.eval.benchmarks.vstar import read_vstar
+from tests.config_files import config_module
 from tests.eval import published_files as pf
 
 
@@ -29,11 +30,8 @@ def _close(a, b, tolerance=6):  # JPEG moves colours a little
 
 
 def test_config_lists_every_benchmark():
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("eval_config", "configs/eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = config_module("eval")
     assert tuple(module.BENCHMARKS) == tuple(BENCHMARKS)
     assert module.get_config().benchmarks.split(",") == list(BENCHMARKS)
 

@@ -3,7 +3,6 @@ through launch.py (JSON line, results.json, the paper-style markdown table), res
 finished questions are not run again and every record equals the uninterrupted run's), refusing to mix settings
 in one output directory, and evaluating an orbax checkpoint's parameters."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -22,6 +21,7 @@ from axpo_jax.modes import ModeError
 from axpo_jax.models import qwen3_vl
 from axpo_jax.train.checkpoints import Checkpointer
 from axpo_jax.train.optimizer import make_optimizer
+from tests.config_files import load_config
 from tests.eval import published_files as pf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,10 +32,7 @@ SMALL = {"benchmarks": "vstar,hrbench4k", "num_samples": 2, "max_turns": 2, "max
 
 
 def _config(**fields):
-    spec = importlib.util.spec_from_file_location("eval_config", ROOT / "configs" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config("eval")
     for key, value in {**SMALL, **fields}.items():
         config[key] = value
     return config

@@ -3,7 +3,6 @@ its transformers-format result loaded by RL, and an RL run stopped by a signal t
 steps' losses, rewards and tokens equal an uninterrupted run's)."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 
@@ -18,15 +17,11 @@ from axpo_jax.data.synthetic import make_task, sft_conversations, task_seed, wri
 from axpo_jax.demo import build_tiny_checkpoint
 from axpo_jax.train import rl_run, sft_run
 from axpo_jax.train.checkpoints import StopRequest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.config_files import load_config
 
 
 def _config(name: str):
-    spec = importlib.util.spec_from_file_location(f"_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(name)
 
 
 @pytest.fixture(scope="module")
