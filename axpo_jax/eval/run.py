@@ -117,7 +117,7 @@ def run(config) -> dict:
     from axpo_jax.eval.settings import EvalSettings
     from axpo_jax.models.qwen3_vl import dtype_named
     from axpo_jax.parallel import distributed
-    from axpo_jax.parallel.mesh import make_mesh
+    from axpo_jax.parallel.mesh import mesh_from_config
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
 
@@ -142,7 +142,7 @@ def run(config) -> dict:
                         "(set config.search_corpus or config.search_endpoint)")
     try:
         search, search_text = search_backend(config)
-        mesh = None if len(jax.devices()) == 1 else make_mesh(dict(config.mesh))  # one device: unsharded path
+        mesh = mesh_from_config(config.mesh.to_dict())
         model, processor, source = load_policy(config.checkpoint, orbax_dir=config.orbax_dir,
                                                orbax_step=None if config.orbax_step < 0 else config.orbax_step,
                                                dtype=dtype, mesh=mesh)

@@ -189,12 +189,12 @@ def run(config) -> dict:
         registry = build_registry(list(config.tools), search_corpus=config.search_corpus or None)
     with config_fields("tasks"):
         source = task_source(config.tasks, seed=config.seed + 1)
+    with config_fields("mesh"):
+        mesh = mesh_from_config(config.mesh.to_dict())
     stop = StopRequest().install()
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
-    with config_fields("mesh"):
-        mesh = mesh_from_config(config.mesh.to_dict())
     check_memory(config, mesh)
     model = qwen3_vl.from_pretrained(config.checkpoint, dtype=dtype, mesh=mesh)
     reference = (qwen3_vl.from_pretrained(config.reference or config.checkpoint, dtype=dtype, mesh=mesh)

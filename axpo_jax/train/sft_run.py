@@ -94,9 +94,9 @@ def run(config) -> dict:
     from tqdm.auto import tqdm
 
     from axpo_jax.data.processor import load_processor
-    from axpo_jax.modes import config_fields
     from axpo_jax.data.synthetic import SFTSource, sft_example, task_dataset
     from axpo_jax.models import qwen3_vl
+    from axpo_jax.modes import config_fields
     from axpo_jax.parallel import distributed
     from axpo_jax.parallel.distributed import data_shard
     from axpo_jax.parallel.mesh import mesh_from_config
@@ -110,12 +110,12 @@ def run(config) -> dict:
     dtype, schemas = checked_settings(config)
     with config_fields("data"):  # read before anything loads: a file with no usable line is one line, not a traceback
         source = SFTSource(config.data)
+    with config_fields("mesh"):
+        mesh = mesh_from_config(config.mesh.to_dict())
     stop = StopRequest().install()
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
-    with config_fields("mesh"):
-        mesh = mesh_from_config(config.mesh.to_dict())
     model = qwen3_vl.from_pretrained(config.checkpoint, mesh=mesh, dtype=dtype)
     processor = load_processor(config.checkpoint)
     pad_id = processor.tokenizer.pad_token_id or 0
