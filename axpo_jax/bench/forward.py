@@ -384,6 +384,10 @@ def host_info(load_before: float | None, load_after: float | None) -> dict[str, 
         torch_threads=torch.get_num_threads() if torch is not None else None,
         machine=platform.machine(),
         processor=platform.processor() or None,
+        cpu_model=_cpu_model(),
+        # A VM that halts an idle vCPU at once (0) pays a host wake-up (~30 us measured) each time XLA:CPU's second
+        # worker thread is handed work after a pause: several times per decode step of a small model
+        guest_halt_poll_ns=_read_int(_HALT_POLL_NS),
         python=platform.python_version(),
         jax_backend=jax.default_backend(),
         jax_device_kind=device.device_kind,
@@ -391,6 +395,25 @@ def host_info(load_before: float | None, load_after: float | None) -> dict[str, 
         versions=dict(jax=jax.__version__, jaxlib=_version("jaxlib"), flax=flax.__version__,
                       torch=_version("torch"), transformers=_version("transformers"), numpy=np.__version__),
     )
+
+
+_HALT_POLL_NS = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"  # Linux guests with cpuidle-haltpoll
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
 
 
 def _load_average() -> float | None:

@@ -27,7 +27,17 @@ def test_forward_bench_micro_matches_transformers():
     assert record["tokens"] == 32 and record["image_tokens_per_image"] == 4
     assert record["max_abs_logits_diff"] < 1e-4 and record["logits_diff_ok"]
     assert record["flax_median_s"] > 0 and record["torch_median_s"] > 0
-    assert {"cpu_count", "jax_backend", "versions"} <= set(record["host"])
+    assert {"cpu_count", "jax_backend", "versions", "guest_halt_poll_ns"} <= set(record["host"])
+
+
+def test_host_info_reads_the_vms_halt_polling(tmp_path, monkeypatch):
+    # the decode's timings on a VM depend on it (README, Benchmarks): a record must say what the host had
+    setting = tmp_path / "guest_halt_poll_ns"
+    setting.write_text("200000\n")
+    monkeypatch.setattr(forward, "_HALT_POLL_NS", str(setting))
+    assert forward.host_info(None, None)["guest_halt_poll_ns"] == 200000
+    monkeypatch.setattr(forward, "_HALT_POLL_NS", str(tmp_path / "absent"))  # not a haltpoll guest
+    assert forward.host_info(None, None)["guest_halt_poll_ns"] is None
 
 
 def test_forward_bench_batch_layout():
