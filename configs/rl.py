@@ -76,9 +76,17 @@ def get_config(arg=None):
     # finished), so steps that select different numbers of prefixes share one compiled fork sampler; cheap on a
     # memory-bound accelerator, on the CPU the unused rows are decoded too. False: only the selected rows
     config.fixed_resample_batch = True
+    # the group normalizer every algorithm's advantages share (AXPO.md §3: unstated in the paper): divide by the
+    # group std (False: mean-centering only, Dr. GRPO), the std's epsilon for all-equal groups and its ddof
+    # (0: population std; 1: verl's sample std); rollouts cut off by the turn/token/cache limit: "keep" (reward 0,
+    # trained as failures) or "exclude" (in no statistics, not trained)
+    config.advantage = ml_collections.ConfigDict(dict(std_normalize=True, eps=1e-6, ddof=0, truncation="keep"))
     config.eps_low, config.eps_high = 0.2, 0.4
     config.kl_coef = 1e-3  # β toward the reference
-    config.kl_kind = "low_var_kl"
+    config.kl_kind = "low_var_kl"  # k1 | k2 | k3 | low_var_kl (unstated; verl's clamped k3)
+    # how per-token losses make a batch's loss (unstated): "token-mean" (DAPO, whose clip the paper uses),
+    # "seq-mean-token-mean" (each response weighs the same: original GRPO), "seq-mean-token-sum"
+    config.loss_aggregation = "token-mean"
 
     # optimization (unstated in the paper)
     config.steps = 8

@@ -65,7 +65,7 @@ from typing import Literal
 
 import numpy as np
 
-from axpo_jax.algo.grpo import GRPOConfig, apply_truncation, masked_group_normalize
+from axpo_jax.algo.grpo import GRPOConfig, apply_truncation, check_normalizer, masked_group_normalize
 
 __all__ = [
     "STREAM_CONTINUATION",
@@ -132,11 +132,11 @@ class AXPOConfig:
 
     def __post_init__(self):
         choices = {"ranking": ("confidence", "random"), "resample_from": ("first_tool_call", "scratch"),
-                   "candidates": ("failed_tool", "no_tool"), "budget_unit": ("continuations", "prefixes"),
-                   "truncation": ("keep", "exclude")}
+                   "candidates": ("failed_tool", "no_tool"), "budget_unit": ("continuations", "prefixes")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"AXPOConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
+        check_normalizer(self)
         if not (self.ratio >= 0 and math.isfinite(self.ratio)):
             raise ValueError(f"AXPOConfig.ratio must be a finite number ≥ 0, got {self.ratio}")
         if int(self.k) != self.k or self.k < 1:

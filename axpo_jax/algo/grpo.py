@@ -24,6 +24,7 @@ Choices where the paper is silent (§3 "Unstated"), all parameters with these de
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 import jax
@@ -36,6 +37,7 @@ __all__ = [
     "GRPOConfig",
     "aggregate",
     "apply_truncation",
+    "check_normalizer",
     "group_advantages",
     "kl_penalty",
     "masked_group_normalize",
@@ -62,6 +64,22 @@ class GRPOConfig:
     eps: float = 1e-6
     ddof: int = 0
     truncation: Literal["keep", "exclude"] = "keep"
+
+    def __post_init__(self):
+        check_normalizer(self)
+
+
+def check_normalizer(config) -> None:
+    """Refuses group-normalizer fields (of a GRPOConfig or an AXPOConfig) that would compute nonsense quietly."""
+    name = type(config).__name__
+    if config.truncation not in ("keep", "exclude"):
+        raise ValueError(f"{name}.truncation={config.truncation!r}; expected one of ('keep', 'exclude')")
+    if not isinstance(config.std_normalize, bool):
+        raise ValueError(f"{name}.std_normalize must be True or False, got {config.std_normalize!r}")
+    if not (math.isfinite(config.eps) and config.eps >= 0):
+        raise ValueError(f"{name}.eps must be a finite number >= 0, got {config.eps}")
+    if config.ddof not in (0, 1):
+        raise ValueError(f"{name}.ddof must be 0 (population std) or 1 (sample std), got {config.ddof!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

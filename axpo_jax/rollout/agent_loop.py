@@ -39,6 +39,9 @@ class Task:
     task_id: str = ""
 
 
+TRUNCATED_FINISH_REASONS = ("turn_limit", "length", "prompt_too_long")
+
+
 @dataclasses.dataclass
 class TurnRecord:
     text: str  # what the policy wrote this turn
@@ -67,6 +70,13 @@ class Trajectory:
     @property
     def used_tool(self) -> bool:
         return any(turn.calls for turn in self.turns)
+
+    @property
+    def truncated(self) -> bool:
+        """Cut off by a limit before it could answer: the turn limit, the token limit of a turn or of the cache, or
+        a prompt too long for the cache (the rows a GRPO config's `truncation="exclude"` leaves out). A rollout that
+        stopped without an answer of its own accord ("no_answer") was not cut off."""
+        return self.finish_reason in TRUNCATED_FINISH_REASONS
 
     @property
     def tool_call_confidence(self) -> float:

@@ -2,8 +2,9 @@
 
 A step takes a list of micro-batches of one shape and makes one or more optimizer updates over runs of them. Within
 an update, gradients of each micro-batch are computed by one compiled function and summed, with every loss
-normalised by the *update's* trained-token count, so accumulation gives exactly the gradient of that whole batch;
-the optimizer applies the sum once (skipping it when it is not finite).
+normalised by the *update's* trained-token count (or, for an RL loss aggregated per sequence, its trained rows),
+so accumulation gives exactly the gradient of that whole batch; the optimizer applies the sum once (skipping it
+when it is not finite).
 
 RL: π_old of the clipped ratio is the policy that sampled the rows, i.e. the weights before the step's first update.
 During the first update those are the weights being trained, so ρ = exp(logp - stop_gradient(logp)) = 1 and no
@@ -26,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from axpo_jax.algo.grpo import policy_loss
+from axpo_jax.algo.grpo import AGGREGATIONS, KL_KINDS, policy_loss
 from axpo_jax.parallel import distributed
 from axpo_jax.train.batch import TrainBatch, batch_shape, device_batch, pad_batch
 from axpo_jax.train.optimizer import skipped_updates
@@ -39,6 +40,10 @@ class LossConfig:
     eps_high: float = 0.4
     kl_coef: float = 1e-3  # β; the KL term needs reference log-probs in the batch
     kl_kind: str = "low_var_kl"
+    # RL: how per-token losses make the batch's loss (grpo.aggregate; the paper is silent): "token-mean" (DAPO:
+    # every trained token of the update weighs the same), "seq-mean-token-mean" (each response weighs the same),
+    # "seq-mean-token-sum". Over every micro-batch of an update, as if it were one batch.
+    aggregation: str = "token-mean"
     logprob_chunk: int = 256
     remat: bool = False  # recompute each decoder layer in the backward pass (activation memory: one layer's)
     # RL: the rollouts' sampling temperature. Every log-prob of the loss (π, π_old, the reference) is of
@@ -47,6 +52,10 @@ class LossConfig:
     temperature: float = 1.0
 
     def __post_init__(self):
+        if self.kl_kind not in KL_KINDS:
+            raise ValueError(f"LossConfig.kl_kind must be one of {KL_KINDS}, got {self.kl_kind!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"LossConfig.aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
         if not self.temperature > 0:
             raise ValueError(f"LossConfig.temperature must be > 0 (the rollouts' sampling temperature; greedy "
                              f"rollouts report the model's own log-probs: 1.0), got {self.temperature}")
@@ -66,7 +75,7 @@ def _loss(model, batch: TrainBatch, old_logprobs_bt, ref_logprobs_bt, denominato
         old_logprobs_bt = jax.lax.stop_gradient(logp_bt)
     loss, metrics = policy_loss(
         logp_bt, old_logprobs_bt, batch.advantages_bt, mask, eps_low=cfg.eps_low,
-        eps_high=cfg.eps_high, aggregation="token-mean", denominator=denominator,
+        eps_high=cfg.eps_high, aggregation=cfg.aggregation, denominator=denominator,
         logp_ref_bt=ref_logprobs_bt if cfg.kl_coef else None, kl_coef=cfg.kl_coef, kl_kind=cfg.kl_kind,
     )
     # the sampler's and the trainer's log-probs of the same weights (π_old): how far apart the two programs compute
@@ -97,6 +106,11 @@ def _logprobs(model, batch: TrainBatch, chunk: int, temperature: float):
 @jax.jit
 def _trained_tokens(loss_mask_bt):
     return jnp.sum(loss_mask_bt)
+
+
+@jax.jit
+def _trained_rows(loss_mask_bt):
+    return jnp.sum(jnp.any(loss_mask_bt > 0, axis=1))
 
 
 class Learner:
@@ -164,9 +178,13 @@ class Learner:
             return combine_updates(results)
 
     def _update(self, micro_batches: list[TrainBatch], old_logprobs: list | None) -> dict[str, float]:
-        # token counts of the global batch: every normalisation below is by the whole update's trained tokens
+        # token counts of the global batch: every normalisation below is by the whole update's trained tokens, or
+        # (an RL loss aggregated per sequence) its trained rows
         micro_tokens = [float(_trained_tokens(b.loss_mask_bt)) for b in micro_batches]
         denominator = jnp.maximum(sum(micro_tokens), 1.0)
+        loss_denominator = denominator
+        if self.loss.kind == "rl" and self.loss.aggregation != "token-mean":
+            loss_denominator = jnp.maximum(sum(float(_trained_rows(b.loss_mask_bt)) for b in micro_batches), 1.0)
         total_loss, grads_sum, sums = 0.0, None, {}
         for i, (batch, tokens) in enumerate(zip(micro_batches, micro_tokens)):
             old = None if old_logprobs is None else old_logprobs[i]
@@ -175,7 +193,7 @@ class Learner:
                 if self.reference is None:
                     raise ValueError("kl_coef > 0 needs a reference model")
                 ref = self.logprobs(batch, self.reference)
-            loss, metrics, grads = _grads(self.model, batch, old, ref, denominator, self.loss)
+            loss, metrics, grads = _grads(self.model, batch, old, ref, loss_denominator, self.loss)
             total_loss += float(loss)
             grads_sum = grads if grads_sum is None else jax.tree.map(jnp.add, grads_sum, grads)
             for key, value in metrics.items():

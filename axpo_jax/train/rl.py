@@ -112,21 +112,30 @@ class RLTrainer:
         used_qn = everywhere([t.used_tool for t in trajectories])
         confidence_qn = everywhere([t.tool_call_confidence for t in trajectories])
         answered_qn = everywhere([t.answer is not None for t in trajectories])
+        truncated_qn = everywhere([t.truncated for t in trajectories])
+        # truncation "exclude": rollouts cut off by a limit are in no statistics, trigger nothing and are not
+        # trained ("keep", the default: they count as failures with reward 0)
+        include_qn = ~truncated_qn if self._excludes_truncated() else None
 
-        selections = self.estimator.select(rewards_qn, used_qn, confidence_qn, seed=step)
+        selections = self.estimator.select(rewards_qn, used_qn, confidence_qn, seed=step, include_qn=include_qn)
         k = self.estimator.k
         # the paper's ablations "resample from scratch" and "resample no-tool rollouts" (which have no tool call to
         # branch at) draw K fresh responses to the question instead of forking a prefix
         from_scratch = self._resamples_from_scratch()
         mine, resamples = self._resample(tasks, rollout, selections, first_question, rng_resample, from_scratch)
         resample_rewards_sk = np.zeros((len(selections), k))
+        resample_include_sk = None
         if selections:
             rewards_here = [self.reward_fn(t, tasks[t.task_index]) for t in resamples]
-            resample_rewards_sk = self._gather_resample_rewards(mine, rewards_here, len(selections), k)
+            resample_rewards_sk = self._gather_resample_values(mine, rewards_here, len(selections), k)
+            if include_qn is not None:
+                resample_include_sk = self._gather_resample_values(
+                    mine, [not t.truncated for t in resamples], len(selections), k) > 0
         rollout_seconds = time.perf_counter() - started
         del rollout  # its KV cache is no longer needed
 
-        advantages = self.estimator.advantages(rewards_qn, selections, resample_rewards_sk, used_tool_qn=used_qn)
+        advantages = self.estimator.advantages(rewards_qn, selections, resample_rewards_sk, used_tool_qn=used_qn,
+                                               include_qn=include_qn, resample_include_sk=resample_include_sk)
         everything = trajectories + resamples
         length = bucket(max(len(t.token_ids) for t in everything), 64)
         policy = np.zeros((len(everything), length), np.float32)
@@ -165,6 +174,8 @@ class RLTrainer:
             # rows whose prompt did not fit the KV cache (skipped by the agent loop, reward 0)
             "prompt_too_long_rate": float(everywhere([t.finish_reason == "prompt_too_long"
                                                       for t in trajectories]).mean()),
+            # rollouts cut off by the turn, token or cache limit (excluded from training with truncation "exclude")
+            "truncated_rate": float(truncated_qn.mean()),
             "resamples_used": int(resample_rewards_sk.size),
             "resample_budget": int(budget),
             "recovery_rate": float((resample_rewards_sk.max(axis=1) >= 1).mean()) if selections else 0.0,
@@ -222,17 +233,21 @@ class RLTrainer:
                    + [None] * (width - len(block))]
         return mine, self.agent.resample(rollout, sources, k, rng, self.sampling)
 
-    def _gather_resample_rewards(self, mine: list[int], rewards_here: list[float], num_selections: int, k: int):
-        """[S, K] rewards of every selection's resamples, from the processes that ran them."""
-        rewards_sk = np.full((num_selections, k), np.nan)
-        rewards_sk[mine] = np.asarray(rewards_here, np.float64).reshape(len(mine), k)
+    def _gather_resample_values(self, mine: list[int], values_here: list[float], num_selections: int, k: int):
+        """[S, K] values (rewards, included flags) of every selection's resamples, from the processes that ran
+        them."""
+        values_sk = np.full((num_selections, k), np.nan)
+        values_sk[mine] = np.asarray(values_here, np.float64).reshape(len(mine), k)
         if self.shard.count > 1:
-            for part in distributed.allgather_json({"selections": mine, "rewards": rewards_sk[mine].tolist()}):
+            for part in distributed.allgather_json({"selections": mine, "values": values_sk[mine].tolist()}):
                 if part["selections"]:
-                    rewards_sk[part["selections"]] = np.asarray(part["rewards"], np.float64)
-        if np.isnan(rewards_sk).any():
-            raise RuntimeError(f"no process resampled selections {np.nonzero(np.isnan(rewards_sk).any(1))[0].tolist()}")
-        return rewards_sk
+                    values_sk[part["selections"]] = np.asarray(part["values"], np.float64)
+        if np.isnan(values_sk).any():
+            raise RuntimeError(f"no process resampled selections {np.nonzero(np.isnan(values_sk).any(1))[0].tolist()}")
+        return values_sk
+
+    def _excludes_truncated(self) -> bool:
+        return getattr(self.estimator.config, "truncation", "keep") == "exclude"
 
     def _resamples_from_scratch(self) -> bool:
         config = self.estimator.config

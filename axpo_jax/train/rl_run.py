@@ -35,12 +35,23 @@ def sampling_params(config):
 
 
 def make_estimator(config):
-    """The advantage estimator named by `config.algo` with its fields from `config.axpo` (AXPOConfig)."""
+    """The advantage estimator named by `config.algo`: its group normalizer from `config.advantage`, and AXPO's
+    own fields from `config.axpo` (AXPOConfig)."""
     from axpo_jax.algo import registry
 
+    shared = config.advantage.to_dict()
     if config.algo == "axpo":
-        return registry.make("axpo", config.axpo.to_dict())
-    return registry.make(config.algo)
+        return registry.make("axpo", {**config.axpo.to_dict(), **shared})
+    return registry.make(config.algo, shared)
+
+
+def loss_config(config, sampling):
+    from axpo_jax.train.learner import LossConfig
+
+    return LossConfig(kind="rl", eps_low=config.eps_low, eps_high=config.eps_high, kl_coef=config.kl_coef,
+                      kl_kind=config.kl_kind, aggregation=config.loss_aggregation,
+                      logprob_chunk=config.logprob_chunk, remat=config.remat,
+                      temperature=sampling.logprob_temperature)
 
 
 def eval_settings(config):
@@ -147,8 +158,10 @@ def checked_settings(config):
         sampling = sampling_params(config)
     with config_fields("the eval_* fields"):
         settings = eval_settings(config)
-    with config_fields("algo, axpo"):
+    with config_fields("algo, axpo, advantage"):
         estimator = make_estimator(config)
+    with config_fields("eps_low, eps_high, kl_coef, kl_kind, loss_aggregation"):
+        loss_config(config, sampling)
     with config_fields("dtype"):
         dtype = dtype_named(config.dtype)
     rows_per_process = config.questions_per_step // jax.process_count() * config.num_samples
@@ -176,7 +189,7 @@ def run(config) -> dict:
     from axpo_jax.tools.registry import build_registry
     from axpo_jax.train.checkpoints import Checkpointer, StopRequest, export_folder
     from axpo_jax.train.compiles import CompileClock
-    from axpo_jax.train.learner import Learner, LossConfig
+    from axpo_jax.train.learner import Learner
     from axpo_jax.train.metrics import MetricsLog
     from axpo_jax.train.optimizer import make_optimizer
     from axpo_jax.train.plots import plot_rl_run
@@ -208,10 +221,7 @@ def run(config) -> dict:
     learner = Learner(model, make_optimizer(learning_rate=config.learning_rate, total_steps=config.steps,
                                             warmup_steps=int(config.warmup_fraction * config.steps),
                                             weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm),
-                      LossConfig(kind="rl", eps_low=config.eps_low, eps_high=config.eps_high,
-                                 kl_coef=config.kl_coef, kl_kind=config.kl_kind, logprob_chunk=config.logprob_chunk,
-                                 remat=config.remat, temperature=sampling.logprob_temperature),
-                      reference=reference, mesh=mesh)
+                      loss_config(config, sampling), reference=reference, mesh=mesh)
     trainer = RLTrainer(learner, agent, estimator, num_samples=config.num_samples,
                         micro_batch_size=config.micro_batch_size, sampling=sampling,
                         reward_kind=config.reward_kind, layout_shards=config.layout_shards or None,

@@ -76,6 +76,39 @@ def test_micro_batches_sum_to_the_full_batch_gradient():
     assert moved > 1e-3  # the gradients compared are not all ~0
 
 
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_rl_aggregations_by_hand_and_over_micro_batches(aggregation):
+    """`LossConfig.aggregation` (the paper is silent): on the first update ρ = 1, so the loss is minus the
+    aggregated advantages, computed here by hand from each row's advantage A_b and trained tokens T_b; split into
+    two micro-batches the update takes the same loss and moves every weight the same (plain SGD, as above)."""
+    ids, trained, _, _ = rows(3, count=4, with_image=False)
+    adv_b = np.array([1.0, -1.0, 0.5, 2.0])
+    tokens_b = np.array([t.sum() for t in trained])  # 10, 11, 12, 13
+    expected = {"token-mean": -(adv_b * tokens_b).sum() / tokens_b.sum(), "seq-mean-token-mean": -adv_b.mean(),
+                "seq-mean-token-sum": -(adv_b * tokens_b).mean()}[aggregation]
+    advantages = [np.where(t > 0, a, 0.0) for a, t in zip(adv_b, trained)]
+
+    def batch(part):
+        return make_batch(CONFIG, [ids[i] for i in part], [trained[i] for i in part],
+                          advantages=[advantages[i] for i in part], length=32)
+
+    sgd = lambda: optax.apply_if_finite(optax.sgd(1.0), max_consecutive_errors=1)  # noqa: E731
+    loss = LossConfig(kind="rl", kl_coef=0.0, aggregation=aggregation)
+    a, b = Learner(fresh_model(), sgd(), loss), Learner(fresh_model(), sgd(), loss)
+    start = [np.asarray(p) for _, p in qwen3_vl.named_parameters(fresh_model())]
+    ma, mb = a.step([batch([0, 1, 2, 3])]), b.step([batch([0, 1]), batch([2, 3])])
+    assert ma["loss"] == pytest.approx(expected, rel=1e-5) and mb["loss"] == pytest.approx(expected, rel=1e-5)
+    assert ma["trained_tokens"] == mb["trained_tokens"] == tokens_b.sum()
+    for w, (_, x), (_, y) in zip(start, qwen3_vl.named_parameters(a.model), qwen3_vl.named_parameters(b.model)):
+        moved = np.asarray(x) - w  # token sums move weights ~12x further than means: rounding scales with that
+        np.testing.assert_allclose(np.asarray(y) - w, moved, rtol=1e-4, atol=max(1e-7, 1e-5 * np.abs(moved).max()))
+
+
+def test_an_unknown_aggregation_is_refused():
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        LossConfig(aggregation="sequence-mean")
+
+
 def test_rl_update_follows_the_advantages():
     ids, trained, pixels, grids = rows(2)
     advantages = [np.where(t > 0, 1.0 if b % 2 == 0 else -1.0, 0.0) for b, t in enumerate(trained)]

@@ -125,7 +125,12 @@ def test_rl_mode_refuses_bad_sampling_and_update_fields_before_loading(tmp_path)
                                 ("updates_per_step", 0, r"updates_per_step must be an int from 1"),
                                 ("updates_per_step", 1000, r"updates_per_step must be .* \(\d+\), got 1000"),
                                 ("questions_per_step", 0, r"questions_per_step must be an int >= 1, got 0"),
-                                ("algo", "grpoo", r"\(algo, axpo\): unknown advantage estimator 'grpoo'"),
+                                ("algo", "grpoo", r"\(algo, axpo, advantage\): unknown advantage estimator 'grpoo'"),
+                                ("advantage", dict(std_normalize=True, eps=1e-6, ddof=0, truncation="drop"),
+                                 r"\(algo, axpo, advantage\): GRPOConfig.truncation=.drop.; expected"),
+                                ("loss_aggregation", "seq-mean",
+                                 r"\(eps_low, .*loss_aggregation\): LossConfig.aggregation must be one of"),
+                                ("kl_kind", "k4", r"\(eps_low, .*\): LossConfig.kl_kind must be one of"),
                                 ("dtype", "float33", r"\(dtype\): dtype 'float33': expected float32 or bfloat16"),
                                 ("tools", ("image_zoom_in", "zoom"), r"\(tools, search_corpus\): unknown tool\(s\) \['zoom'\]"),
                                 ("tasks", "synthetic:many", r"\(tasks\): task spec 'synthetic:many': expected synthetic:N"),
@@ -160,6 +165,6 @@ def test_the_demo_checks_its_rl_fields_before_its_sft_stage(tmp_path):
     config = _config("demo")
     config.workdir = str(tmp_path / "demo")
     config.rl.algo = "grpoo"
-    with pytest.raises(ModeError, match=r"\(algo, axpo\): unknown advantage estimator 'grpoo'"):
+    with pytest.raises(ModeError, match=r"\(algo, axpo, advantage\): unknown advantage estimator 'grpoo'"):
         demo.run(config)
     assert not os.path.exists(tmp_path / "demo" / "tiny_checkpoint")  # nothing was built or trained

@@ -138,3 +138,39 @@ def test_a_question_too_long_for_the_cache_is_skipped_not_fatal(loop):  # noqa: 
     np.testing.assert_array_equal(out.rewards_qn, [[0, 1], [0, 0]])
     assert out.metrics["prompt_too_long_rate"] == 0.5 and out.metrics["tool_use_rate"] == 0.5
     assert np.isfinite(out.metrics["loss"]) and out.metrics["skipped_updates"] == 0 and out.metrics["trained_tokens"] > 0
+
+
+def test_truncation_exclude_leaves_cut_off_rollouts_out(loop):  # noqa: F811
+    """`truncation="exclude"` (a config field: the paper is silent): a rollout cut off by the turn limit is in no
+    group statistics, is no AXPO candidate and trains no token; with "keep" (the default) it is a failure like any
+    other. Row 1 of task 0 calls the tool three times and hits the turn limit."""
+    scripts = [["<think>\nzoom\n</think>\n" + ZOOM, "<answer>\\boxed{1}</answer>"], [ZOOM, ZOOM, ZOOM],
+               ["<answer>\\boxed{3}</answer>"], ["<answer>\\boxed{4}</answer>"]]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    tasks = [Task("Which digit?", [image], "7"), Task("Which digit?", [image], "3")]
+    out = {}
+    for truncation in ("keep", "exclude"):
+        loop._samplers[4].scripts = [[loop.tokenizer.encode(t, add_special_tokens=False) for t in s] for s in scripts]
+        learner = Learner(loop.model, make_optimizer(learning_rate=1e-3, total_steps=10), LossConfig(kl_coef=0.0))
+        # budget floor(1.5 * 2 * 2) = 6 continuations = 2 prefixes x K=3: test_axpo_step's 6-row fork batch
+        estimator = registry.make("axpo", ratio=1.5, k=3, truncation=truncation)
+        trainer = RLTrainer(learner, loop, estimator, num_samples=2, micro_batch_size=5, fixed_resample_batch=True)
+        out[truncation] = trainer.step(tasks, jax.random.key(0), step=0)
+
+    keep, exclude = out["keep"], out["exclude"]
+    assert [t.finish_reason for t in exclude.trajectories] == ["answer", "turn_limit", "answer", "answer"]
+    assert [t.truncated for t in exclude.trajectories] == [False, True, False, False]
+    assert keep.metrics["truncated_rate"] == exclude.metrics["truncated_rate"] == 0.25
+    np.testing.assert_array_equal(exclude.rewards_qn, [[0, 0], [1, 0]])
+    # keep: both failed tool rollouts of task 0 are candidates; exclude: the cut-off one is not
+    assert sorted(s.rollout for s in keep.advantages.selections if s.question == 0) == [0, 1]
+    assert [(s.question, s.rollout) for s in exclude.advantages.selections] == [(0, 0)]
+    adv = exclude.advantages
+    assert adv.prefix_stream_qn[0, 1] == adv.cont_stream_qn[0, 1] == STREAM_NONE  # not trained at all
+    assert keep.advantages.prefix_stream_qn[0, 1] == STREAM_PREFIX
+    # task 1 is plain GRPO over its two included rollouts either way
+    np.testing.assert_allclose(adv.grpo_adv_qn[1], [1, -1], atol=1e-5)
+    for s, sel in enumerate(adv.selections):  # a cut-off continuation is not trained either
+        for k, t in enumerate(t for t in exclude.resamples if t.resampled_from == sel.question * 2 + sel.rollout):
+            assert (adv.resample_stream_sk[s, k] == STREAM_NONE) == t.truncated
+    assert np.isfinite(exclude.metrics["loss"]) and exclude.metrics["trained_tokens"] > 0
