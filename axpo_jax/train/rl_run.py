@@ -46,6 +46,7 @@ def make_estimator(config):
 
 
 def loss_config(config, sampling):
+    """The RL loss of `config`, scoring the policy at the rollouts' sampling temperature."""
     from axpo_jax.train.learner import LossConfig
 
     return LossConfig(kind="rl", eps_low=config.eps_low, eps_high=config.eps_high, kl_coef=config.kl_coef,
