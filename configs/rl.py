@@ -87,6 +87,10 @@ def get_config(arg=None):
     # how per-token losses make a batch's loss (unstated): "token-mean" (DAPO, whose clip the paper uses),
     # "seq-mean-token-mean" (each response weighs the same: original GRPO), "seq-mean-token-sum"
     config.loss_aggregation = "token-mean"
+    # a step where every trained token's advantage is 0 (all groups' rewards equal, no AXPO continuation with a
+    # signal): False updates on the KL term's gradient alone, which Adam rescales to a learning-rate-sized step;
+    # True skips the update (the policy and the optimizer's state and schedule stay), as DAPO drops such groups
+    config.skip_zero_signal_steps = False
 
     # optimization (unstated in the paper)
     config.steps = 8

@@ -57,7 +57,9 @@ class RLTrainer:
 
     `micro_batch_size` is rows per micro-batch on each process; `updates_per_step` is how many optimizer updates
     a step's rows are split into (verl's train batch / PPO mini-batch; the later ones are off-policy, so there the
-    clip can bind). `layout_shards` is how many blocks the step's
+    clip can bind). `skip_zero_signal_steps`: a step in which every trained token's advantage is 0 (every group's
+    rewards equal, no AXPO continuation with a signal) makes no update; otherwise its update is the KL term's
+    gradient alone, which Adam rescales to a learning-rate-sized step. `layout_shards` is how many blocks the step's
     questions are laid out in for forking, each block's forks padded to one count: by default the mesh's data
     shards over processes (1 on one process). A single process given a multi-process run's count builds exactly
     that run's global batches, with the same rows in the same places (how the multi-host tests compare the two).
@@ -66,7 +68,7 @@ class RLTrainer:
     def __init__(self, learner: Learner, agent: AgentLoop, estimator, *, num_samples: int, micro_batch_size: int,
                  sampling: SamplingParams = SamplingParams(), reward_kind: str = "exact",
                  reward_fn: Callable[[Trajectory, Task], float] | None = None, layout_shards: int | None = None,
-                 fixed_resample_batch: bool = False, updates_per_step: int = 1):
+                 fixed_resample_batch: bool = False, updates_per_step: int = 1, skip_zero_signal_steps: bool = False):
         self.learner = learner
         self.agent = agent
         self.estimator = estimator
@@ -86,6 +88,7 @@ class RLTrainer:
         if not (isinstance(updates_per_step, int) and updates_per_step >= 1):
             raise ValueError(f"updates_per_step must be an int >= 1, got {updates_per_step!r}")
         self.updates_per_step = updates_per_step
+        self.skip_zero_signal_steps = skip_zero_signal_steps
         if self.layout_shards % self.shard.count:
             raise ValueError(f"layout_shards={self.layout_shards} is not a multiple of the {self.shard.count} data "
                              f"shards over processes")
@@ -151,7 +154,12 @@ class RLTrainer:
         adv_rows, mask_rows, _ = tokens.rows()
 
         update_started = time.perf_counter()
-        metrics = self._update(everything, adv_rows, mask_rows, length)
+        signal = any(np.any((adv != 0) & (mask > 0)) for adv, mask in zip(adv_rows, mask_rows))
+        signal = distributed.any_process(signal)  # every process updates, or none does
+        if signal or not self.skip_zero_signal_steps:
+            metrics = {**self._update(everything, adv_rows, mask_rows, length), "update_skipped": 0}
+        else:  # the policy, the optimizer's state and its schedule stay as they are
+            metrics = {"trained_tokens": 0.0, "update_skipped": 1}
         update_seconds = time.perf_counter() - update_started
 
         tool_stats = self.agent.executor.stats()

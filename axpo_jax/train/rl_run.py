@@ -126,11 +126,13 @@ def check_memory(config, mesh) -> None:
 def bench_record(config, records: list[dict], text_config):
     """The run as one benchmark record (axpo_jax/bench/record.py), comparable with other machines and with verl:
     medians over the steps that compiled nothing (steady state), else over the steps after the first, which
-    compiles most; `notes` says which. Update tokens are the trained (policy) tokens."""
+    compiles most; `notes` says which. Update tokens are the trained (policy) tokens. Steps whose update was
+    skipped (`skip_zero_signal_steps`) are left out while any step updated."""
     from axpo_jax.bench import record as bench
 
-    steady = [r for r in records if r.get("compiles") == 0]
-    timed = steady or records[1:] or records
+    updated = [r for r in records if not r.get("update_skipped")] or records
+    steady = [r for r in updated if r.get("compiles") == 0]
+    timed = steady or updated[1:] or updated
     notes = (f"medians of {len(steady)} steps without compilation" if steady else
              "no step ran without compiling: medians of the steps after the first, compile time included")
 
@@ -165,6 +167,8 @@ def checked_settings(config):
         loss_config(config, sampling)
     with config_fields("dtype"):
         dtype = dtype_named(config.dtype)
+    if not isinstance(config.skip_zero_signal_steps, bool):
+        raise ModeError(f"config.skip_zero_signal_steps must be True or False, got {config.skip_zero_signal_steps!r}")
     rows_per_process = config.questions_per_step // jax.process_count() * config.num_samples
     if not (isinstance(config.updates_per_step, int) and 1 <= config.updates_per_step <= rows_per_process):
         raise ModeError(f"config.updates_per_step must be an int from 1 to the step's rollouts on each process "
@@ -226,7 +230,8 @@ def run(config) -> dict:
     trainer = RLTrainer(learner, agent, estimator, num_samples=config.num_samples,
                         micro_batch_size=config.micro_batch_size, sampling=sampling,
                         reward_kind=config.reward_kind, layout_shards=config.layout_shards or None,
-                        fixed_resample_batch=config.fixed_resample_batch, updates_per_step=config.updates_per_step)
+                        fixed_resample_batch=config.fixed_resample_batch, updates_per_step=config.updates_per_step,
+                        skip_zero_signal_steps=config.skip_zero_signal_steps)
     shard = data_shard(mesh)
     if primary:
         _log(f"{len(source)} training tasks from {config.tasks}")
@@ -265,7 +270,7 @@ def run(config) -> dict:
             record.update(evaluate(eval_agent, evaluations, jax.random.key(config.seed + 2), settings,
                                    batch_size=config.eval_batch_size))
         record = metrics.write(step + 1, record)
-        progress.set_postfix(reward=f"{record['reward']:.2f}", loss=f"{record['loss']:.4f}",
+        progress.set_postfix(reward=f"{record['reward']:.2f}", loss=f"{record.get('loss', float('nan')):.4f}",
                              resamples=f"{record['resamples_used']}/{record['resample_budget']}")
         stopping = stop.agreed()  # every process stops after the same step, with the same checkpoint
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or stopping:

@@ -175,3 +175,32 @@ def test_truncation_exclude_leaves_cut_off_rollouts_out(loop):  # noqa: F811
         for k, t in enumerate(t for t in exclude.resamples if t.resampled_from == sel.question * 2 + sel.rollout):
             assert (adv.resample_stream_sk[s, k] == STREAM_NONE) == t.truncated
     assert np.isfinite(exclude.metrics["loss"]) and exclude.metrics["trained_tokens"] > 0
+
+
+def test_skip_zero_signal_steps_leaves_the_policy_and_optimizer(loop):  # noqa: F811
+    """Every rollout answers wrongly without a tool: every group's rewards are equal and no AXPO prefix is a
+    candidate, so no trained token has an advantage. By default the step still makes an optimizer update (its
+    gradient is the KL term's alone); `skip_zero_signal_steps=True` makes none and says so."""
+    wrong = ["<answer>\\boxed{4}</answer>"]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    tasks = [Task("Which digit?", [image], "7"), Task("Which digit?", [image], "3")]
+    for skip in (False, True):
+        loop._samplers[4].scripts = [[loop.tokenizer.encode(t, add_special_tokens=False) for t in wrong]] * 4
+        learner = Learner(loop.model, make_optimizer(learning_rate=1e-3, total_steps=10), LossConfig(kl_coef=0.0))
+        trainer = RLTrainer(learner, loop, registry.make("axpo", ratio=1.5, k=3), num_samples=2,
+                            micro_batch_size=4, skip_zero_signal_steps=skip)
+        before = [np.asarray(p).copy() for _, p in qwen3_vl.named_parameters(loop.model)]
+        updates_before = int(learner.optimizer.step[...])
+
+        out = trainer.step(tasks, jax.random.key(0), step=0)
+
+        np.testing.assert_array_equal(out.rewards_qn, np.zeros((2, 2)))
+        assert out.metrics["signal_group_rate"] == 0.0 and out.metrics["resamples_used"] == 0
+        assert out.metrics["update_skipped"] == int(skip)
+        assert int(learner.optimizer.step[...]) == updates_before + (0 if skip else 1)
+        if skip:
+            assert "loss" not in out.metrics and out.metrics["trained_tokens"] == 0
+            after = [np.asarray(p) for _, p in qwen3_vl.named_parameters(loop.model)]
+            assert all(np.array_equal(b, a) for b, a in zip(before, after))
+        else:
+            assert np.isfinite(out.metrics["loss"]) and out.metrics["trained_tokens"] > 0
