@@ -154,12 +154,11 @@ class RLTrainer:
         adv_rows, mask_rows, _ = tokens.rows()
 
         update_started = time.perf_counter()
-        signal = any(np.any((adv != 0) & (mask > 0)) for adv, mask in zip(adv_rows, mask_rows))
-        signal = distributed.any_process(signal)  # every process updates, or none does
-        if signal or not self.skip_zero_signal_steps:
+        if self.skip_zero_signal_steps and not distributed.any_process(  # every process updates, or none does
+                any(np.any((adv != 0) & (mask > 0)) for adv, mask in zip(adv_rows, mask_rows))):
+            metrics = {"trained_tokens": 0.0, "update_skipped": 1}  # the policy and the optimizer's state stay
+        else:
             metrics = {**self._update(everything, adv_rows, mask_rows, length), "update_skipped": 0}
-        else:  # the policy, the optimizer's state and its schedule stay as they are
-            metrics = {"trained_tokens": 0.0, "update_skipped": 1}
         update_seconds = time.perf_counter() - update_started
 
         tool_stats = self.agent.executor.stats()
