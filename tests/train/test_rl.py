@@ -179,8 +179,9 @@ def test_truncation_exclude_leaves_cut_off_rollouts_out(loop):  # noqa: F811
 
 def test_skip_zero_signal_steps_leaves_the_policy_and_optimizer(loop):  # noqa: F811
     """Every rollout answers wrongly without a tool: every group's rewards are equal and no AXPO prefix is a
-    candidate, so no trained token has an advantage. By default the step still makes an optimizer update (its
-    gradient is the KL term's alone); `skip_zero_signal_steps=True` makes none and says so."""
+    candidate, so no trained token has an advantage. By default the step still makes an optimizer update (in a run
+    with a reference its gradient is the KL term's alone; here, without, zero); `skip_zero_signal_steps=True` makes
+    none and says so."""
     wrong = ["<answer>\\boxed{4}</answer>"]
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     tasks = [Task("Which digit?", [image], "7"), Task("Which digit?", [image], "3")]
