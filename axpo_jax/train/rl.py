@@ -178,7 +178,7 @@ class RLTrainer:
             "tool_use_rate": float(used_qn.mean()),
             "all_wrong_tool_subgroup_rate": float(all_wrong_tool.mean()),
             # questions whose rollouts' rewards differ, the only ones plain GRPO learns from: a step at 0 trains on
-            # AXPO's resamples and the KL term alone (which Adam scales up to a learning-rate-sized step)
+            # AXPO's resamples and the KL term alone (`skip_zero_signal_steps` drops a step left with no signal)
             "signal_group_rate": float((rewards_qn.max(axis=1) > rewards_qn.min(axis=1)).mean()),
             "answer_rate": float(answered_qn.mean()),
             # rows whose prompt did not fit the KV cache (skipped by the agent loop, reward 0)
