@@ -247,12 +247,13 @@ def resample_budget(num_questions: int, n: int, config: AXPOConfig = AXPOConfig(
 
 
 def select_resamples(rewards_qn, used_tool_qn, confidence_qn, config: AXPOConfig = AXPOConfig(), *, seed: int = 0,
-                     include_qn=None) -> list[Selection]:
+                     include_qn=None, branchable_qn=None) -> list[Selection]:
     """§4.1–4.4: the prefixes to resample this step, in allocation order.
 
     rewards_qn [Q, N] (binary), used_tool_qn [Q, N] bool (≥ 1 tool call), confidence_qn [Q, N] (mean probability of
     the sampled tool-call tokens; NaN for no-tool rollouts; see `tool_call_confidence`), `seed` for random ranking,
-    `include_qn` (False = excluded by truncation "exclude").
+    `include_qn` (False = excluded by truncation "exclude"), `branchable_qn` (False = a rollout with no prefix to
+    branch from, which stays in the trigger's statistics but is never selected; None = every rollout can be).
 
     Trigger and candidates per `trigger_and_candidates`; ranked lowest score first (score = confidence, or a random
     draw); at most `resample_budget(Q, N)[1]` prefixes (each costs K continuations); breadth-first: round j gives
@@ -261,6 +262,8 @@ def select_resamples(rewards_qn, used_tool_qn, confidence_qn, config: AXPOConfig
     """
     r = np.asarray(rewards_qn, dtype=np.float64)
     triggered, candidates = trigger_and_candidates(r, used_tool_qn, config, include_qn=include_qn)
+    if branchable_qn is not None:
+        candidates = candidates & _check_qn("branchable_qn", branchable_qn, r.shape, bool)
     q_count, n = r.shape
     if config.ranking == "confidence":
         conf = _check_qn("confidence_qn", confidence_qn, r.shape, np.float64)

@@ -33,7 +33,7 @@ class AdvantageEstimator(Protocol):
         """Continuations per selected prefix (0: the estimator never resamples)."""
 
     def select(self, rewards_qn, used_tool_qn, confidence_qn, *, seed: int = 0,
-               include_qn=None) -> list[Selection]: ...
+               include_qn=None, branchable_qn=None) -> list[Selection]: ...
 
     def advantages(self, rewards_qn, selections: Sequence[Selection], resample_rewards_sk, *, used_tool_qn=None,
                    include_qn=None, resample_include_sk=None) -> Advantages: ...
@@ -50,7 +50,8 @@ class GRPOEstimator:
     def k(self) -> int:
         return 0
 
-    def select(self, rewards_qn, used_tool_qn, confidence_qn, *, seed: int = 0, include_qn=None) -> list[Selection]:
+    def select(self, rewards_qn, used_tool_qn, confidence_qn, *, seed: int = 0, include_qn=None,
+               branchable_qn=None) -> list[Selection]:
         return []
 
     def advantages(self, rewards_qn, selections: Sequence[Selection] = (), resample_rewards_sk=None, *,
@@ -71,9 +72,10 @@ class AXPOEstimator:
     def k(self) -> int:
         return self.config.k
 
-    def select(self, rewards_qn, used_tool_qn, confidence_qn, *, seed: int = 0, include_qn=None) -> list[Selection]:
+    def select(self, rewards_qn, used_tool_qn, confidence_qn, *, seed: int = 0, include_qn=None,
+               branchable_qn=None) -> list[Selection]:
         return select_resamples(rewards_qn, used_tool_qn, confidence_qn, self.config, seed=seed,
-                                include_qn=include_qn)
+                                include_qn=include_qn, branchable_qn=branchable_qn)
 
     def advantages(self, rewards_qn, selections: Sequence[Selection], resample_rewards_sk, *, used_tool_qn=None,
                    include_qn=None, resample_include_sk=None) -> Advantages:

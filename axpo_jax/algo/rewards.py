@@ -601,7 +601,12 @@ KINDS = ("exact", "numeric", "choice", "math", "f1", "judge")
 def score_answer(answer: str, reference: Reference, kind: str, *, question: str | None = None,
                  judge: Judge | Callable[[str, str, str], float] | None = None,
                  config: RewardConfig = RewardConfig()) -> bool:
-    """Whether an already extracted answer is correct under `kind` (one of `KINDS`)."""
+    """Whether an already extracted answer is correct under `kind` (one of `KINDS`). An empty answer (an empty
+    `\\boxed{}`) is never correct, whatever the reference."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown reward kind {kind!r}; expected one of {KINDS}")
+    if not answer.strip():
+        return False
     if kind == "exact":
         return exact_match(answer, reference)
     if kind == "numeric":
@@ -620,7 +625,7 @@ def score_answer(answer: str, reference: Reference, kind: str, *, question: str 
             if math.isfinite(score) and score >= config.judge_threshold:
                 return True
         return False
-    raise ValueError(f"unknown reward kind {kind!r}; expected one of {KINDS}")
+    raise AssertionError(f"score_answer has no branch for the reward kind {kind!r}")
 
 
 def binary_reward(prediction_text: str, reference: Reference, kind: str = "exact", *, question: str | None = None,

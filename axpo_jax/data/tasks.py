@@ -1,9 +1,10 @@
 """RL questions from a JSONL file: one task per line, `{"question": str, "images": [path, ...], "answer": str or
-[str, ...], "task_id": str}` (image paths relative to the file's folder), as a grain random-access source.
+[str, ...] (numbers are read as their text), "task_id": str}` (image paths relative to the file's folder), as a
+grain random-access source.
 
-A line that is not valid JSON, lacks a field, or names a missing or undecodable image is skipped and counted, never
-fatal: a run over 37K questions should not die on one bad file. `task_source("synthetic:N")` gives the built-in
-zoom task instead (axpo_jax/data/synthetic.py).
+A line that is not valid JSON, lacks a field, has an empty answer, or names a missing or undecodable image is
+skipped and counted, never fatal: a run over 37K questions should not die on one bad file.
+`task_source("synthetic:N")` gives the built-in zoom task instead (axpo_jax/data/synthetic.py).
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def scan_jsonl(path: str, check, what: str) -> tuple[list[int], list[str]]:
     return offsets, skip_reasons
 
 
+def _answer_text(answer):
+    """A JSON number as the text the scorers compare (`"answer": 42` means "42"); anything else as it is."""
+    return str(answer) if isinstance(answer, (int, float)) and not isinstance(answer, bool) else answer
+
+
 class TaskFileSource(grain.sources.RandomAccessDataSource):
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -69,8 +75,14 @@ class TaskFileSource(grain.sources.RandomAccessDataSource):
         missing = [k for k in ("question", "answer") if k not in record]
         if missing:
             raise KeyError(f"missing field(s) {missing}")
+        answer = record["answer"]
+        answers = [_answer_text(a) for a in (answer if isinstance(answer, list) else [answer])]
+        if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+            # no rollout could be rewarded against it (an empty answer is never correct)
+            raise ValueError(f"the answer must be a non-empty string or number, or a list of them, got {answer!r}")
         images = [load_image(os.path.join(self.folder, p)) for p in record.get("images", [])]
-        return Task(str(record["question"]), images, record["answer"], str(record.get("task_id", index)))
+        return Task(str(record["question"]), images, answers if isinstance(answer, list) else answers[0],
+                    str(record.get("task_id", index)))
 
     def __len__(self) -> int:
         return len(self._offsets)

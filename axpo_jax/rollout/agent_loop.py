@@ -24,7 +24,7 @@ from axpo_jax.parallel import distributed
 from axpo_jax.rollout.sampler import ImageBuckets, Sampler, SamplingParams, gather_cache_rows
 from axpo_jax.tools.base import Observation, ToolContext
 from axpo_jax.tools.executor import ToolExecutor, ToolRequest
-from axpo_jax.tools.protocol import extract_answer, observation_messages, parse_tool_calls
+from axpo_jax.tools.protocol import extract_answer, observation_messages, parse_tool_calls, plain_text
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 END_OF_TURN = "<|im_end|>"
@@ -62,8 +62,9 @@ class Trajectory:
     num_prompt_images: int = 0
     turns: list[TurnRecord] = dataclasses.field(default_factory=list)
     answer: str | None = None
-    finish_reason: str = ""  # "answer" | "no_answer" | "turn_limit" | "length" | "prompt_too_long"
-    prefix_end: int | None = None  # index into token_ids just past the first <tool_call> token
+    finish_reason: str = ""  # "answer" | "no_answer" | "turn_limit" | "length" | "prompt_too_long" | "bad_observation"
+    prefix_end: int | None = None  # index into token_ids just past the first call's <tool_call> token (None: no
+    # prefix to branch from: no call, or a first call whose tag the policy spelled in pieces; `_branch_point`)
     tool_call_logprobs: list[float] = dataclasses.field(default_factory=list)  # of every tool-call span token
     resampled_from: int | None = None  # for an AXPO continuation: the row of the trajectory it was forked from
 
@@ -133,6 +134,7 @@ class AgentLoop:
         self.end_of_turn_id = vocab[END_OF_TURN]
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._answer_close_ids = self.tokenizer.encode(ANSWER_CLOSE, add_special_tokens=False)
+        self._special_tokens = list(self.tokenizer.get_added_vocab())  # tool output may not spell them (plain_text)
         self._samplers: dict[int, Sampler] = {}
 
     def _image_floors(self) -> dict[str, ImageBuckets]:
@@ -165,8 +167,10 @@ class AgentLoop:
 
         Rendered from the chat template itself (around a placeholder assistant turn), so a checkpoint's own
         template decides the layout. If the policy already closed its turn with <|im_end|>, that is not repeated.
+        The tools' text goes in as plain text: a special token spelled in it is broken up (`plain_text`).
         """
         marker = "\x00AXPO_TURN\x00"
+        observations = [dataclasses.replace(o, text=plain_text(o.text, self._special_tokens)) for o in observations]
         messages = [{"role": "user", "content": [{"type": "text", "text": "q"}]},
                     {"role": "assistant", "content": marker}] + observation_messages(observations)
         rendered = self.processor.apply_chat_template(messages, tools=self.tool_schemas, tokenize=False,
@@ -346,7 +350,7 @@ class AgentLoop:
                 trajectory.turns[-1].statuses = [o.status for o in observations]
                 images[b] = [image for o in observations for image in o.images]
                 texts[b] = self.observation_text(observations, trajectory.token_ids[-1] == self.end_of_turn_id)
-            chunk = self._chunk(texts, images, batch_size)
+            chunk = self._observation_chunk(texts, images, batch_size, trajectories, active)
             # a row whose observation would not fit its cache (with room for one more token) ends here
             overflow = sampler.rows(cache.length_b) + chunk["attention_mask"].sum(axis=1) + 1 > self.capacity
             if overflow.any():
@@ -369,6 +373,30 @@ class AgentLoop:
             self.executor.registry.close_session(f"{session}-{b}")
         return cache
 
+    def _observation_chunk(self, texts: dict[int, str], images: dict[int, list], batch_size: int, trajectories,
+                           active) -> dict:
+        """`_chunk` of the rows' observations, except that a row whose observation the processor refuses ends
+        there (finish reason "bad_observation", the observation left out, as for one too long for the cache) and
+        the other rows go on. Tool output is untrusted; an error that no single row's observation causes is not
+        the tools' and is raised."""
+        try:
+            return self._chunk(texts, images, batch_size)
+        except Exception:  # noqa: BLE001 - find the rows whose observations cause it
+            refused = []
+            for b in sorted(texts):
+                try:
+                    self._chunk({b: texts[b]}, {b: images[b]}, batch_size)
+                except Exception as error:  # noqa: BLE001
+                    refused.append(b)
+                    self.log(f"row {b} ends: the processor refused its tool observation ({type(error).__name__}: "
+                             f"{error})")
+            if not refused:
+                raise
+        for b in refused:
+            trajectories[b].finish_reason, active[b] = "bad_observation", False
+            texts.pop(b)
+        return self._chunk(texts, images, batch_size)
+
     def _chunk(self, texts: dict[int, str], images: dict[int, list], batch_size: int) -> dict:
         """Processor outputs of each row's observation text (empty for rows without one), images in row order."""
         flat_images = [image for b in sorted(texts) for image in images[b]]
@@ -380,6 +408,19 @@ class AgentLoop:
         trajectory.policy_mask.extend([int(policy)] * len(ids))
         trajectory.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
 
+    def _branch_point(self, first_turn_ids: list[int], turn_start: int) -> int | None:
+        """AXPO's prefix end (AXPO.md §4.2): the index just past the `<tool_call>` token that opens the first tool
+        call, or None when the rollout has no prefix to branch from. The first call is always in the first turn (a
+        turn without one ends the rollout). The tools run every call the turn's text holds, and a policy can spell
+        the tag as ordinary pieces (`<`, `tool`, `_call>`) that decode to the same text; a first call opened that way
+        has no tag token to rewind to, so the rollout still counts as tool-using but is no resample source."""
+        if self.tool_call_open_id not in first_turn_ids:
+            return None
+        i = first_turn_ids.index(self.tool_call_open_id)
+        if TOOL_CALL_OPEN in self.tokenizer.decode(first_turn_ids[:i], skip_special_tokens=False):
+            return None
+        return turn_start + i + 1
+
     def _record_turn(self, trajectory: Trajectory, turn_start: int, stopped: bool, turn: int) -> str | None:
         """Records the turn that runs from turn_start to the end of the row's tokens; returns its text if its
         tool calls should run, None if the row is done."""
@@ -389,11 +430,11 @@ class AgentLoop:
         trajectory.turns.append(record)
         inside = False
         trajectory.tool_call_logprobs = [] if turn == 1 else trajectory.tool_call_logprobs
+        if turn == 1 and trajectory.prefix_end is None:
+            trajectory.prefix_end = self._branch_point(ids, turn_start)
         for i, token in enumerate(ids):  # tool-call spans, tags included, for the confidence score
             if token == self.tool_call_open_id:
                 inside = True
-                if trajectory.prefix_end is None:
-                    trajectory.prefix_end = turn_start + i + 1
             if inside:
                 trajectory.tool_call_logprobs.append(trajectory.logprobs[turn_start + i])
             if token == self.tool_call_close_id:

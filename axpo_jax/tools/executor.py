@@ -5,16 +5,23 @@ calls of one request run one after another in the order written, each seeing the
 A trajectory's calls share state (one python kernel per session) and may build on each other (zoom into the
 crop the previous call made), so running them concurrently would change what they compute.
 
-Timeouts: each call runs in its own daemon thread, waited on for `timeout_s` seconds; a call still running then
-becomes a TIMEOUT observation and the trajectory moves on. Python cannot stop a thread, so the call lingers until
-it returns, its result discarded; as a daemon thread it never delays process exit. Tools get
-`context.timeout_s` lowered to at most `timeout_s` as their own budget: the python tool enforces that budget in
-its subprocess and should answer before this wall timeout, which is the backstop for anything that hangs.
+Timeouts: each call runs in its own daemon thread. Tools get `context.timeout_s` lowered to at most `timeout_s` as
+their own budget, but the executor waits `timeout_s + timeout_grace_s` wall seconds: the grace lets a tool that
+enforces its budget itself finish doing so and report it (the python tool interrupts the code at the budget, waits
+its interrupt grace, then may kill and restart the kernel, and says which happened, so the policy learns that its
+variables are gone). A call still running after the grace becomes a TIMEOUT observation and the trajectory moves
+on: this wall timeout is the backstop for tools that hang. Python cannot stop a thread, so the call lingers until
+it returns, its result discarded; as a daemon thread it never delays process exit.
+
+Output limits: every tool's observation is cut to `max_output_chars` and `max_output_images`, and images the
+model's image processor cannot take (an aspect ratio over `max_image_aspect_ratio`, which chained crops of thin
+strips or a plotted strip can reach) are dropped with a note, so they fail the call instead of the rollout.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 import time
 from collections import Counter
@@ -50,9 +57,13 @@ class ToolExecutor:
     """Parses and executes tool calls; never raises for anything the policy wrote or a tool did."""
 
     def __init__(self, registry: ToolRegistry, max_workers: int = 8, timeout_s: float = 12.0,
-                 max_output_chars: int = 4000, max_output_images: int = 4):
+                 max_output_chars: int = 4000, max_output_images: int = 4, timeout_grace_s: float = 10.0,
+                 max_image_aspect_ratio: float = 200.0):
         self.registry = registry
         self.timeout_s = timeout_s
+        self.timeout_grace_s = timeout_grace_s
+        # the Qwen2-VL/Qwen3-VL image processor (smart_resize) raises for a longer side over 200 times the shorter
+        self.max_image_aspect_ratio = max_image_aspect_ratio
         self.max_output_chars = max_output_chars
         self.max_output_images = max_output_images
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="tool-request")
@@ -118,6 +129,7 @@ class ToolExecutor:
         observations = []
         for item in parse_tool_calls(request.turn_text):
             observation = item if isinstance(item, Observation) else self._run_call(item, context)
+            # already limited: an image dropped there never becomes one later calls (and their numbering) see
             if observation.images:
                 context = dataclasses.replace(context, images=[*context.images, *observation.images])
             observations.append(observation)
@@ -161,15 +173,26 @@ class ToolExecutor:
 
         thread = threading.Thread(target=run, name=f"tool-{call.name}", daemon=True)
         thread.start()
-        thread.join(self.timeout_s)
+        wall_s = self.timeout_s + self.timeout_grace_s
+        thread.join(wall_s)
         if not outcome:
-            return failure_observation(TIMEOUT, f"{call.name} did not finish within {self.timeout_s:g} s")
+            return failure_observation(TIMEOUT, f"{call.name} did not finish within {wall_s:g} s")
         return outcome[0]
 
     def _limited(self, observation: Observation) -> Observation:
-        """The observation cut to max_output_chars of text and max_output_images images, saying what was cut."""
-        text, images = observation.text, observation.images
+        """The observation without images the image processor cannot take, cut to max_output_chars of text and
+        max_output_images images, saying what was dropped or cut."""
+        text, images = observation.text, []
         notes = []
+        for image in observation.images:
+            ratio = _aspect_ratio(image.size)
+            if ratio <= self.max_image_aspect_ratio:
+                images.append(image)
+                continue
+            # named by size, not number: dropping it renumbers the images after it
+            notes.append(f"[a {image.width}x{image.height} px image was dropped: an aspect ratio of {ratio:.0f}:1; "
+                         f"the model's image processor takes at most {self.max_image_aspect_ratio:g}:1]")
+        dropped_images = bool(notes)
         if len(text) > self.max_output_chars:
             notes.append(f"[output truncated: {len(text) - self.max_output_chars} more characters not shown]")
             text = text[:self.max_output_chars]
@@ -179,8 +202,17 @@ class ToolExecutor:
             images = images[:self.max_output_images]
         if not notes:
             return observation
-        status = OUTPUT_TOO_LARGE if observation.status == OK else observation.status
+        status = observation.status
+        if status == OK:
+            # an unusable image is a failed call (the tool or the model's code in it made something the policy
+            # cannot see), not OUTPUT_TOO_LARGE, which counts output cut to the configured limits
+            status = TOOL_ERROR if dropped_images else OUTPUT_TOO_LARGE
         return Observation(text="\n".join([text, *notes]), images=images, status=status)
+
+
+def _aspect_ratio(size: tuple[int, int]) -> float:
+    """Long side over short side; infinite for an empty image, which the image processor cannot take either."""
+    return max(size) / min(size) if min(size) > 0 else math.inf
 
 
 _JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "array": (list,),

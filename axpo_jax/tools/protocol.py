@@ -66,13 +66,9 @@ def _parse_call_body(raw: str) -> ToolCall | Observation:
         text = fenced.group(1)
     if not text:
         return failure_observation(BAD_JSON, f"empty tool call; {_EXPECTED_FORM}")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        return failure_observation(BAD_JSON, f"the tool call is not valid JSON: {_describe_json_error(error)}; "
-                                             f"{_EXPECTED_FORM}")
-    except RecursionError:
-        return failure_observation(BAD_JSON, "the tool call's JSON is nested too deeply")
+    value = _loads(text)
+    if isinstance(value, Observation):
+        return value
     if not isinstance(value, dict):
         return failure_observation(BAD_JSON, f"the tool call is a JSON {_json_type_name(value)}, not an object; "
                                              f"{_EXPECTED_FORM}")
@@ -83,15 +79,28 @@ def _parse_call_body(raw: str) -> ToolCall | Observation:
         return failure_observation(BAD_JSON, f'the tool call has no "arguments"; {_EXPECTED_FORM}')
     arguments = value["arguments"]
     if isinstance(arguments, str):  # OpenAI's wire format sends arguments as a JSON-encoded string
-        try:
-            arguments = json.loads(arguments)
-        except json.JSONDecodeError as error:
-            return failure_observation(BAD_JSON, f'"arguments" is a string that is not valid JSON: '
-                                                 f"{_describe_json_error(error)}")
+        arguments = _loads(arguments, what='"arguments" is a string that')
+        if isinstance(arguments, Observation):
+            return arguments
     if not isinstance(arguments, dict):
         return failure_observation(BAD_JSON, f'"arguments" must be a JSON object, got a JSON '
                                              f"{_json_type_name(arguments)}")
     return ToolCall(name=name, arguments=arguments, raw=raw)
+
+
+def _loads(text: str, what: str = "the tool call"):
+    """json.loads, or a BAD_JSON Observation for whatever the policy wrote that it cannot take: invalid JSON, and
+    what Python's json raises beyond JSONDecodeError (RecursionError for deep nesting, ValueError for an integer
+    of more than 4,300 digits)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        return failure_observation(BAD_JSON, f"{what} is not valid JSON: {_describe_json_error(error)}; "
+                                             f"{_EXPECTED_FORM}")
+    except RecursionError:
+        return failure_observation(BAD_JSON, f"{what} is JSON nested too deeply")
+    except ValueError as error:
+        return failure_observation(BAD_JSON, f"{what} is JSON that cannot be read: {error}")
 
 
 def _describe_json_error(error: json.JSONDecodeError) -> str:
@@ -162,6 +171,22 @@ def observation_message(observation: Observation) -> dict:
     content: list[dict] = [{"type": "image", "image": image} for image in observation.images]
     content.append({"type": "text", "text": observation.text})
     return {"role": "tool", "content": content}
+
+
+def plain_text(text: str, special_tokens) -> str:
+    """`text` with every occurrence of a tokenizer's special (added) tokens broken by a zero-width space, and any
+    character UTF-8 cannot encode (a lone surrogate from a JSON escape) replaced.
+
+    Tool output is text the policy or a web page wrote: a zoom label, an unknown tool's name, python's stdout, a
+    search result. Tokenized as it is, an `<|image_pad|>` in it would be read as an image placeholder (the
+    processor fails, the image count no longer matching), and an `<|im_end|>` would end the tool turn early. Broken
+    up, each is ordinary text that reads the same.
+    """
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    for token in sorted(special_tokens, key=len, reverse=True):
+        if len(token) > 1 and token in text:
+            text = text.replace(token, token[0] + "\u200b" + token[1:])
+    return text
 
 
 def observation_messages(observations: list[Observation]) -> list[dict]:

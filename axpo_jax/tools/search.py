@@ -125,8 +125,9 @@ class HTTPSearchBackend:
     "{api_key}" is replaced by that value with its type; other strings are `str.format`ted with them. The API
     key is read from the environment variable `api_key_env` when the backend is built and never appears in
     errors. Results are the list at `results_path` (dot-separated keys) of the response, each mapped to
-    title/url/snippet through `fields`; results on an excluded domain or any of its subdomains are dropped (so
-    fewer than max_results may come back). Examples: Serper is endpoint "https://google.serper.dev/search",
+    title/url/snippet through `fields`; results on an excluded domain or any of its subdomains (host names compared
+    case-insensitively, a trailing dot ignored), or with a URL too malformed to parse, are dropped (so fewer than
+    max_results may come back). Examples: Serper is endpoint "https://google.serper.dev/search",
     headers {"X-API-KEY": "{api_key}"}, body {"q": "{query}", "num": "{max_results}"}, results_path "organic",
     fields {"title": "title", "url": "link", "snippet": "snippet"}.
     """
@@ -153,7 +154,7 @@ class HTTPSearchBackend:
                 raise ValueError(f"the search API key variable {api_key_env} is not set")
             self.api_key = os.environ[api_key_env]
         self.endpoint = endpoint
-        self.excluded_domains = tuple(domain.lower().lstrip(".") for domain in excluded_domains)
+        self.excluded_domains = tuple(_normalised_host(domain).lstrip(".") for domain in excluded_domains)
         self.timeout_s = timeout_s
         self.method = method
         self.headers_template = headers_template or {}
@@ -200,8 +201,19 @@ class HTTPSearchBackend:
         return [result for result in parsed if not self._excluded(result["url"])][:max_results]
 
     def _excluded(self, url: str) -> bool:
-        host = (urllib.parse.urlsplit(url if "//" in url else "//" + url).hostname or "").lower()
+        """Whether to drop the result at `url`: its host is an excluded domain or a subdomain of one, or the URL is
+        too malformed to tell (dropping one result beats failing the whole search)."""
+        try:
+            host = urllib.parse.urlsplit(url if "//" in url else "//" + url).hostname or ""
+        except ValueError:  # e.g. "http://[::1": an unclosed IPv6 bracket
+            return True
+        host = _normalised_host(host)
         return any(host == domain or host.endswith("." + domain) for domain in self.excluded_domains)
+
+
+def _normalised_host(host: str) -> str:
+    """Lower-cased without the trailing dot of a fully qualified name, so "HuggingFace.CO." is huggingface.co."""
+    return host.lower().rstrip(".")
 
 
 def _filled(template: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:

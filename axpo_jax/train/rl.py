@@ -120,11 +120,14 @@ class RLTrainer:
         # trained ("keep", the default: they count as failures with reward 0)
         include_qn = ~truncated_qn if self._excludes_truncated() else None
 
-        selections = self.estimator.select(rewards_qn, used_qn, confidence_qn, seed=step, include_qn=include_qn)
-        k = self.estimator.k
         # the paper's ablations "resample from scratch" and "resample no-tool rollouts" (which have no tool call to
-        # branch at) draw K fresh responses to the question instead of forking a prefix
+        # branch at) draw K fresh responses to the question instead of forking a prefix; otherwise only a rollout
+        # whose first call opens with the <tool_call> token can be forked (`AgentLoop._branch_point`)
         from_scratch = self._resamples_from_scratch()
+        branchable_qn = None if from_scratch else everywhere([t.prefix_end is not None for t in trajectories])
+        selections = self.estimator.select(rewards_qn, used_qn, confidence_qn, seed=step, include_qn=include_qn,
+                                           branchable_qn=branchable_qn)
+        k = self.estimator.k
         mine, resamples = self._resample(tasks, rollout, selections, first_question, rng_resample, from_scratch)
         resample_rewards_sk = np.zeros((len(selections), k))
         resample_include_sk = None

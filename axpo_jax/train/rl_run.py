@@ -167,6 +167,11 @@ def checked_settings(config):
         loss_config(config, sampling)
     with config_fields("dtype"):
         dtype = dtype_named(config.dtype)
+    from axpo_jax.algo.rewards import KINDS
+
+    rl_kinds = tuple(kind for kind in KINDS if kind != "judge")  # a judge model has no place in the RL step
+    if config.reward_kind not in rl_kinds:
+        raise ModeError(f"config.reward_kind must be one of {rl_kinds}, got {config.reward_kind!r}")
     if not isinstance(config.skip_zero_signal_steps, bool):
         raise ModeError(f"config.skip_zero_signal_steps must be True or False, got {config.skip_zero_signal_steps!r}")
     rows_per_process = config.questions_per_step // jax.process_count() * config.num_samples

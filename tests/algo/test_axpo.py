@@ -99,6 +99,22 @@ def test_select_breadth_first_and_lowest_confidence_first():
     assert [(s.question, s.rollout) for s in sel] == [(2, 0), (0, 1)]
 
 
+def test_select_skips_rollouts_without_a_prefix_to_branch_from():
+    # the same step as above; q2's only candidate and q0's least confident one have no <tool_call> token to
+    # branch at (the policy spelled the tag in pieces): they still make their groups trigger, but are not picked
+    rewards = np.array([[0, 0, 0, 1], [0, 0, 1, 1], [0, 1, 1, 1], [1, 0, 0, 0]], float)
+    used = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]], bool)
+    conf = np.array([[0.3, 0.1, 0.2, NAN], [0.6, 0.5, NAN, NAN], [0.05, NAN, NAN, NAN], [0.01, NAN, NAN, NAN]])
+    branchable = np.ones((4, 4), bool)
+    branchable[2, 0] = branchable[0, 1] = False
+    sel = A.select_resamples(rewards, used, conf, A.AXPOConfig(ratio=1.5), branchable_qn=branchable)
+    assert [(s.question, s.rollout, s.round) for s in sel] == [(0, 2, 0), (1, 1, 0), (0, 0, 1), (1, 0, 1)]
+    triggered, _ = A.trigger_and_candidates(rewards, used)
+    assert triggered.tolist() == [True, True, True, False]
+    with pytest.raises(ValueError, match="branchable_qn"):
+        A.select_resamples(rewards, used, conf, A.AXPOConfig(ratio=1.5), branchable_qn=branchable[:2])
+
+
 def test_select_ties_and_nan_confidence_are_deterministic():
     rewards = np.zeros((3, 3))
     used = np.ones((3, 3), bool)

@@ -248,3 +248,12 @@ def test_binary_reward_unknown_kind():
         R.binary_reward(answer("1"), "1", "fuzzy")
     with pytest.raises(ValueError):
         R.binary_reward("unanswered", "1", "fuzzy")   # configuration errors surface even without an answer
+
+
+@pytest.mark.parametrize("kind", [k for k in R.KINDS if k != "judge"])
+def test_an_empty_answer_is_never_correct(kind):
+    # the rollout keeps an empty \boxed{} as its answer ("" ended the turn); scoring it must not match an empty
+    # or blank reference
+    assert not R.score_answer("", "", kind) and not R.score_answer("  ", [" ", ""], kind)
+    with pytest.raises(ValueError, match="unknown reward kind"):
+        R.score_answer("", "", "fuzzy")

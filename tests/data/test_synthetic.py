@@ -348,7 +348,8 @@ def test_layout_determinism_and_digit_override():
 
 # ------------------------------------------------------------------------------------------ expert trajectory
 def _loop_stub(processor):
-    return SimpleNamespace(processor=processor, tool_schemas=TOOLS, system_prompt=None)
+    return SimpleNamespace(processor=processor, tool_schemas=TOOLS, system_prompt=None,
+                           _special_tokens=list(processor.tokenizer.get_added_vocab()))
 
 
 def test_expert_trajectory_renders_and_parses_back(processor):

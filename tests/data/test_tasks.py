@@ -23,9 +23,15 @@ def test_round_trip_and_bad_records_are_skipped(tmp_path):
         f.write(json.dumps({"question": "no answer"}) + "\n")
         (tmp_path / "tasks_images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
         f.write(json.dumps({"question": "q", "images": ["tasks_images/broken.png"], "answer": "1"}) + "\n")
+        for answer in ("", " ", [], ["4", ""], True, None):  # nothing a rollout could be rewarded against
+            f.write(json.dumps({"question": "q", "answer": answer}) + "\n")
+        f.write(json.dumps({"question": "Sum?", "answer": 42}) + "\n")
+        f.write(json.dumps({"question": "Half?", "answer": [0.5, "1/2"]}) + "\n")
     source = TaskFileSource(path)
-    assert len(source) == 2 and source.skipped == 4
+    assert len(source) == 4 and source.skipped == 10
     assert any("JSONDecodeError" in r for r in source.skip_reasons) and any("missing" in r for r in source.skip_reasons)
+    assert sum("the answer must be a non-empty string" in r for r in source.skip_reasons) == 6
+    assert (source[2].answer, source[3].answer) == ("42", ["0.5", "1/2"])  # numbers are read as their text
     first, second = source[0], source[1]
     assert (first.question, first.answer, first.task_id) == ("What digit?", "7", "a")
     np.testing.assert_array_equal(np.asarray(first.images[0]), np.asarray(_image(0)))

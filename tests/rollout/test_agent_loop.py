@@ -16,6 +16,7 @@ from axpo_jax.demo import build_tiny_checkpoint
 from axpo_jax.models import qwen3_vl
 from axpo_jax.rollout.agent_loop import AgentLoop, Task, encode_trajectories
 from axpo_jax.rollout.sampler import DecodeResult, Sampler, SamplingParams
+from axpo_jax.tools.base import Observation
 from axpo_jax.tools.executor import ToolExecutor
 from axpo_jax.tools.registry import build_registry
 
@@ -173,6 +174,78 @@ def test_an_observation_that_does_not_fit_ends_the_row_without_its_images(loop):
         mask = np.asarray(trajectory.policy_mask, bool)
         np.testing.assert_allclose(rescored[b, : len(mask) - 1][mask[1:]], np.asarray(trajectory.logprobs)[mask],
                                    atol=1e-4)
+
+
+def _scripted_loop(loop, scripts: list[list[list[int]]], executor=None) -> AgentLoop:
+    """An agent of 2 rows over the module's model that writes the given turns (token ids)."""
+    agent = AgentLoop(loop.model, loop.processor, executor or loop.executor, max_turns=3, max_new_tokens_per_turn=128,
+                      capacity=1024, log=lambda m: None)
+    agent._samplers[2] = ScriptedSampler(loop.model, batch_size=2, capacity=1024, pad_id=loop.pad_id)
+    agent._samplers[2].scripts = scripts
+    return agent
+
+
+def test_special_tokens_spelled_in_pieces(loop):
+    """A policy can write `<tool_call>` or `<|image_pad|>` as ordinary pieces that decode to the same text. The
+    tools run the call (as vLLM's or qwen-agent's parsers would), its label comes back in the observation as plain
+    text (taken as it was, `<|image_pad|>` made the processor count one image too many and failed the step), and a
+    first call opened by pieces gives no AXPO prefix: there is no tag token to branch at (selecting it failed the
+    step too)."""
+    encode = lambda text: loop.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    pieces = lambda token: encode(token[0]) + encode(token[1:])  # noqa: E731
+    assert loop.tool_call_open_id not in pieces("<tool_call>")
+    call = lambda open_ids: (encode("<think>\nzoom\n</think>\n") + open_ids  # noqa: E731
+                             + encode('\n{"name": "image_zoom_in", "arguments": '
+                                      '{"bbox_2d": [0, 0, 500, 500], "label": "')
+                             + pieces("<|image_pad|>") + pieces("<|im_end|>") + encode('"}}\n')
+                             + [loop.tool_call_close_id])
+    answer = encode("<answer>\\boxed{7}</answer>")
+    agent = _scripted_loop(loop, [[call(pieces("<tool_call>")), answer], [call([loop.tool_call_open_id]), answer]])
+    image = Image.fromarray(np.random.default_rng(3).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    trajectories = agent.run([Task("Which digit?", [image], "7")], num_samples=2, rng=jax.random.key(0),
+                             params=SamplingParams()).trajectories
+    for trajectory in trajectories:
+        assert trajectory.finish_reason == "answer" and [t.statuses for t in trajectory.turns] == [["ok"], []]
+        assert len(trajectory.images) == 2
+        observation = loop.tokenizer.decode([t for t, m in zip(trajectory.token_ids[trajectory.prompt_length:],
+                                                               trajectory.policy_mask[trajectory.prompt_length:])
+                                             if not m])
+        assert "Zoomed in on <\u200b|image_pad|><\u200b|im_end|>" in observation
+    pieced, tagged = trajectories
+    assert pieced.used_tool and pieced.prefix_end is None
+    assert tagged.token_ids[tagged.prefix_end - 1] == loop.tool_call_open_id
+    rescored = _rescored_logprobs(loop, trajectories)  # every image token pairs with an image
+    for b, trajectory in enumerate(trajectories):
+        mask = np.asarray(trajectory.policy_mask, bool)
+        np.testing.assert_allclose(rescored[b, : len(mask) - 1][mask[1:]], np.asarray(trajectory.logprobs)[mask],
+                                   atol=1e-4)
+
+
+class _FixedObservations:
+    """An executor whose every call returns one observation: an image the processor refuses (an aspect ratio
+    over 200) for a turn that names a "sliver", else a small image."""
+
+    registry = build_registry([])
+
+    def submit(self, requests):
+        from concurrent.futures import Future
+
+        thin, fine = Image.new("RGB", (2000, 5)), Image.new("RGB", (64, 64))
+        future = Future()
+        future.set_result([[Observation("here", [thin if "sliver" in r.turn_text else fine])] for r in requests])
+        return future
+
+
+def test_an_observation_the_processor_refuses_ends_only_its_row(loop):
+    encode = lambda text: loop.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    turns = [ZOOM.replace("corner", "sliver"), "<answer>\\boxed{7}</answer>"], SCRIPTS[0]
+    agent = _scripted_loop(loop, [[encode(t) for t in s] for s in turns], executor=_FixedObservations())
+    image = Image.fromarray(np.random.default_rng(4).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    refused, fine = agent.run([Task("Which digit?", [image], "7")], num_samples=2, rng=jax.random.key(0),
+                              params=SamplingParams()).trajectories
+    assert refused.finish_reason == "bad_observation" and len(refused.images) == 1
+    assert refused.token_ids[-1] == loop.tool_call_close_id  # nothing after the turn that called the tool
+    assert fine.finish_reason == "answer" and len(fine.images) == 2
 
 
 def test_a_prompt_that_does_not_fit_skips_its_rows_and_the_others_roll_out(loop):

@@ -31,16 +31,18 @@ def function_schema(name: str, properties: dict, required: list[str]) -> dict:
 
 
 class Echo:
-    """Returns `text` `repeat` times and `images` blank images; reports the time budget it was given."""
+    """Returns `text` `repeat` times and `images` blank 4x4 images, the first `width` wide; reports the time budget
+    it was given."""
 
     name = "echo"
     schema = function_schema("echo", {"text": {"type": "string"}, "repeat": {"type": "integer"},
-                                      "images": {"type": "integer"}}, ["text"])
+                                      "images": {"type": "integer"}, "width": {"type": "integer"}}, ["text"])
 
     def __call__(self, arguments, context):
         if arguments["text"] == "budget":
             return Observation(text=f"{context.timeout_s:g}")
-        images = [Image.new("RGB", (4, 4)) for _ in range(arguments.get("images", 0))]
+        images = [Image.new("RGB", (arguments.get("width", 4) if i == 0 else 4, 4))
+                  for i in range(arguments.get("images", 0))]
         return Observation(text=arguments["text"] * arguments.get("repeat", 1), images=images)
 
     def close_session(self, session_id):
@@ -48,7 +50,8 @@ class Echo:
 
 
 class Misbehaving:
-    """Fails the way `mode` says: raise, sleep, refuse its input, return the wrong type, exit."""
+    """Fails the way `mode` says: raise, sleep, refuse its input, return the wrong type, exit, or overrun (stop
+    itself `seconds` past its budget and report its own timeout, as the python tool does)."""
 
     name = "misbehave"
     schema = function_schema("misbehave", {"mode": {"type": "string"}, "seconds": {"type": "number"}}, ["mode"])
@@ -64,6 +67,9 @@ class Misbehaving:
             return Observation(text="slept")
         if mode == "exit":
             raise SystemExit(3)
+        if mode == "overrun":
+            time.sleep(context.timeout_s + arguments["seconds"])
+            return Observation(text="[timeout: interrupted; a new kernel was started]", status=TIMEOUT)
         return "not an observation"
 
     def close_session(self, session_id):
@@ -82,7 +88,7 @@ def request(*calls: str, images=(), timeout_s: float = 12.0) -> ToolRequest:
 @pytest.fixture
 def executor():
     with ToolExecutor(ToolRegistry([Echo(), Misbehaving(), ImageZoomIn()]), max_workers=4, timeout_s=0.2,
-                      max_output_chars=120, max_output_images=2) as tool_executor:
+                      timeout_grace_s=0.5, max_output_chars=120, max_output_images=2) as tool_executor:
         yield tool_executor
 
 
@@ -104,7 +110,7 @@ def test_bad_json_and_unknown_tool(executor):
 
 @pytest.mark.parametrize("arguments, message", [
     ({}, "echo: missing required argument 'text'"),
-    ({"text": "a", "colour": "red"}, "echo: unknown argument 'colour' (expected: text, repeat, images)"),
+    ({"text": "a", "colour": "red"}, "echo: unknown argument 'colour' (expected: text, repeat, images, width)"),
     ({"text": 3}, "echo: argument 'text' must be of type string, got integer"),
     ({"text": "a", "repeat": 2.5}, "echo: argument 'repeat' must be of type integer, got number"),
     ({"text": "a", "repeat": True}, "echo: argument 'repeat' must be of type integer, got boolean"),
@@ -137,12 +143,17 @@ def test_tool_failures_become_observations(executor, mode, status, text):
     assert (observation.status, observation.text) == (status, text)
 
 
-def test_a_call_past_the_timeout_is_abandoned_and_the_turn_goes_on(executor):
+def test_a_call_past_budget_and_grace_is_abandoned_and_the_turn_goes_on(executor):
     start = time.perf_counter()
-    [[slow, after]] = executor.execute([request(call("misbehave", mode="sleep", seconds=1.0), call("echo", text="x"))])
-    assert time.perf_counter() - start < 0.6
-    assert (slow.status, slow.text) == (TIMEOUT, "Error: misbehave did not finish within 0.2 s")
+    [[slow, after]] = executor.execute([request(call("misbehave", mode="sleep", seconds=3.0), call("echo", text="x"))])
+    assert 0.7 <= time.perf_counter() - start < 1.5
+    assert (slow.status, slow.text) == (TIMEOUT, "Error: misbehave did not finish within 0.7 s")
     assert (after.status, after.text) == (OK, "x")
+
+
+def test_a_tool_stopping_itself_after_its_budget_reports_its_own_timeout(executor):
+    [[overrun]] = executor.execute([request(call("misbehave", mode="overrun", seconds=0.1))])
+    assert (overrun.status, overrun.text) == (TIMEOUT, "[timeout: interrupted; a new kernel was started]")
 
 
 def test_tools_get_a_budget_no_longer_than_the_wall_timeout(executor):
@@ -160,6 +171,30 @@ def test_oversized_output_is_truncated_with_a_note(executor):
     assert many_images.status == OUTPUT_TOO_LARGE and len(many_images.images) == 2
     assert many_images.text == "x\n[1 more images not shown: at most 2 per call]"
     assert both.text.endswith("not shown]\n[3 more images not shown: at most 2 per call]")
+
+
+def test_images_the_image_processor_cannot_take_are_dropped_with_a_note(executor):
+    [[echo, past_the_end, zoom]] = executor.execute([request(
+        call("echo", text="x", images=2, width=2000), call("image_zoom_in", bbox_2d=[0, 0, 1000, 1000], label="a",
+                                                           img_idx=1),
+        call("image_zoom_in", bbox_2d=[0, 0, 1000, 1000], label="b", img_idx=0))])
+    assert (echo.status, [image.size for image in echo.images]) == (TOOL_ERROR, [(4, 4)])
+    assert echo.text == ("x\n[a 2000x4 px image was dropped: an aspect ratio of 500:1; the model's image processor "
+                         "takes at most 200:1]")
+    # later calls see the kept image only, as image 0
+    assert past_the_end.status == BAD_ARGUMENTS and "img_idx 1 is out of range" in past_the_end.text
+    assert (zoom.status, zoom.images[0].size) == (OK, (512, 512))
+
+
+def test_zooming_into_ever_thinner_strips_never_yields_an_image_over_the_ratio(executor):
+    # each crop keeps its aspect ratio, so the third one (19045x55 today) would crash the image processor
+    req = request(call("image_zoom_in", bbox_2d=[0, 0, 1000, 100], label="strip", img_idx=0),
+                  call("image_zoom_in", bbox_2d=[0, 0, 1000, 1], label="thinner", img_idx=1),
+                  call("image_zoom_in", bbox_2d=[0, 0, 1000, 1], label="thinnest", img_idx=2),
+                  images=[Image.new("RGB", (2000, 1500))])
+    [observations] = executor.execute([req])
+    assert all(max(image.size) / min(image.size) <= 200 for o in observations for image in o.images)
+    assert all(o.images or (o.status == TOOL_ERROR and "px image was dropped" in o.text) for o in observations)
 
 
 def test_requests_run_concurrently(executor):

@@ -66,6 +66,8 @@ def test_a_call_cut_at_its_stop_tag_is_complete():
     ('{"name": "search", "arguments": [1]}', '"arguments" must be a JSON object, got a JSON array'),
     ('{"name": "search", "arguments": "{query: q}"}', '"arguments" is a string that is not valid JSON'),
     ("[" * 100_000, "nested too deeply"),
+    ('{"name": "search", "arguments": "%s"}' % ("[" * 100_000), "nested too deeply"),
+    ('{"name": "x", "arguments": {"a": %s}}' % ("1" * 4301), "cannot be read"),  # past Python's int-digit limit
 ])
 def test_malformed_calls_become_bad_json_observations_saying_why(body, fragment):
     [observation] = parse_tool_calls(f"<tool_call>\n{body}\n</tool_call>")

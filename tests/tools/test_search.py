@@ -79,10 +79,17 @@ WEB_RESULTS = [
     {"title": "Bare", "link": "huggingface.co/x", "snippet": "no scheme"},
 ]
 
+AWKWARD_RESULTS = [
+    {"title": "Broken", "link": "http://[::1", "snippet": "urlsplit raises"},
+    {"title": "Qualified", "link": "HTTPS://HuggingFace.CO./x", "snippet": "trailing dot"},
+    {"title": "Qualified docs", "link": "https://Docs.HuggingFace.co./y", "snippet": "subdomain, trailing dot"},
+    {"title": "Paper", "link": "https://arxiv.org./abs/1", "snippet": "the paper"},
+]
+
 
 class SearchServer(BaseHTTPRequestHandler):
-    """POST /search: results under "organic"; GET /web: under "web.results"; /error: 500; /slow: no answer in
-    1 s; /junk: not a result list."""
+    """POST /search: results under "organic"; /awkward: AWKWARD_RESULTS likewise; GET /web: under "web.results";
+    /error: 500; /slow: no answer in 1 s; /junk: not a result list."""
 
     received: list[dict] = []
 
@@ -91,6 +98,8 @@ class SearchServer(BaseHTTPRequestHandler):
         self.received.append({"path": self.path, "body": body, "key": self.headers.get("X-API-KEY")})
         if self.path == "/search":
             self._reply(200, {"organic": WEB_RESULTS[:body["num"]]})
+        elif self.path == "/awkward":
+            self._reply(200, {"organic": AWKWARD_RESULTS})
         elif self.path == "/slow":
             time.sleep(1.0)  # then no reply: the client gave up long ago
         elif self.path == "/junk":
@@ -140,6 +149,13 @@ def test_http_backend_posts_the_template_and_drops_excluded_domains(server, monk
     assert SearchServer.received == [{"path": "/search", "body": {"q": "what is axpo", "num": 5}, "key": "secret"}]
     assert results == [{"title": "Lookalike", "url": "https://nothuggingface.co/a", "snippet": "kept"},
                        {"title": "Paper", "url": "https://arxiv.org/abs/1", "snippet": "the paper"}]
+
+
+@pytest.mark.parametrize("excluded", ["huggingface.co", ".HuggingFace.CO."])
+def test_http_backend_drops_malformed_urls_and_compares_normalised_hosts(server, monkeypatch, excluded):
+    monkeypatch.setenv("TEST_SEARCH_KEY", "secret")
+    results = serper_like(server + "/awkward", excluded_domains=(excluded,)).search("q", 5)
+    assert results == [{"title": "Paper", "url": "https://arxiv.org./abs/1", "snippet": "the paper"}]
 
 
 def test_http_backend_get_with_nested_results(server):

@@ -126,6 +126,8 @@ def test_rl_mode_refuses_bad_sampling_and_update_fields_before_loading(tmp_path)
                                 ("updates_per_step", 1000, r"updates_per_step must be .* \(\d+\), got 1000"),
                                 ("questions_per_step", 0, r"questions_per_step must be an int >= 1, got 0"),
                                 ("skip_zero_signal_steps", None, r"skip_zero_signal_steps must be True or False"),
+                                ("reward_kind", "judge", r"reward_kind must be one of \('exact', .*got 'judge'"),
+                                ("reward_kind", "exct", r"reward_kind must be one of"),
                                 ("algo", "grpoo", r"\(algo, axpo, advantage\): unknown advantage estimator 'grpoo'"),
                                 ("advantage", dict(std_normalize=True, eps=1e-6, ddof=0, truncation="drop"),
                                  r"\(algo, axpo, advantage\): GRPOConfig.truncation=.drop.; expected"),
