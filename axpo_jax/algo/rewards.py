@@ -277,17 +277,18 @@ def parse_choice(text: str) -> str | None:
 
 
 def choice_match(prediction: str, reference: Reference) -> bool:
-    """Both sides name the same option letter (`parse_choice`); a reference that is not a letter is compared by
-    `exact_match` (some datasets store the option's text as the answer)."""
-    p = parse_choice(prediction)
-    for ref in _references(reference):
-        r = parse_choice(ref)
-        if r is None:
-            if exact_match(prediction, ref):
-                return True
-        elif p == r:
-            return True
-    return False
+    """The first reference is the answer: an option letter, or (some datasets store it so) the option's text; the
+    others are texts of the right option (`eval.benchmarks.base.choice_references` gives [letter, option text]).
+
+    A prediction that names a letter (`parse_choice`) is right when it names the answer's letter; one that does
+    not is right when it equals a reference's text (`exact_match`). The later references are never read as
+    letters: an option whose text looks like one ("C", "II") would otherwise make its look-alike letter right.
+    """
+    refs = _references(reference)
+    predicted, answer = parse_choice(prediction), parse_choice(refs[0])
+    if predicted is not None:
+        return predicted == answer
+    return any(exact_match(prediction, ref) for ref in refs if ref is not refs[0] or answer is None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0 (0: greedy), got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] (1: off), got {self.top_p}")
-        if int(self.top_k) != self.top_k or self.top_k < 0:
+        if not np.isfinite(self.top_k) or int(self.top_k) != self.top_k or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0: off), got {self.top_k}")
         if not np.isfinite(self.presence_penalty):
             raise ValueError(f"presence_penalty must be finite, got {self.presence_penalty}")
@@ -354,7 +354,13 @@ class Sampler:
     @staticmethod
     def fork(logits_bv, cache: KVCache, source_rows):
         """Row r of the result continues row source_rows[r]: a prefix forked K ways, without recomputing it."""
-        rows = jnp.asarray(source_rows, jnp.int32)
+        rows = np.asarray(source_rows)
+        batch = logits_bv.shape[0]
+        # checked on the host: jnp.take fills an out-of-range row with NaN logits and a garbage cache length, and
+        # wraps a negative one, and the decode would then run on them without a word
+        if rows.ndim != 1 or not np.issubdtype(rows.dtype, np.integer) or ((rows < 0) | (rows >= batch)).any():
+            raise ValueError(f"source_rows must be a list of integer rows in [0, {batch}), got {rows.tolist()}")
+        rows = jnp.asarray(rows, jnp.int32)
         return jnp.take(logits_bv, rows, axis=0), cache.take_rows(rows)
 
     # ----------------------------------------------------------------------------------------------- decode

@@ -187,6 +187,9 @@ class RLTrainer:
             # rows whose prompt did not fit the KV cache (skipped by the agent loop, reward 0)
             "prompt_too_long_rate": float(everywhere([t.finish_reason == "prompt_too_long"
                                                       for t in trajectories]).mean()),
+            # rows ended by a tool observation the processor refused (AgentLoop._observation_chunk; reward 0)
+            "bad_observation_rate": float(everywhere([t.finish_reason == "bad_observation"
+                                                      for t in trajectories]).mean()),
             # rollouts cut off by the turn, token or cache limit (excluded from training with truncation "exclude")
             "truncated_rate": float(truncated_qn.mean()),
             "resamples_used": int(resample_rewards_sk.size),

@@ -124,6 +124,19 @@ def test_choice_match():
     assert not R.choice_match("A man", "A")
 
 
+@pytest.mark.parametrize("prediction, ok", [
+    ("A", True), ("(a)", True), ("blue", True), ("(A) blue", True),  # the letter, or the option's text
+    ("C", False), ("(C) C", False), ("B", False), ("(B) blue", False),
+])
+def test_choice_match_reads_only_the_first_reference_as_a_letter(prediction, ok):
+    # choice_references' [letter, option text] for options ["blue", ...]; and for an option whose text looks like
+    # a letter (options ["C", "A", "D", "B"], answer A: references ["A", "C"]) a "C" names option C, a wrong one
+    assert R.choice_match(prediction, ["A", "blue"] if "blue" in prediction else ["A", "C"]) == ok
+    # options ["I", "II", ...], answer A: "I" names option I; "II" is no letter, so it restates option B's text
+    assert not R.choice_match("I", ["A", "I"]) and R.choice_match("(A) I", ["A", "I"])
+    assert R.choice_match("II", ["B", "II"]) and not R.choice_match("II", ["A", "I"])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # math
 

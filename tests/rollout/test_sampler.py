@@ -122,6 +122,9 @@ def test_fork_continues_exactly_like_the_source(models, sampler):
 
     sampled, _, _ = sampler.decode(forked_logits, forked_cache, jax.random.key(3), SamplingParams(), 6)
     assert len({tuple(r) for r in sampled.tokens_bn}) > 1  # K independent continuations of one prefix
+    for rows in ([4, 0, 0, 0], [-1, 0, 0, 0], [0.5, 1, 1, 1]):  # taken as they were: NaN rows, wrapping, row 0
+        with pytest.raises(ValueError, match=r"source_rows must be a list of integer rows in \[0, 4\)"):
+            sampler.fork(prefix_logits, prefix_cache, rows)
 
 
 def test_stop_tokens_and_stop_sequences(models):
@@ -234,7 +237,9 @@ def test_sampling_params_refuse_values_that_would_decode_nonsense():
     SamplingParams(temperature=0.0, top_p=1.0, top_k=0)  # greedy, filters off
     for bad, match in ((dict(temperature=-0.5), "temperature"), (dict(temperature=float("nan")), "temperature"),
                        (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
-                       (dict(top_k=2.5), "top_k"), (dict(presence_penalty=float("inf")), "presence_penalty")):
+                       (dict(top_k=2.5), "top_k"), (dict(top_k=float("nan")), "top_k must be an integer"),
+                       (dict(top_k=float("inf")), "top_k must be an integer"),
+                       (dict(presence_penalty=float("inf")), "presence_penalty")):
         with pytest.raises(ValueError, match=match):
             SamplingParams(**bad)
 

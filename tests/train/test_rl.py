@@ -50,6 +50,7 @@ def test_axpo_step(loop):  # noqa: F811
     assert out.metrics["axpo/triggered_frac"] == 0.5
     assert out.metrics["tool_use_rate"] == 0.75 and out.metrics["pass@1"] == 0.25
     assert out.metrics["signal_group_rate"] == 0.5  # task 1's rewards differ, task 0's do not
+    assert out.metrics["bad_observation_rate"] == 0 and out.metrics["prompt_too_long_rate"] == 0
     np.testing.assert_allclose(adv.grpo_adv_qn[1], [-1, 1], atol=1e-5)  # the untriggered group is plain GRPO
     assert np.isfinite(out.metrics["loss"]) and out.metrics["skipped_updates"] == 0
     assert out.metrics["sampler_trainer_logprob_gap"] < 1e-3
