@@ -89,8 +89,16 @@ def _check_run_config(path: str, run_config: dict, *, write: bool = True) -> Non
     """Records of one output directory must all come from the same checkpoint and settings (every process checks;
     the one that `write`s records the settings of a new directory)."""
     if os.path.isfile(path):
-        with open(path) as file:
-            previous = json.load(file)
+        try:
+            with open(path, encoding="utf-8") as file:
+                previous = json.load(file)
+            if not isinstance(previous, dict):
+                raise ValueError(f"expected a JSON object, got {type(previous).__name__}")
+        except (OSError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError: a damaged file
+            raise ModeError(f"{path} is unreadable ({error}); it records the settings of the results in "
+                            f"{os.path.dirname(path)}: restore it, or delete it if this run's settings are those "
+                            f"the records were made with (it is then written again), or use a new "
+                            f"--config.output_dir") from None
         changed = [f"{key}: {previous.get(key)!r} -> {value!r}" for key, value in run_config.items()
                    if previous.get(key) != value]
         if changed:
@@ -99,8 +107,12 @@ def _check_run_config(path: str, run_config: dict, *, write: bool = True) -> Non
         return
     if write:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as file:
+        partial = path + ".partial"  # renamed into place once whole: a crash never leaves half a file
+        with open(partial, "w", encoding="utf-8") as file:
             json.dump(run_config, file, indent=1)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
 
 
 def run(config) -> dict:

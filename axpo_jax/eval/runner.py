@@ -2,11 +2,12 @@
 sample scored, one record per question.
 
 Batches are fixed by position (question i is in batch i // batch_size) and each batch samples with its own key,
-`fold_in(benchmark key, batch number)`; a batch that is short (the last one, or one whose other questions already
-have records) is padded with copies of its last question to `batch_size` questions, whose trajectories are
-dropped. So every batch has the same shape (one compiled sampler per run) and a question's samples depend only
-on the seed and its batch's questions: a resumed run redoes nothing that has a record and reproduces an
-uninterrupted run exactly when it stopped between batches.
+`fold_in(benchmark key, batch number)`; the last batch, when short, is padded with copies of its last question to
+`batch_size` questions, whose trajectories are dropped. So every batch has the same shape (one compiled sampler
+per run) and a question's samples depend only on the seed, its batch's questions and its row among them. A
+resumed run skips every batch whose questions all have records and reruns a batch that has some (a crash cut its
+append short) whole, as first formed, keeping only the records it lacked: it reproduces an uninterrupted run
+exactly, wherever that stopped.
 
 Multi-host (an agent on a mesh over several processes, e.g. evaluation during a multi-host RL run): each process
 rolls out its share of every batch's questions and runs their tools, the way RL steps split their questions;
@@ -69,8 +70,9 @@ def run_benchmark(agent: AgentLoop, items: Sequence[EvalItem], rng, settings: Ev
                   judge: JudgeFn | None = None, batch_size: int = 8, store: RecordStore | None = None,
                   prompt_suffix: str = "", save_responses: bool = False, progress=None) -> tuple[list[dict], int]:
     """Runs every question that has no record in `store`; returns (every question's record in order, the number
-    of questions run now). `rng` is the benchmark's key (`benchmark_key`); `progress` (a tqdm bar or None) counts
-    finished questions, those with records included."""
+    of questions recorded now: a batch rerun after a crash reruns its recorded ones too, uncounted). `rng` is the
+    benchmark's key (`benchmark_key`); `progress` (a tqdm bar or None) counts finished questions, those with
+    records included."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     done = store.load() if store is not None else {}
@@ -86,9 +88,11 @@ def run_benchmark(agent: AgentLoop, items: Sequence[EvalItem], rng, settings: Ev
     ran = 0
     shard = distributed.data_shard(agent.mesh)
     for batch in range(math.ceil(len(items) / batch_size)):
-        indices = [i for i in range(batch * batch_size, min((batch + 1) * batch_size, len(items))) if i not in done]
-        if not indices:
+        indices = list(range(batch * batch_size, min((batch + 1) * batch_size, len(items))))
+        missing = [i for i in indices if i not in done]
+        if not missing:
             continue
+        # every question of the batch, recorded or not: rows and the key decide the samples (module docstring)
         tasks = [items[i].task(prompt_suffix) for i in indices]
         tasks += [tasks[-1]] * (batch_size - len(tasks))  # same shape every batch; padding rows are dropped
         tasks, mine = process_share(tasks, settings.num_samples, shard)  # one process: all of them
@@ -99,7 +103,7 @@ def run_benchmark(agent: AgentLoop, items: Sequence[EvalItem], rng, settings: Ev
         del rollout  # frees the batch's KV cache before scoring (a judge may take a while)
         records = []
         for position, index in enumerate(indices):
-            if position not in by_task:  # another process's question
+            if index in done or position not in by_task:  # kept from before, or another process's question
                 continue
             item = items[index]
             trajectories = sorted(by_task[position], key=lambda t: t.sample_index)
@@ -109,13 +113,13 @@ def run_benchmark(agent: AgentLoop, items: Sequence[EvalItem], rng, settings: Ev
                             "references": item.references, "samples": samples})
         if shard.count > 1:  # every process's records (processes of one data shard made the same ones)
             gathered = {r["index"]: r for part in distributed.allgather_json(records) for r in part}
-            records = [gathered[index] for index in indices]
+            records = [gathered[index] for index in missing]
         if store is not None and distributed.is_primary():
             store.append(records)
         done.update({record["index"]: record for record in records})
-        ran += len(indices)
+        ran += len(missing)
         if progress is not None:
-            progress.update(len(indices))
+            progress.update(len(missing))
     return [done[i] for i in range(len(items))], ran
 
 

@@ -1,6 +1,6 @@
 """Each benchmark reader on a tiny copy of its published files: question text and options, images decoded (by
 colour, so each question got its own image), reference answers and scorer; and one-line errors that name the
-file (and row) for a missing file or a malformed row."""
+file (and row) for a missing file, a malformed row or a truncated image."""
 
 import base64
 import json
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from axpo_jax.eval.benchmarks import BENCHMARKS, BenchmarkDataError
+from axpo_jax.eval.benchmarks import BENCHMARKS, BenchmarkDataError, load_benchmark
 from axpo_jax.eval.benchmarks.dynamath import read_dynamath
 from axpo_jax.eval.benchmarks.hrbench import read_hrbench4k, read_hrbench8k
 from axpo_jax.eval.benchmarks.hrmmsearch import read_hrmmsearch
@@ -17,6 +17,7 @@ from axpo_jax.eval.benchmarks.mathvr import read_mathvr
 from axpo_jax.eval.benchmarks.mmsearch import read_mmsearch
 from axpo_jax.eval.benchmarks.visualprobe import read_visualprobe
 from axpo_jax.eval.benchmarks.vstar import read_vstar
+from axpo_jax.eval.scoring import is_correct
 from tests.config_files import config_module
 from tests.eval import published_files as pf
 
@@ -70,6 +71,33 @@ def test_vstar_errors(tmp_path):
         file.write('{"image": "x.jpg", "text": \n')
     with pytest.raises(BenchmarkDataError, match=r"test_questions.jsonl:1: not valid JSON"):
         read_vstar(folder)
+
+
+def test_truncated_images_stop_the_run_before_it_starts(tmp_path):
+    """A header that parses with the data cut short passes the readers; loading decodes the questions a run will
+    ask, so the run stops before the model loads, naming the file and row, not in the middle of the run."""
+    folder = pf.write_vstar(str(tmp_path))
+    path = os.path.join(folder, "relative_position", "sa_9.jpg")  # question 2's image
+    data = pf.image_bytes((10, 10, 200), (400, 300), "JPEG")
+    open(path, "wb").write(data[: len(data) // 2])
+    items = read_vstar(folder)
+    assert len(items) == 3  # the header is fine
+    assert len(load_benchmark("vstar", "", folder, max_questions=2)[1]) == 2  # only the asked questions are decoded
+    with pytest.raises(BenchmarkDataError, match=rf"test_questions.jsonl:3: {path} \(question vstar/2\) cannot be "
+                                                 r"decoded \(image file is truncated"):
+        load_benchmark("vstar", "", folder)
+    with pytest.raises(BenchmarkDataError, match=rf"vstar/2: cannot decode .*test_questions.jsonl:3: {path}"):
+        items[2].task()  # decoding a batch: the question and file are named too
+
+    tsv = pf.write_hrbench(str(tmp_path), "4k")
+    lines = open(tsv).read().splitlines()
+    cells = lines[2].split("\t")
+    cells[-1] = base64.b64encode(pf.image_bytes((1, 2, 3), (300, 300))[:200]).decode()  # a PNG cut at 200 bytes
+    lines[2] = "\t".join(cells)
+    open(tsv, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(BenchmarkDataError, match=r"hr_bench_4k.tsv:3 column 'image': the embedded image \(question "
+                                                 r"hrbench4k/1\) cannot be decoded"):
+        load_benchmark("hrbench4k", "", tsv)
 
 
 # ---------------------------------------------------------------------------------------------------- HR-Bench
@@ -211,6 +239,9 @@ def test_mathvr_errors(tmp_path):
                      [{"id": "5", "question": "See <image1>.", "image1": None, "answers": "1"}])
     with pytest.raises(BenchmarkDataError, match=r"row 0: the question shows <image1> but field 'image1' is empty"):
         read_mathvr(folder)
+    pf.write_parquet(os.path.join(folder, "data", "test-00000-of-00001.parquet"),
+                     [{"id": "6", "question": "Find x and y.", "answers": ["3", None, "4"]}])
+    assert read_mathvr(folder)[0].references == ["3; 4"]  # a null sub-answer is none, not "None"
 
 
 # ------------------------------------------------------------------------------------------ search benchmarks
@@ -240,6 +271,10 @@ def test_search_benchmark_errors(tmp_path):
     with pytest.raises(BenchmarkDataError,
                        match=r"end2end.parquet row 0: field 'alternative_gt_answers' is not a list"):
         read_mmsearch(path)
+    pf.write_parquet(path, [{"sample_id": "0", "query": "q", "gt_answer": "Spain",
+                             "alternative_gt_answers": json.dumps(["La Roja", None, ""])}])
+    (item,) = read_mmsearch(path)
+    assert item.references == ["Spain", "La Roja"] and not is_correct(item, "None")  # null is no answer
     folder = pf.write_hrmmsearch(str(tmp_path))
     pf.write_parquet(os.path.join(folder, "data", "train-00000-of-00001.parquet"),
                      [{"sample_id": "1", "query": "q", "ground_truth": "x"}])

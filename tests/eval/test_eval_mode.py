@@ -1,10 +1,12 @@
 """The `eval` mode end to end on the tiny checkpoint and two tiny benchmarks (V* and HR-Bench 4K as published):
 through launch.py (JSON line, results.json, the paper-style markdown table), resumed after a partial run (the
 finished questions are not run again and every record equals the uninterrupted run's), refusing to mix settings
-in one output directory, and evaluating an orbax checkpoint's parameters."""
+in one output directory (or to guess them from a damaged run_config.json), and evaluating an orbax checkpoint's
+parameters."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from flax import nnx
 
 from axpo_jax.eval.benchmarks import BENCHMARKS
 from axpo_jax.eval.policy import load_policy
-from axpo_jax.eval.run import benchmark_tools, load_judge, run, search_backend
+from axpo_jax.eval.run import _check_run_config, benchmark_tools, load_judge, run, search_backend
 from axpo_jax.modes import ModeError
 from axpo_jax.models import qwen3_vl
 from axpo_jax.train.checkpoints import Checkpointer
@@ -100,18 +102,20 @@ def test_launch_writes_results_and_table(launched, tiny_checkpoint):
 
 
 def test_resume_skips_finished_questions_and_matches(launched, tiny_checkpoint, data_dir, tmp_path):
-    """A run stopped after the first batch of each benchmark leaves that batch's records (what a killed run
-    leaves behind); rerunning into the same directory runs only the rest, and ends with the uninterrupted run's
-    records and figures."""
+    """What a run killed while appending records leaves behind: V* stopped partway through its first batch's
+    records (question 0's written, question 1's cut mid-line), HR-Bench 4K after its first batch with the last
+    record whole but without its newline. Rerunning into the same directory runs only the rest (V*'s first batch
+    again as first formed: the same rows and key), and ends with the uninterrupted run's records and figures."""
     full_dir, full_result, _ = launched
     output_dir = tmp_path / "resumed"
     (output_dir / "records").mkdir(parents=True)
     for name in ("vstar", "hrbench4k"):
         lines = open(os.path.join(full_dir, "records", f"{name}.jsonl")).read().splitlines(keepends=True)
-        (output_dir / "records" / f"{name}.jsonl").write_text("".join(lines[:2]) + lines[2][:40])  # cut mid-write
+        cut = lines[0] + lines[1][:40] if name == "vstar" else lines[0] + lines[1].rstrip("\n")
+        (output_dir / "records" / f"{name}.jsonl").write_text(cut)
     config = _config(checkpoint=tiny_checkpoint, data_dir=data_dir, output_dir=str(output_dir))
     result = run(config)
-    assert result["questions_run"] == 2 and result["questions_resumed"] == 4
+    assert result["questions_run"] == 3 and result["questions_resumed"] == 3
     assert _records(str(output_dir)) == _records(full_dir)  # same samples, answers, scores and texts
     for key, value in full_result.items():
         if key.startswith("eval/"):
@@ -120,6 +124,17 @@ def test_resume_skips_finished_questions_and_matches(launched, tiny_checkpoint, 
     config.num_samples = 3
     with pytest.raises(ModeError, match=r"other settings \(settings: .*'num_samples': 2.*'num_samples': 3"):
         run(config)
+
+
+def test_run_config_written_whole_and_a_damaged_one_named(tmp_path):
+    path = str(tmp_path / "out" / "run_config.json")
+    settings = {"checkpoint": "/ck", "seed": 0}
+    _check_run_config(path, settings)
+    assert json.load(open(path)) == settings and os.listdir(tmp_path / "out") == ["run_config.json"]
+    _check_run_config(path, settings)  # the same settings: resumes
+    open(path, "w").write(json.dumps(settings)[:12])  # cut short, e.g. by a full disk
+    with pytest.raises(ModeError, match=re.escape(path) + r" is unreadable \(.*\); it records the settings"):
+        _check_run_config(path, settings)
 
 
 def test_unknown_benchmark_and_missing_data(tiny_checkpoint, tmp_path):

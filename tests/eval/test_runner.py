@@ -1,7 +1,7 @@
 """Evaluation through the real agent loop on the tiny checkpoint, with a scripted policy whose answers and tool
 calls are known: Pass@k, tool use, failures per category and turns come out as hand-computed; records are written,
-reused on a rerun (nothing is run again) and padded batches drop their padding; scoring by benchmark kind or by a
-judge; truncated record files."""
+reused on a rerun (nothing is run again), a batch cut short while its records were written is rerun as it was
+formed, and padded batches drop their padding; scoring by benchmark kind or by a judge; truncated record files."""
 
 import json
 
@@ -99,6 +99,19 @@ def test_records_resume_and_padding(agent, tmp_path):
                                store=store, save_responses=True)
     assert ran == 0 and again == records and agent._samplers[4].decode_calls == 0
 
+    # killed while appending batch 0: q0's record written, q1's cut mid-line. q1 must get rows 2 and 3 again (the
+    # script gives rows 0 and 1 other answers), so batch 0 runs whole and only q1's record is added
+    lines = open(store.path).read().splitlines(keepends=True)
+    open(store.path, "w").write(lines[0] + lines[1][:30])
+    _script(agent, [
+        [answer("A"), answer("C")], [answer("(A)"), answer("red")],
+        [answer("7"), answer("C")], [answer("8"), answer("C")],
+    ])
+    resumed, ran = run_benchmark(agent, items, benchmark_key(jax.random.key(1), "toy"), SETTINGS, batch_size=2,
+                                 store=store, save_responses=True)
+    assert ran == 2 and resumed == records
+    assert sorted(store.load().values(), key=lambda r: r["index"]) == records
+
     wrong = [EvalItem("other", "x", "q", [], ["1"], "exact")] + items[1:]
     with pytest.raises(ValueError, match="made from other data"):
         run_benchmark(agent, wrong, jax.random.key(0), SETTINGS, batch_size=2, store=store)
@@ -107,8 +120,8 @@ def test_records_resume_and_padding(agent, tmp_path):
 def test_record_store_drops_a_truncated_last_line(tmp_path):
     store = RecordStore(str(tmp_path / "r.jsonl"))
     store.append([{"index": 0, "task_id": "a"}, {"index": 1, "task_id": "b"}])
-    with open(store.path, "a") as file:
-        file.write('{"index": 2, "task_id": "c", "sam')  # a crash mid-write
+    with open(store.path, "ab") as file:
+        file.write('{"index": 2, "task_id": "c", "answer": "2π'.encode()[:-1])  # a crash mid-write, inside the π
     assert sorted(store.load()) == [0, 1]
     store.append([{"index": 2, "task_id": "c"}])
     assert sorted(store.load()) == [0, 1, 2]
@@ -117,6 +130,17 @@ def test_record_store_drops_a_truncated_last_line(tmp_path):
         file.write("not json\n")  # complete but malformed: an error, not silently dropped
     with pytest.raises(ValueError, match=r"r.jsonl:4: not a valid record"):
         store.load()
+
+
+def test_record_store_keeps_a_whole_last_record_without_its_newline(tmp_path):
+    store = RecordStore(str(tmp_path / "r.jsonl"))
+    store.append([{"index": 0, "task_id": "a"}])
+    with open(store.path, "a", encoding="utf-8") as file:
+        file.write(json.dumps({"index": 1, "task_id": "b", "answer": "2π"}, ensure_ascii=False))  # crash before "\n"
+    assert sorted(store.load()) == [0, 1]  # counted as finished, so it must stay on disk
+    store.append([{"index": 2, "task_id": "c"}])
+    assert [json.loads(line)["index"] for line in open(store.path, encoding="utf-8")] == [0, 1, 2]
+    assert store.load()[1]["answer"] == "2π"
 
 
 def test_scoring_by_kind_and_judge():

@@ -12,7 +12,7 @@ import dataclasses
 import os
 from collections.abc import Callable
 
-from axpo_jax.eval.benchmarks.base import BenchmarkDataError, EvalItem, ImageSource
+from axpo_jax.eval.benchmarks.base import BenchmarkDataError, EvalItem, ImageSource, check_images
 from axpo_jax.eval.benchmarks.dynamath import read_dynamath
 from axpo_jax.eval.benchmarks.hrbench import read_hrbench4k, read_hrbench8k
 from axpo_jax.eval.benchmarks.hrmmsearch import read_hrmmsearch
@@ -54,12 +54,15 @@ def benchmark_spec(name: str) -> BenchmarkSpec:
 
 def load_benchmark(name: str, data_dir: str, path: str = "", max_questions: int = 0) -> tuple[str, list[EvalItem]]:
     """(the path read, its questions): `path` if given, else the published download's place under `data_dir`;
-    only the first `max_questions` when > 0."""
+    only the first `max_questions` when > 0. Their images are decoded once here (`check_images`): a truncated
+    one stops the run now, not hours into it."""
     path = path or os.path.join(data_dir, benchmark_spec(name).default_path)
     items = benchmark_spec(name).reader(path)
     if not items:
         raise BenchmarkDataError(f"benchmark {name}: {path} holds no questions")
-    return path, items[:max_questions] if max_questions > 0 else items
+    items = items[:max_questions] if max_questions > 0 else items
+    check_images(items)
+    return path, items
 
 
 __all__ = ["BENCHMARKS", "BenchmarkDataError", "BenchmarkSpec", "EvalItem", "ImageSource", "benchmark_spec",

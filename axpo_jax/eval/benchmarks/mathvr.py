@@ -46,7 +46,7 @@ def read_mathvr(path: str) -> list[EvalItem]:
             images.append(image_from_feature(row[field], f"{where} field {field!r}"))
         answers = require(row, "answers", where, (str, list, int, float))
         if isinstance(answers, list):
-            parts = [str(a).strip() for a in answers if str(a).strip()]
+            parts = [str(a).strip() for a in answers if a is not None and str(a).strip()]  # null: not "None"
             if not parts:
                 raise BenchmarkDataError(f"{where}: field 'answers' is an empty list")
             reference = "; ".join(parts)

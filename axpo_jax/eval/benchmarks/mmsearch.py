@@ -48,7 +48,7 @@ def _alternatives(value, where: str) -> list[str]:
             value = [text]
     if not isinstance(value, (list, tuple)):
         raise BenchmarkDataError(f"{where}: field 'alternative_gt_answers' must be a list, got {type(value).__name__}")
-    return [str(v).strip() for v in value if str(v).strip()]
+    return [str(v).strip() for v in value if v is not None and str(v).strip()]  # null is no answer, not "None"
 
 
 def read_mmsearch(path: str) -> list[EvalItem]:
