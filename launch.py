@@ -131,6 +131,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError, TypeError, ValueError) as e:
         # config_flags lets a missing field's AttributeError/KeyError escape flag parsing.
         _fail(_diagnose_overrides(argv) or _one_line(f"{type(e).__name__}: {e}"))
+    except OSError as e:  # a config file that cannot be loaded, met first by an override of one of its fields
+        _fail(_config_file_problem(_config_arg(argv)) or _one_line(f"{type(e).__name__}: {e}"))
     raise AssertionError("unreachable")
 
 

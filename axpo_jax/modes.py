@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
+import math
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -123,6 +126,79 @@ def require_positive_ints(config, *fields: str) -> None:
         value = config[field]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{field} must be an int >= 1, got {value!r}")
+
+
+def require_ints_at_least(config, minimum: int, *fields: str) -> None:
+    """ValueError unless each of the config's `fields` is an int >= minimum."""
+    for field in fields:
+        value = config[field]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{field} must be an int >= {minimum}, got {value!r}")
+
+
+def require_number(config, field: str, *, above: float | None = None, at_least: float | None = None,
+                   at_most: float | None = None) -> None:
+    """ValueError unless the config's `field` is a finite number in the given range: a NaN or negative learning
+    rate trains (it climbs the loss, or writes NaN weights) instead of failing."""
+    value = config[field]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{field} must be a finite number, got {value!r}")
+    for ok, bound in ((above is None or value > above, f"> {above}"), (at_least is None or value >= at_least,
+                      f">= {at_least}"), (at_most is None or value <= at_most, f"<= {at_most}")):
+        if not ok:
+            raise ValueError(f"{field} must be {bound}, got {value!r}")
+
+
+def require_optimizer_fields(config) -> None:
+    """learning_rate > 0, warmup_fraction in [0, 1], weight_decay >= 0, max_grad_norm > 0 (the clip's norm:
+    0 would zero every update)."""
+    require_number(config, "learning_rate", above=0)
+    require_number(config, "warmup_fraction", at_least=0, at_most=1)
+    require_number(config, "weight_decay", at_least=0)
+    require_number(config, "max_grad_norm", above=0)
+
+
+def require_workdir(path: str) -> None:
+    """ValueError when `path` exists and is not a folder (checkpoints, metrics and the result go inside it)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path!r} exists and is not a folder")
+
+
+def check_run_settings(path: str, settings: dict, *, write: bool, holds: str, option: str,
+                       compare: bool = True) -> None:
+    """The settings a folder's work was made with must be this run's: a resumed run refuses other settings.
+
+    `path` is the folder's JSON record of them; when it exists (and `compare`: the folder holds work to go on
+    from) its settings are compared with `settings` and any difference is a one-line ModeError naming it
+    (`holds` says what the folder holds, `option` the config field that picks another folder); otherwise the
+    process that may `write` records `settings`, atomically.
+    """
+    folder = os.path.dirname(path)
+    settings = json.loads(json.dumps(settings, default=str))  # as the file holds them: tuples as lists
+    if compare and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as file:
+                previous = json.load(file)
+            if not isinstance(previous, dict):
+                raise ValueError(f"expected a JSON object, got {type(previous).__name__}")
+        except (OSError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError: a damaged file
+            raise ModeError(f"{path} is unreadable ({error}); it records the settings of the {holds} in {folder}: "
+                            f"restore it, or delete it if this run's settings are those the {holds} were made "
+                            f"with (it is then written again), or use a new --config.{option}") from None
+        changed = [f"{key}: {previous.get(key)!r} -> {value!r}" for key, value in settings.items()
+                   if previous.get(key) != value]
+        if changed:
+            raise ModeError(f"{folder} holds {holds} of a run with other settings ({'; '.join(changed)}); use a new "
+                            f"--config.{option}, or delete that one to start over")
+        return
+    if write:
+        os.makedirs(folder, exist_ok=True)
+        partial = path + ".partial"  # renamed into place once whole: a crash never leaves half a file
+        with open(partial, "w", encoding="utf-8") as file:
+            json.dump(settings, file, indent=1)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
 
 
 def is_input_error(error: BaseException) -> bool:

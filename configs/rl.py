@@ -2,7 +2,9 @@
 
     python launch.py --config configs/rl.py --config.checkpoint=runs/sft/hf_checkpoint --config.tasks=tasks.jsonl
     python launch.py --config configs/rl.py:8b,v5p-16 --config.checkpoint=/mnt/gcs/<bucket>/sft_8b/hf_checkpoint \
-        --config.tasks=/mnt/gcs/<bucket>/rl_tasks.jsonl   (tpu/pod.py mounts gs://<bucket> at /mnt/gcs/<bucket>)
+        --config.tasks=/mnt/gcs/<bucket>/rl_tasks.jsonl --config.search_corpus=/mnt/gcs/<bucket>/corpus.jsonl
+        (tpu/pod.py mounts gs://<bucket> at /mnt/gcs/<bucket>; the presets give the policy the paper's three tools,
+        so search needs a backend: search_corpus for offline BM25, or search_endpoint + search_api_key_env)
 
 Without an argument: the tiny defaults the tests and the demo use (a synthetic task, CPU). With `<size>,<hardware>`
 (size: 2b | 4b | 8b | 32b; hardware: v5p-<cores> | v6e-<chips> | 8xh100 | 8xa100): the paper's recipe (N=8, K=4,
@@ -46,6 +48,8 @@ def get_config(arg=None):
     config.reward_kind = "exact"  # axpo_jax/algo/rewards.py: exact | numeric | choice | math | f1
     config.tools = ("image_zoom_in",)  # + "python", "search"
     config.search_corpus = ""  # JSONL corpus for the offline BM25 search backend
+    config.search_endpoint = ""  # or a JSON web-search API (tools/search.py HTTPSearchBackend) ...
+    config.search_api_key_env = ""  # ... with its key in this environment variable
 
     # the agent loop (paper: 3 turns in training)
     config.max_turns = 3

@@ -137,6 +137,9 @@ def test_bad_config_file_and_arg():
     proc = _launch("--config", "configs/does_not_exist.py")
     assert proc.returncode != 0
     assert "does_not_exist.py" in _error_line(proc)
+    proc = _launch("--config", "configs/does_not_exist.py", "--config.steps=3")  # an override met it first
+    assert proc.returncode == 2 and "config file 'configs/does_not_exist.py' not found" in _error_line(proc)
+    assert "Traceback" not in proc.stderr
 
     proc = _launch("--config", "configs/bench.py:bogus")
     assert proc.returncode != 0

@@ -178,7 +178,8 @@ def setup_script(tarball: str, digest: str) -> str:
         "set -euo pipefail",
         f'if [ -f {marker} ]; then echo "$(hostname): source {digest} already installed"; exit 0; fi',
         f"mkdir -p {REMOTE_REPO}",
-        f"find {REMOTE_REPO} -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {{}} +",
+        # the old source goes; the venv stays, and so does runs/ (a relative workdir's checkpoints live there)
+        f"find {REMOTE_REPO} -mindepth 1 -maxdepth 1 ! -name .venv ! -name runs -exec rm -rf {{}} +",
         f"tar -xzf ~/{tarball} -C {REMOTE_REPO}",
         f"cd {REMOTE_REPO}",
         "if [ ! -x .venv/bin/python ]; then if python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; "
@@ -452,8 +453,10 @@ def step_copy_checkpoints(g: Gcloud, t: Target, args) -> None:
         raise PodError(f"--to must be a gs:// path, got {args.to!r}")
     if args.workdir.startswith("gs://"):
         g.run(storage_rsync_command(args.workdir, args.to))  # bucket to bucket, from here
-    else:  # on the hosts' disks: each host sends what it has (rsync never deletes at the destination)
-        g.run(ssh_command(t, shlex.join(storage_rsync_command(args.workdir, args.to)), worker="all"))
+    else:  # on the hosts' disks: each host sends what it has (rsync never deletes at the destination); from the
+        # folder `launch` runs in, where a relative workdir lives
+        rsync = shlex.join(storage_rsync_command(args.workdir, args.to))
+        g.run(ssh_command(t, f"cd {REMOTE_REPO} && {rsync}", worker="all"))
 
 
 def step_delete(g: Gcloud, t: Target, args) -> None:

@@ -95,7 +95,10 @@ def tpu_slices(generation: str) -> list[tuple[str, int]]:
 def chips_of(accelerator_type: str) -> int:
     """Chips (= JAX devices) in a slice named like `v5p-64` or `v5litepod-16`."""
     head, _, size = accelerator_type.rpartition("-")
-    for prefix, _, chips_per_unit in _SLICE_SIZES.values():
-        if head == prefix and size.isdigit():
+    for prefix, sizes, chips_per_unit in _SLICE_SIZES.values():
+        if head == prefix:
+            if not (size.isdigit() and int(size) in sizes):  # v5p-15 or v6e-0 would make a mesh of 7 or 0 chips
+                raise ValueError(f"unknown accelerator type {accelerator_type!r}: {prefix} slices are "
+                                 f"{', '.join(f'{prefix}-{s}' for s in sizes)}")
             return int(int(size) * chips_per_unit)
     raise ValueError(f"unknown accelerator type {accelerator_type!r}; expected e.g. v5p-64, v6e-16, v5litepod-8, v4-32")

@@ -785,10 +785,11 @@ def _scripted_sampler_class():
             self.intervals.append((start, time.perf_counter()))
             return out
 
-        def decode(self, logits_bv, cache, rng, params, max_new_tokens, active_b=None):
+        def decode(self, logits_bv, cache, rng, params, max_new_tokens, active_b=None, max_new_b=None):
             start = time.perf_counter()
             active = np.ones(self.batch_size, bool) if active_b is None else np.asarray(active_b, bool)
-            turns = [script.pop(0)[:max_new_tokens] if active[b] and script else []
+            limits = np.full(self.batch_size, max_new_tokens) if max_new_b is None else np.asarray(max_new_b)
+            turns = [script.pop(0)[:limits[b]] if active[b] and script else []
                      for b, script in enumerate(self.scripts)]
             lengths = np.array([len(t) for t in turns], np.int32)
             width = min(bucket(int(lengths.max()), self.min_chunk), max_new_tokens)

@@ -5,6 +5,14 @@ import os
 from transformers import AutoProcessor, Qwen3VLProcessor
 from transformers.utils import is_torchvision_available
 
+from axpo_jax.models.qwen3_vl.config import CheckpointError
+
+# A Qwen2 tokenizer is read from tokenizer.json, or from vocab.json + merges.txt; transformers builds an empty
+# one-token tokenizer, without a word, when the folder has neither.
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+# The image processor's settings: preprocessor_config.json, or nested in processor_config.json.
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
 
 class Qwen3VLImageTextProcessor(Qwen3VLProcessor):
     """Qwen3VLProcessor without its video processor.
@@ -21,7 +29,27 @@ class Qwen3VLImageTextProcessor(Qwen3VLProcessor):
 
 def load_processor(path: str | os.PathLike) -> Qwen3VLProcessor:
     """Loads a Qwen3-VL processor folder (real checkpoint or tiny build): the full AutoProcessor when torchvision
-    is installed, otherwise the image+text processor, which needs only numpy and Pillow."""
-    if is_torchvision_available():
-        return AutoProcessor.from_pretrained(path)
-    return Qwen3VLImageTextProcessor.from_pretrained(path)
+    is installed, otherwise the image+text processor, which needs only numpy and Pillow.
+
+    A folder without tokenizer files, image processor settings or a chat template is a one-line CheckpointError
+    naming what is missing: transformers would otherwise build an empty tokenizer (and a run would train and
+    export it), fail with a multi-line OSError, or load a processor that cannot render any conversation.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} is not a folder; expected a Qwen3-VL checkpoint folder")
+    if not any(all(os.path.isfile(os.path.join(path, name)) for name in names) for names in TOKENIZER_FILE_SETS):
+        raise CheckpointError(f"{path} has no tokenizer files (tokenizer.json, or vocab.json and merges.txt)")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in IMAGE_PROCESSOR_FILES):
+        raise CheckpointError(f"{path} has no image processor settings ({' or '.join(IMAGE_PROCESSOR_FILES)})")
+    try:
+        if is_torchvision_available():
+            processor = AutoProcessor.from_pretrained(path)
+        else:
+            processor = Qwen3VLImageTextProcessor.from_pretrained(path)
+    except OSError as error:  # a file it needs is missing or unreadable: transformers' message spans lines
+        raise CheckpointError(f"{path}: cannot load the processor: {' '.join(str(error).split())}") from error
+    if not processor.chat_template:
+        raise CheckpointError(f"{path} has no chat template (chat_template.jinja or chat_template.json): "
+                              "conversations cannot be rendered")
+    return processor

@@ -428,10 +428,110 @@ def write_sft_jsonl(path: str | os.PathLike, conversations: Iterable[Sequence[di
     return count
 
 
+SFT_ROLES = ("system", "user", "assistant", "tool")
+# the keys transformers reads an image from: the file's records give it in "image" only (resolved against the
+# file's folder); a second key would be loaded as a second image the template has no placeholder for
+_OTHER_IMAGE_SOURCES = ("url", "path", "base64")
+_MISSING = object()  # a key the record does not have (None is a value the record gave)
+
+
+def check_conversation(messages: Any) -> None:
+    """ValueError naming the first message (`messages[i]`) whose shape the chat template cannot render or the
+    loss cannot train, so that a bad record is skipped when its file is scanned instead of failing mid-run.
+
+    Accepted are the forms `write_sft_jsonl` writes and the Qwen3-VL template renders: roles system, user,
+    assistant, tool (the template silently drops any other, e.g. "gpt"); content a string or a list of
+    `{"type": "text", "text": str}` and `{"type": "image", "image": path or PIL image}` items (no image in an
+    assistant turn: the policy writes none); assistant `tool_calls` a list of calls, each
+    `{"function": {"name", "arguments"}}` or flat `{"name", "arguments"}`, arguments an object or a JSON string
+    of one. The first message after any system ones is the user's, and at least one assistant turn is there to
+    train.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"'messages' must be a non-empty list of messages, got {_shown(messages)}")
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise ValueError(f"{where} must be an object with 'role' and 'content', got {_shown(message)}")
+        role = message.get("role")
+        if role not in SFT_ROLES:
+            raise ValueError(f"{where}: role must be one of {', '.join(SFT_ROLES)}, got {_shown(role)}")
+        where = f"{where} ({role})"
+        _check_content(message.get("content", _MISSING), where, images_allowed=role != "assistant")
+        calls = message.get("tool_calls")
+        if calls is not None:
+            if role != "assistant":
+                raise ValueError(f"{where}: only assistant turns have tool_calls (the template drops them)")
+            if not isinstance(calls, list):
+                raise ValueError(f"{where}: tool_calls must be a list of calls, got {_shown(calls)}")
+            for number, call in enumerate(calls):
+                _check_tool_call(call, f"{where} tool_calls[{number}]")
+    first = next((m["role"] for m in messages if m["role"] != "system"), None)
+    if first != "user":
+        raise ValueError(f"the first message after the system ones must be the user's, got {_shown(first)}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant turn: nothing to train")
+
+
+def _shown(value: Any) -> str:
+    """A value in an error message, cut short (a whole bad record would make the reason unreadable)."""
+    if value is _MISSING:
+        return "nothing"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _check_content(content: Any, where: str, *, images_allowed: bool) -> None:
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise ValueError(f"{where}: content must be a string or a list of text/image items, got {_shown(content)}")
+    for number, item in enumerate(content):
+        item_where = f"{where} content[{number}]"
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind == "text":
+            if not isinstance(item.get("text"), str):
+                raise ValueError(f"{item_where}: a text item's 'text' must be a string, got "
+                                 f"{_shown(item.get('text', _MISSING))}")
+            if any(key in item for key in ("image", "image_url", "video")):
+                raise ValueError(f"{item_where}: a text item with an image key (the template renders it as an "
+                                 "image)")
+        elif kind == "image":
+            if not images_allowed:
+                raise ValueError(f"{item_where}: an image in an assistant turn (the policy writes no image)")
+            other = [key for key in _OTHER_IMAGE_SOURCES if key in item]
+            if other:
+                raise ValueError(f"{item_where}: an image item gives its file in 'image' only (a path relative to "
+                                 f"the JSONL file), not in {other}")
+            image = item.get("image", _MISSING)
+            if not (isinstance(image, str) and image) and not isinstance(image, Image.Image):
+                raise ValueError(f"{item_where}: an image item's 'image' must be a file path, got {_shown(image)}")
+        else:
+            raise ValueError(f"{item_where}: content items must be {{'type': 'text', 'text': ...}} or "
+                             f"{{'type': 'image', 'image': ...}}, got {_shown(item)}")
+
+
+def _check_tool_call(call: Any, where: str) -> None:
+    if not isinstance(call, dict):
+        raise ValueError(f"{where}: a call must be an object with a function name, got {_shown(call)}")
+    function = call["function"] if "function" in call else call  # the template reads flat calls too
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise ValueError(f"{where}: a call needs a function name, got {_shown(call)}")
+    arguments = function.get("arguments", _MISSING)
+    if isinstance(arguments, str):  # rendered as it is: it must already be the JSON the tool parser reads
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            raise ValueError(f"{where}: arguments is a string but not JSON: {_shown(arguments)}") from None
+    if not isinstance(arguments, dict):
+        raise ValueError(f"{where}: arguments must be an object (or a JSON string of one), got {_shown(arguments)}")
+
+
 class SFTSource(grain.sources.RandomAccessDataSource):
     """The conversations of an SFT JSONL file with their images loaded as PIL (a grain random-access source).
 
-    The file is scanned once at construction: a record whose line is not valid JSON or whose image is missing
+    The file is scanned once at construction: a record whose line is not valid JSON, whose conversation has a
+    shape the chat template cannot render or nothing to train (`check_conversation`), or whose image is missing
     or cannot be decoded is skipped and counted (`skipped`, reasons in `skip_reasons`), so indices cover the good
     records only. With `validate_images=False` the images are only checked when a record is read; a bad one then
     makes `__getitem__` return None (counted in this process's `skipped`): filter Nones out downstream
@@ -451,6 +551,9 @@ class SFTSource(grain.sources.RandomAccessDataSource):
         self.skip_reasons.append(reason)
 
     def _decode(self, record: dict, load: bool) -> dict:
+        if not isinstance(record, dict):
+            raise ValueError(f"a record must be an object with 'messages', got {_shown(record)}")
+        check_conversation(record.get("messages", _MISSING))
         messages = []
         for message in record["messages"]:
             message = dict(message)

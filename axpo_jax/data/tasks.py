@@ -13,20 +13,14 @@ import json
 import os
 
 import grain
-from PIL import Image
 
+from axpo_jax.data.images import load_image  # imported from here by other modules too
 from axpo_jax.rollout.agent_loop import Task
 
 
 def images_dir(path: str) -> str:
     """The folder, beside a JSONL file, that holds its images: `<stem>_images` (paths in the file are relative)."""
     return os.path.splitext(os.path.basename(path))[0] + "_images"
-
-
-def load_image(path: str) -> Image.Image:
-    with Image.open(path) as image:
-        image.load()  # decode fully now: a truncated or corrupt file fails here, not later in the processor
-        return image.convert("RGB")
 
 
 class DataFileError(ValueError):

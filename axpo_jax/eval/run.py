@@ -26,7 +26,7 @@ import os
 import sys
 import time
 
-from axpo_jax.modes import ModeError, config_fields, require_positive_ints
+from axpo_jax.modes import ModeError, check_run_settings, config_fields, require_positive_ints
 
 
 def _log(message: str) -> None:
@@ -85,36 +85,6 @@ def benchmark_tools(spec, base_tools: list[str], search) -> tuple[list[str], str
                               f"config.search_api_key_env); the paper used web search")
 
 
-def _check_run_config(path: str, run_config: dict, *, write: bool = True) -> None:
-    """Records of one output directory must all come from the same checkpoint and settings (every process checks;
-    the one that `write`s records the settings of a new directory)."""
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as file:
-                previous = json.load(file)
-            if not isinstance(previous, dict):
-                raise ValueError(f"expected a JSON object, got {type(previous).__name__}")
-        except (OSError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError: a damaged file
-            raise ModeError(f"{path} is unreadable ({error}); it records the settings of the results in "
-                            f"{os.path.dirname(path)}: restore it, or delete it if this run's settings are those "
-                            f"the records were made with (it is then written again), or use a new "
-                            f"--config.output_dir") from None
-        changed = [f"{key}: {previous.get(key)!r} -> {value!r}" for key, value in run_config.items()
-                   if previous.get(key) != value]
-        if changed:
-            raise ModeError(f"{os.path.dirname(path)} holds results of a run with other settings ({'; '.join(changed)})"
-                            f"; use a new --config.output_dir, or delete that one to start over")
-        return
-    if write:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        partial = path + ".partial"  # renamed into place once whole: a crash never leaves half a file
-        with open(partial, "w", encoding="utf-8") as file:
-            json.dump(run_config, file, indent=1)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, path)
-
-
 def run(config) -> dict:
     import jax
     from tqdm.auto import tqdm
@@ -165,11 +135,12 @@ def run(config) -> dict:
 
     primary = distributed.is_primary()
     output_dir = os.path.abspath(config.output_dir)
-    _check_run_config(os.path.join(output_dir, "run_config.json"), write=primary, run_config={
-        **source, "dtype": config.dtype, "settings": dataclasses.asdict(settings), "seed": config.seed,
-        "batch_size": config.batch_size, "tools": base_tools, "search": search_text,
-        "system_prompt": config.system_prompt, "prompt_suffix": config.prompt_suffix, "judge": config.judge,
-    })
+    check_run_settings(os.path.join(output_dir, "run_config.json"), write=primary, holds="results",
+                       option="output_dir", settings={
+                           **source, "dtype": config.dtype, "settings": dataclasses.asdict(settings),
+                           "seed": config.seed, "batch_size": config.batch_size, "tools": base_tools,
+                           "search": search_text, "system_prompt": config.system_prompt,
+                           "prompt_suffix": config.prompt_suffix, "judge": config.judge})
     _log(f"evaluating {model_name} on {', '.join(names)} ({settings.describe()}); writing to {output_dir}")
 
     notes = []

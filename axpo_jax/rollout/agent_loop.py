@@ -324,10 +324,17 @@ class AgentLoop:
             # left (one with none takes part with inactive rows and no tool calls).
             if not distributed.any_process(active.any()):  # every row ended (e.g. its observation did not fit)
                 break
-            room = self.capacity - sampler.longest(cache, active)
-            max_new = min(self.max_new_tokens_per_turn, room)
+            # each row's own budget: what its turn has left (a forked row's first turn already holds its prefix)
+            # and its own cache room; one row near the end of its cache must not cut the others' turns short
+            written_b = np.array([len(t.token_ids) - start for t, start in zip(trajectories, turn_start)])
+            budget_b = np.clip(np.minimum(self.max_new_tokens_per_turn - written_b,
+                                          self.capacity - sampler.rows(cache.length_b)), 0, None)
+            max_new = int(budget_b[active].max()) if active.any() else 0
+            if sampler.shard.count > 1:  # every process decodes the same number of steps
+                max_new = int(distributed.max_across_processes(np.int64(max_new)))
             rng, key = jax.random.split(rng)
-            result, logits, cache = sampler.decode(logits, cache, key, params, max_new, active_b=active)
+            result, logits, cache = sampler.decode(logits, cache, key, params, max_new, active_b=active,
+                                                   max_new_b=np.where(active, budget_b, 0))
             requests = {}
             for b in np.nonzero(active)[0]:
                 n = int(result.lengths_b[b])

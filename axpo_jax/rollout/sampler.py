@@ -364,8 +364,12 @@ class Sampler:
         return jnp.take(logits_bv, rows, axis=0), cache.take_rows(rows)
 
     # ----------------------------------------------------------------------------------------------- decode
-    def decode(self, logits_bv, cache: KVCache, rng, params: SamplingParams, max_new_tokens: int, active_b=None):
+    def decode(self, logits_bv, cache: KVCache, rng, params: SamplingParams, max_new_tokens: int, active_b=None,
+               max_new_b=None):
         """Samples until every active row stops or has max_new_tokens; every sampled token enters the cache.
+        `max_new_b` (this process's rows, each <= max_new_tokens) gives rows budgets of their own: a row with
+        little cache room left, or a forked row whose turn already holds its prefix, stops at its own limit
+        without cutting the others' turns short.
 
         The on-device loop runs in a few segments, each attending over a window of slots that holds the running
         rows' tokens for that segment only (`decode_segment`): a turn that may write 2,048 tokens but stops after
@@ -376,17 +380,29 @@ class Sampler:
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         active_local_b = np.ones(self.batch_size, bool) if active_b is None else np.asarray(active_b, bool)
-        # only rows that decode need room: a finished row may be fuller than any running one (it writes nothing)
-        longest = self.longest(cache, active_local_b)
-        room = self.capacity - longest
-        if max_new_tokens > room:
-            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the cache room left ({room})")
+        if max_new_b is None:
+            # only rows that decode need room: a finished row may be fuller than any running one (it writes nothing)
+            room = self.capacity - self.longest(cache, active_local_b)
+            if max_new_tokens > room:
+                raise ValueError(f"max_new_tokens={max_new_tokens} exceeds the cache room left ({room})")
+            limit_local_b = np.full(self.batch_size, max_new_tokens, np.int32)
+        else:
+            limit_local_b = np.asarray(max_new_b, np.int32)
+            if limit_local_b.shape != (self.batch_size,) or (limit_local_b < 0).any() or (
+                    limit_local_b > max_new_tokens).any():
+                raise ValueError(f"max_new_b must give each of the {self.batch_size} rows a budget from 0 to "
+                                 f"max_new_tokens={max_new_tokens}, got {limit_local_b.tolist()}")
+            over_b = active_local_b & (self.rows(cache.length_b) + limit_local_b > self.capacity)
+            if over_b.any():
+                raise ValueError(f"rows {np.nonzero(over_b)[0].tolist()}: max_new_b exceeds their cache room")
+            active_local_b = active_local_b & (limit_local_b > 0)
         model = self._decoding_model()
         start_length_b = cache.length_b
         # The token buffers are a power of two wide, not max_new_tokens: near the end of a cache each turn's
         # budget (the room left) differs, and a width per budget would compile the whole loop again each time.
         width = bucket(max_new_tokens, 64)
-        state = self._decode_start(logits_bv, rng, self.device_rows(active_local_b, bool), width)
+        state = self._decode_start(logits_bv, rng, self.device_rows(active_local_b, bool),
+                                   self.device_rows(limit_local_b, np.int32), width)
         step, running_local_b = 0, active_local_b
         while step < max_new_tokens and distributed.any_process(bool(running_local_b.any())):
             window, steps = self.decode_segment(self.longest(cache, running_local_b), max_new_tokens - step)
@@ -434,13 +450,13 @@ class Sampler:
             self._decoding = (weights, _for_decoding(self.model))
         return self._decoding[1]
 
-    @functools.partial(jax.jit, static_argnums=(0, 4))
-    def _decode_start(self, logits_bv, rng, active_b, width: int) -> "DecodeState":
+    @functools.partial(jax.jit, static_argnums=(0, 5))
+    def _decode_start(self, logits_bv, rng, active_b, limit_b, width: int) -> "DecodeState":
         b, v = logits_bv.shape
         return DecodeState(
             step=jnp.int32(0), logits_bv=logits_bv, rng=rng,
             tokens_bn=jnp.full((b, width), self.pad_id, jnp.int32), logprobs_bn=jnp.zeros((b, width), jnp.float32),
-            running_b=active_b, seen_bv=jnp.zeros((b, v), jnp.float32),
+            running_b=active_b, limit_b=limit_b, seen_bv=jnp.zeros((b, v), jnp.float32),
             recent_bw=jnp.full((b, self._stop_sequences.shape[1]), -5, jnp.int32), stopped_b=jnp.zeros((b,), bool),
         )
 
@@ -490,7 +506,8 @@ class Sampler:
                 step=step + 1, logits_bv=logits, rng=s.rng,
                 tokens_bn=s.tokens_bn.at[:, step].set(token),
                 logprobs_bn=s.logprobs_bn.at[:, step].set(jnp.where(running, logprob, 0.0)),
-                running_b=running & ~hit, seen_bv=seen, recent_bw=recent,
+                running_b=running & ~hit & (step + 1 < s.limit_b), limit_b=s.limit_b, seen_bv=seen,
+                recent_bw=recent,
                 stopped_b=s.stopped_b | (running & hit),
             ), cache
 
@@ -508,7 +525,8 @@ class DecodeState:
     rng: jax.Array  # the decode call's key (step i draws with its i-th split)
     tokens_bn: jax.Array  # int32 [B, width >= max_new], pad_id where nothing was sampled
     logprobs_bn: jax.Array
-    running_b: jax.Array  # bool: not stopped (the step limit is the host's: `segment_end`)
+    running_b: jax.Array  # bool: not stopped, nor at its own limit (the segment's end is the host's: `segment_end`)
+    limit_b: jax.Array  # int32: the most tokens each row may sample in this decode call
     seen_bv: jax.Array  # float32: 1 for tokens this decode call has produced (presence penalty)
     recent_bw: jax.Array  # int32: each row's last tokens, matched against the stop sequences
     stopped_b: jax.Array  # bool: hit a stop token or sequence

@@ -96,6 +96,25 @@ class Checkpointer:
         self.manager.close()
 
 
+# Config fields a resumed run may change: where and how it runs, not what it computes (micro-batches accumulate
+# exactly, remat and the log-prob chunk give the same gradients; evaluation during RL trains nothing).
+RESUMABLE_FIELDS = frozenset({"workdir", "tensorboard", "checkpoint_every", "keep_checkpoints", "micro_batch_size",
+                              "mesh", "remat", "logprob_chunk", "distributed", "device_memory_gib", "tool_timeout_s"})
+
+
+def check_resume_settings(config, workdir: str, checkpointer: Checkpointer, *, primary: bool) -> None:
+    """A workdir's checkpoints go on only with the settings they were made with: a resumed run with another
+    starting checkpoint, data file, batch size or learning rate would continue silently from the old weights and
+    data position, no longer the run either config describes. Checked before the model loads (one line naming the
+    fields that differ); `<workdir>/run_config.json` records the settings while the workdir has no checkpoint."""
+    from axpo_jax.modes import check_run_settings
+
+    settings = {key: value for key, value in config.to_dict().items()
+                if key not in RESUMABLE_FIELDS and not key.startswith("eval_")}
+    check_run_settings(os.path.join(workdir, "run_config.json"), settings, write=primary, holds="checkpoints",
+                       option="workdir", compare=checkpointer.latest_step() is not None)
+
+
 def export_folder(model, processor, output: str) -> None:
     """The transformers folder of `model` (and its processor) at `output`, written once for all processes.
 

@@ -87,6 +87,7 @@ def evaluate_checkpoint(config, folder: str, executor) -> dict:
     import jax
 
     from axpo_jax.data.processor import load_processor
+    from axpo_jax.eval.run import search_backend
     from axpo_jax.eval.runner import evaluate, make_agent
     from axpo_jax.models import qwen3_vl
 
@@ -153,10 +154,21 @@ def checked_settings(config):
     import jax
 
     from axpo_jax.models.qwen3_vl import dtype_named
-    from axpo_jax.modes import ModeError, config_fields, require_positive_ints
+    from axpo_jax.modes import (ModeError, config_fields, require_ints_at_least, require_number,
+                                require_optimizer_fields, require_positive_ints, require_workdir)
 
     with config_fields("steps, questions_per_step, num_samples, micro_batch_size"):
         require_positive_ints(config, "steps", "questions_per_step", "num_samples", "micro_batch_size")
+    with config_fields("the rollout, checkpoint and evaluation sizes"):
+        require_positive_ints(config, "capacity", "max_turns", "max_new_tokens_per_turn", "pipeline_groups",
+                              "decode_segment_tokens", "logprob_chunk", "checkpoint_every", "keep_checkpoints",
+                              "eval_batch_size")
+        require_ints_at_least(config, 0, "seed", "eval_every")
+        require_number(config, "tool_timeout_s", above=0)
+    with config_fields("learning_rate, warmup_fraction, weight_decay, max_grad_norm"):
+        require_optimizer_fields(config)
+    with config_fields("workdir"):
+        require_workdir(config.workdir)
     with config_fields("temperature, top_p, top_k, presence_penalty"):
         sampling = sampling_params(config)
     with config_fields("the eval_* fields"):
@@ -193,11 +205,12 @@ def run(config) -> dict:
     from axpo_jax.parallel.distributed import data_shard
     from axpo_jax.parallel.mesh import mesh_from_config
     from axpo_jax.rollout.agent_loop import AgentLoop
+    from axpo_jax.eval.run import search_backend
     from axpo_jax.eval.runner import evaluate, make_agent
     from axpo_jax.modes import config_fields
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
-    from axpo_jax.train.checkpoints import Checkpointer, StopRequest, export_folder
+    from axpo_jax.train.checkpoints import Checkpointer, StopRequest, check_resume_settings, export_folder
     from axpo_jax.train.compiles import CompileClock
     from axpo_jax.train.learner import Learner
     from axpo_jax.train.metrics import MetricsLog
@@ -208,8 +221,12 @@ def run(config) -> dict:
     started = time.perf_counter()
     sampling, settings, estimator, dtype = checked_settings(config)
     # the tools and the tasks are made before anything loads too: a wrong file is one line, not a traceback
-    with config_fields("tools, search_corpus"):
-        registry = build_registry(list(config.tools), search_corpus=config.search_corpus or None)
+    with config_fields("tools, search_corpus, search_endpoint"):
+        search, _ = search_backend(config)
+        if "search" in config.tools and search is None:
+            raise ValueError("the search tool needs a backend: search_corpus (a JSONL corpus for offline BM25) or "
+                             "search_endpoint (a web search API, its key in search_api_key_env)")
+        registry = build_registry(list(config.tools), search_backend=search)
     with config_fields("tasks"):
         source = task_source(config.tasks, seed=config.seed + 1)
     with config_fields("mesh"):
@@ -218,6 +235,8 @@ def run(config) -> dict:
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    check_resume_settings(config, workdir, checkpointer, primary=primary)
     check_memory(config, mesh)
     model = qwen3_vl.from_pretrained(config.checkpoint, dtype=dtype, mesh=mesh)
     reference = (qwen3_vl.from_pretrained(config.reference or config.checkpoint, dtype=dtype, mesh=mesh)
@@ -245,7 +264,6 @@ def run(config) -> dict:
     # its own samplers (the evaluation's limits), the same policy object: it evaluates the weights being trained
     eval_agent = make_agent(model, processor, executor, settings, mesh=mesh) if evaluations else None
 
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     rng, first_step = jax.random.key(config.seed), 0
     restored = checkpointer.restore(model, learner.optimizer)
     if restored is not None:
@@ -262,33 +280,37 @@ def run(config) -> dict:
     progress = tqdm(range(first_step, config.steps), desc=f"RL ({config.algo})", file=sys.stderr, mininterval=1.0,
                     dynamic_ncols=True, initial=first_step, total=config.steps, disable=not primary)
     compile_clock = CompileClock()
-    for step in progress:
-        rng, key = jax.random.split(rng)
-        compile_clock.take()  # the last step's evaluation and checkpoint are not this step's
-        step_started = time.perf_counter()
-        questions = next(dataset)  # every process reads the same batch and runs its own share of the questions
-        out = trainer.step(questions[shard.rows(len(questions))], key, step)
-        record = {k: v for k, v in out.metrics.items() if np.isscalar(v)}
-        record["step_s"] = time.perf_counter() - step_started
-        record.update(compile_clock.take())
-        if evaluations and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
-            record.update(evaluate(eval_agent, evaluations, jax.random.key(config.seed + 2), settings,
-                                   batch_size=config.eval_batch_size))
-        record = metrics.write(step + 1, record)
-        progress.set_postfix(reward=f"{record['reward']:.2f}", loss=f"{record.get('loss', float('nan')):.4f}",
-                             resamples=f"{record['resamples_used']}/{record['resample_budget']}")
-        stopping = stop.agreed()  # every process stops after the same step, with the same checkpoint
-        if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or stopping:
-            checkpointer.save(step + 1, model, learner.optimizer, rng=rng, extra={
-                "data": dataset.get_state(), "image_buckets": agent.image_bucket_state(),
-                "eval_image_buckets": eval_agent.image_bucket_state() if eval_agent is not None else None})
-        if stopping:
-            checkpointer.close()
-            metrics.close()
-            executor.close()
-            if primary:
-                _log(f"{stop.describe()}: checkpoint of step {step + 1} saved; stopping (rerun to resume)")
-            return {"stopped_at_step": step + 1, "signal": stop.describe()}
+    try:
+        for step in progress:
+            rng, key = jax.random.split(rng)
+            compile_clock.take()  # the last step's evaluation and checkpoint are not this step's
+            step_started = time.perf_counter()
+            questions = next(dataset)  # every process reads the same batch and runs its own share of the questions
+            out = trainer.step(questions[shard.rows(len(questions))], key, step)
+            record = {k: v for k, v in out.metrics.items() if np.isscalar(v)}
+            record["step_s"] = time.perf_counter() - step_started
+            record.update(compile_clock.take())
+            if evaluations and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
+                record.update(evaluate(eval_agent, evaluations, jax.random.key(config.seed + 2), settings,
+                                       batch_size=config.eval_batch_size))
+            record = metrics.write(step + 1, record)
+            progress.set_postfix(reward=f"{record['reward']:.2f}", loss=f"{record.get('loss', float('nan')):.4f}",
+                                 resamples=f"{record['resamples_used']}/{record['resample_budget']}")
+            stopping = stop.agreed()  # every process stops after the same step, with the same checkpoint
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or stopping:
+                checkpointer.save(step + 1, model, learner.optimizer, rng=rng, extra={
+                    "data": dataset.get_state(), "image_buckets": agent.image_bucket_state(),
+                    "eval_image_buckets": eval_agent.image_bucket_state() if eval_agent is not None else None})
+            if stopping:
+                checkpointer.close()
+                metrics.close()
+                executor.close()
+                if primary:
+                    _log(f"{stop.describe()}: checkpoint of step {step + 1} saved; stopping (rerun to resume)")
+                return {"stopped_at_step": step + 1, "signal": stop.describe()}
+    except BaseException:
+        checkpointer.wait()  # a save in flight holds a finished step: let it land, so a rerun resumes from there
+        raise
     checkpointer.close()
     metrics.close()
     executor.close()

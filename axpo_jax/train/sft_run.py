@@ -5,7 +5,8 @@
 Each JSONL line is a conversation (`{"messages": [...]}`, images as paths relative to the file, see
 `axpo_jax/data/synthetic.py:write_sft_jsonl`). Tokens the policy writes (assistant turns) are trained; prompts and
 tool observations are masked. Records whose line or image is bad are skipped and counted by the source; a
-conversation the chat template cannot mask, or longer than `max_length`, is skipped at batching and counted.
+conversation the chat template cannot mask, or longer than `max_length`, is skipped at batching and counted; a run
+in which every conversation was skipped (no step trained a token) ends with an error, not an exported folder.
 Checkpoints (orbax, with the data iterator) make an interrupted run resume exactly; the end result is saved as a
 transformers folder (`<workdir>/hf_checkpoint`) that `rl` and `eval` load like any checkpoint.
 
@@ -73,15 +74,41 @@ def agreed_micro_batches(examples: list[dict], model_config, pad_id: int, micro_
     return batches[:count] + [untrained] * (count - len(batches[:count]))
 
 
+def trainable_example(record: dict, processor, schemas, max_length: int) -> tuple[dict | None, str | None]:
+    """(the `sft_example` arrays of a record, None), or (None, why it is skipped): the template cannot render or
+    mask it, it is longer than `max_length` tokens, or it has no token to train. Any exception of the rendering
+    skips the one record: the source checked the conversation's shape, and whatever still slips through must not
+    stop a run (a resumed run reads the same batches and would stop at the same record again)."""
+    from axpo_jax.data.synthetic import sft_example
+
+    try:
+        example = sft_example(record["messages"], processor, schemas)
+    except Exception as error:  # noqa: BLE001
+        return None, f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+    if len(example["input_ids"]) > max_length:
+        return None, f"{len(example['input_ids'])} tokens, longer than max_length {max_length}"
+    if not example["loss_mask"].any():
+        return None, "no token to train (no assistant turn the template renders)"
+    return example, None
+
+
 def checked_settings(config):
     """The parameter dtype and the tool schemas of the run, each field checked (ModeError, one line, naming the
     fields) before anything loads; the demo calls it before it starts."""
     from axpo_jax.models.qwen3_vl import dtype_named
-    from axpo_jax.modes import config_fields, require_positive_ints
+    from axpo_jax.modes import (config_fields, require_ints_at_least, require_optimizer_fields,
+                                require_positive_ints, require_workdir)
     from axpo_jax.tools.registry import standard_schemas
 
     with config_fields("steps, batch_size, micro_batch_size, checkpoint_every"):
         require_positive_ints(config, "steps", "batch_size", "micro_batch_size", "checkpoint_every")
+    with config_fields("seed, keep_checkpoints, max_length, length_bucket, logprob_chunk"):
+        require_positive_ints(config, "keep_checkpoints", "max_length", "length_bucket", "logprob_chunk")
+        require_ints_at_least(config, 0, "seed")
+    with config_fields("learning_rate, warmup_fraction, weight_decay, max_grad_norm"):
+        require_optimizer_fields(config)
+    with config_fields("workdir"):
+        require_workdir(config.workdir)
     with config_fields("dtype"):
         dtype = dtype_named(config.dtype)
     with config_fields("tools"):
@@ -94,13 +121,14 @@ def run(config) -> dict:
     from tqdm.auto import tqdm
 
     from axpo_jax.data.processor import load_processor
-    from axpo_jax.data.synthetic import SFTSource, sft_example, task_dataset
+    from axpo_jax.data.synthetic import SFTSource, task_dataset
+    from axpo_jax.data.tasks import DataFileError
     from axpo_jax.models import qwen3_vl
     from axpo_jax.modes import config_fields
     from axpo_jax.parallel import distributed
     from axpo_jax.parallel.distributed import data_shard
     from axpo_jax.parallel.mesh import mesh_from_config
-    from axpo_jax.train.checkpoints import Checkpointer, StopRequest, export_folder
+    from axpo_jax.train.checkpoints import Checkpointer, StopRequest, check_resume_settings, export_folder
     from axpo_jax.train.compiles import CompileClock
     from axpo_jax.train.learner import Learner, LossConfig
     from axpo_jax.train.metrics import MetricsLog
@@ -112,12 +140,15 @@ def run(config) -> dict:
         source = SFTSource(config.data)
     with config_fields("mesh"):
         mesh = mesh_from_config(config.mesh.to_dict())
+    # before the weights and the workdir: a folder without tokenizer, image settings or chat template is one line
+    processor = load_processor(config.checkpoint)
     stop = StopRequest().install()
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    check_resume_settings(config, workdir, checkpointer, primary=primary)
     model = qwen3_vl.from_pretrained(config.checkpoint, mesh=mesh, dtype=dtype)
-    processor = load_processor(config.checkpoint)
     pad_id = processor.tokenizer.pad_token_id or 0
     if primary:
         _log(f"{len(source)} conversations in {config.data} ({source.skipped} skipped: {source.skip_reasons[:3]})")
@@ -127,7 +158,6 @@ def run(config) -> dict:
                                             warmup_steps=int(config.warmup_fraction * config.steps),
                                             weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm),
                       LossConfig(kind="sft", logprob_chunk=config.logprob_chunk, remat=config.remat), mesh=mesh)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     first_step, skipped_examples = 0, 0
     restored = checkpointer.restore(model, learner.optimizer)
     if restored is not None:
@@ -141,50 +171,61 @@ def run(config) -> dict:
     progress = tqdm(range(first_step, config.steps), desc="SFT", file=sys.stderr, mininterval=2.0,
                     dynamic_ncols=True, initial=first_step, total=config.steps, disable=not primary)
     compile_clock = CompileClock()
-    for step in progress:
-        examples, skipped_here = [], 0
-        records = next(dataset)  # every process reads the same batch and trains on its own share of the rows
-        for record in records[shard.rows(len(records))]:
-            try:
-                example = sft_example(record["messages"], processor, schemas)
-            except ValueError as error:  # the template cannot mask it: skip, count, go on
-                skipped_here += 1
-                _log(f"skipped a conversation: {error}")
-                continue
-            if len(example["input_ids"]) > config.max_length:
-                skipped_here += 1
-                continue
-            examples.append(example)
-        # the global batch's count (one process per data shard: processes of a shard skip the same rows), so the
-        # metric and the checkpointed counter are the same on every process
-        skipped_examples += int(distributed.concat_shards(np.array([skipped_here]), mesh).sum())
-        compile_clock.take()
-        step_started = time.perf_counter()
-        micro_batches = agreed_micro_batches(examples, model.config, pad_id, config.micro_batch_size,
-                                             config.length_bucket)
-        if micro_batches is None:  # the same decision on every process; the step still checkpoints below
-            if primary:
-                _log(f"step {step + 1}: every conversation of the batch was skipped")
-        else:
-            out = learner.step(micro_batches)
-            out.update(skipped_examples=skipped_examples, step_s=time.perf_counter() - step_started,
-                       tokens_per_s=out["trained_tokens"] / max(time.perf_counter() - step_started, 1e-9),
-                       **compile_clock.take())
-            metrics.write(step + 1, out)
-            progress.set_postfix(loss=f"{out['loss']:.3f}")
-        last = step + 1 == config.steps
-        stopping = stop.agreed()  # every process stops after the same step, with the same checkpoint
-        if (step + 1) % config.checkpoint_every == 0 or last or stopping:
-            checkpointer.save(step + 1, model, learner.optimizer,
-                              extra={"data": dataset.get_state(), "skipped_examples": skipped_examples})
-        if stopping:
-            checkpointer.close()
-            metrics.close()
-            if primary:
-                _log(f"{stop.describe()}: checkpoint of step {step + 1} saved; stopping (rerun to resume)")
-            return {"stopped_at_step": step + 1, "signal": stop.describe()}
+    skip_reasons = []  # this process's first few, for the error of a run that trains nothing
+    try:
+        for step in progress:
+            examples, skipped_here = [], 0
+            records = next(dataset)  # every process reads the same batch and trains on its own share of the rows
+            for record in records[shard.rows(len(records))]:
+                example, reason = trainable_example(record, processor, schemas, config.max_length)
+                if example is None:
+                    skipped_here += 1
+                    if len(skip_reasons) < 3:
+                        skip_reasons.append(reason)
+                    _log(f"skipped a conversation: {reason}")
+                    continue
+                examples.append(example)
+            # the global batch's count (one process per data shard: processes of a shard skip the same rows), so the
+            # metric and the checkpointed counter are the same on every process
+            skipped_examples += int(distributed.concat_shards(np.array([skipped_here]), mesh).sum())
+            compile_clock.take()
+            step_started = time.perf_counter()
+            micro_batches = agreed_micro_batches(examples, model.config, pad_id, config.micro_batch_size,
+                                                 config.length_bucket)
+            if micro_batches is None:  # the same decision on every process; the step still checkpoints below
+                if primary:
+                    _log(f"step {step + 1}: every conversation of the batch was skipped")
+            else:
+                out = learner.step(micro_batches)
+                out.update(skipped_examples=skipped_examples, step_s=time.perf_counter() - step_started,
+                           tokens_per_s=out["trained_tokens"] / max(time.perf_counter() - step_started, 1e-9),
+                           **compile_clock.take())
+                metrics.write(step + 1, out)
+                progress.set_postfix(loss=f"{out['loss']:.3f}")
+            last = step + 1 == config.steps
+            stopping = stop.agreed()  # every process stops after the same step, with the same checkpoint
+            if (step + 1) % config.checkpoint_every == 0 or last or stopping:
+                checkpointer.save(step + 1, model, learner.optimizer,
+                                  extra={"data": dataset.get_state(), "skipped_examples": skipped_examples})
+            if stopping:
+                checkpointer.close()
+                metrics.close()
+                if primary:
+                    _log(f"{stop.describe()}: checkpoint of step {step + 1} saved; stopping (rerun to resume)")
+                return {"stopped_at_step": step + 1, "signal": stop.describe()}
+    except BaseException:
+        checkpointer.wait()  # a save in flight holds a finished step: let it land, so a rerun resumes from there
+        raise
     checkpointer.close()
     metrics.close()
+    # a run that trained nothing must not end like one that did, with an exported (untrained) model; the metrics
+    # hold the steps of earlier sessions of a resumed run too, and any process's view decides for all
+    if not distributed.any_process(sum(r.get("trained_tokens", 0) for r in metrics.records) > 0):
+        reasons = skip_reasons or "none since the run resumed"
+        raise DataFileError(
+            f"no step trained a token: every conversation of {config.data} was skipped ({skipped_examples} at "
+            f"batching, {source.skipped} lines when the file was read; first reasons: {reasons}); no hf_checkpoint "
+            "was written: fix the data or settings and start again in a new workdir")
     output = os.path.join(workdir, "hf_checkpoint")
     export_folder(model, processor, output)
     losses = [r["loss"] for r in metrics.records]

@@ -3,6 +3,7 @@ and grain sources skip bad records and resume exactly."""
 
 import json
 import os
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -481,6 +482,71 @@ def test_an_sft_file_with_no_usable_conversation_is_a_clear_error(tmp_path):
     path.write_text('{not json\n{"task_id": "no messages"}\n')
     with pytest.raises(DataFileError, match=r"has no usable conversation \(2 lines skipped"):
         syn.SFTSource(path)
+
+
+_QUESTION = {"role": "user", "content": "Which digit?"}
+_ANSWER = {"role": "assistant", "content": "<think>\nIt is 3.\n</think>\n<answer>\\boxed{3}</answer>"}
+_ZOOM = {"name": "image_zoom_in", "arguments": {"bbox_2d": [0, 0, 500, 500], "label": "the box"}}
+_OBSERVATION = {"role": "tool", "content": "Zoomed in on the box."}
+
+
+def _call_turn(tool_calls):
+    return {"role": "assistant", "content": "<think>\nZoom.\n</think>\n", "tool_calls": tool_calls}
+
+
+# (a conversation's messages, what the reason of its skipped line says): each crashed the run mid-training (or
+# was kept and trained wrongly) before the source checked the shape
+BADLY_SHAPED = (
+    ([{"content": "Which digit?"}, _ANSWER], r"messages\[0\]: role must be one of system, user, assistant, tool"),
+    ([_QUESTION, {**_ANSWER, "role": "gpt"}], r"messages\[1\]: role must be one of .*'gpt'"),
+    ([_QUESTION, {**_ANSWER, "role": "Assistant"}], r"messages\[1\]: role must be one of .*'Assistant'"),
+    ([{"role": "user", "content": [{"text": "Which digit?"}]}, _ANSWER],
+     r"messages\[0\] \(user\) content\[0\]: content items must be"),
+    ([_QUESTION, {**_ANSWER, "content": 5}], r"messages\[1\] \(assistant\): content must be a string or a list"),
+    ([_QUESTION, {**_ANSWER, "content": {"text": "3"}}], r"content must be a string or a list"),
+    ([_QUESTION, {"role": "assistant", "tool_calls": [{"function": _ZOOM}]}, _OBSERVATION, _ANSWER],
+     r"messages\[1\] \(assistant\): content must be .* got nothing"),
+    ([_QUESTION, _call_turn("image_zoom_in"), _OBSERVATION, _ANSWER], r"tool_calls must be a list of calls, got str"),
+    ([_QUESTION, _call_turn({"function": _ZOOM}), _OBSERVATION, _ANSWER],
+     r"tool_calls must be a list of calls, got dict"),
+    ([_QUESTION, _call_turn([{"function": {"arguments": {}}}]), _OBSERVATION, _ANSWER],
+     r"messages\[1\] \(assistant\) tool_calls\[0\]: a call needs a function name"),
+    ([_QUESTION, _call_turn([{**_ZOOM, "arguments": "{bbox"}]), _OBSERVATION, _ANSWER],
+     r"tool_calls\[0\]: arguments is a string but not JSON"),
+    ([], r"'messages' must be a non-empty list"),
+    ([_ANSWER, _QUESTION, _ANSWER], r"the first message after the system ones must be the user's, got .*'assistant'"),
+    ([{"role": "user", "content": [{"type": "image", "image": None}]}, _ANSWER],
+     r"content\[0\]: an image item's 'image' must be a file path, got NoneType"),
+    ([{"role": "user", "content": [{"type": "image", "image": 3}]}, _ANSWER], r"'image' must be a file path, got int"),
+    ([_QUESTION, {"role": "assistant", "content": [{"type": "image", "image": "x.png"}]}],
+     r"an image in an assistant turn"),
+    ([_QUESTION], r"no assistant turn: nothing to train"),
+)
+# forms the chat template renders and `write_sft_jsonl` may write: kept, each with its tool call trained
+WELL_SHAPED = (
+    [_QUESTION, _call_turn([{"type": "function", "function": {**_ZOOM, "arguments": json.dumps(_ZOOM["arguments"])}}]),
+     _OBSERVATION, _ANSWER],
+    [_QUESTION, _call_turn([_ZOOM]), _OBSERVATION, _ANSWER],  # a flat call, no "function" wrapper
+    [{"role": "system", "content": "Be brief."}, _QUESTION, _call_turn([{"function": _ZOOM}]), _OBSERVATION, _ANSWER],
+)
+
+
+def test_sft_source_skips_conversations_the_template_cannot_render(tmp_path, processor):
+    path = tmp_path / "shapes.jsonl"
+    records = [{"messages": messages} for messages in WELL_SHAPED] + [{"messages": m} for m, _ in BADLY_SHAPED]
+    path.write_text("".join(json.dumps(record) + "\n" for record in records) + '["not", "a", "record"]\n')
+    source = syn.SFTSource(path)
+    assert len(source) == len(WELL_SHAPED) and source.skipped == len(BADLY_SHAPED) + 1
+    # each reason names the line and the problem
+    for line, (reason, (_, problem)) in enumerate(zip(source.skip_reasons, BADLY_SHAPED), start=len(WELL_SHAPED) + 1):
+        assert re.match(rf"{re.escape(str(path))}:{line}: ValueError: .*{problem}", reason), (line, reason)
+    assert "a record must be an object with 'messages'" in source.skip_reasons[-1]
+    for index in range(len(WELL_SHAPED)):
+        example = syn.sft_example(source[index]["messages"], processor, TOOLS)
+        trained = processor.tokenizer.decode(example["input_ids"][example["loss_mask"] == 1])
+        assert '<tool_call>\n{"name": "image_zoom_in", "arguments": {"bbox_2d": [0, 0, 500, 500]' in trained
+        assert trained.endswith("<answer>\\boxed{3}</answer><|im_end|>")
+    syn.check_conversation(syn.expert_trajectory(syn.make_task(0)))  # in memory, with PIL images: as written
 
 
 def test_task_source_and_grain_resume():

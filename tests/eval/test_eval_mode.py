@@ -18,7 +18,7 @@ from flax import nnx
 
 from axpo_jax.eval.benchmarks import BENCHMARKS
 from axpo_jax.eval.policy import load_policy
-from axpo_jax.eval.run import _check_run_config, benchmark_tools, load_judge, run, search_backend
+from axpo_jax.eval.run import benchmark_tools, load_judge, run, search_backend
 from axpo_jax.modes import ModeError
 from axpo_jax.models import qwen3_vl
 from axpo_jax.train.checkpoints import Checkpointer
@@ -127,14 +127,19 @@ def test_resume_skips_finished_questions_and_matches(launched, tiny_checkpoint, 
 
 
 def test_run_config_written_whole_and_a_damaged_one_named(tmp_path):
+    from axpo_jax.modes import check_run_settings
+
+    def check(path, settings):  # as the eval mode calls it
+        check_run_settings(path, settings, write=True, holds="results", option="output_dir")
+
     path = str(tmp_path / "out" / "run_config.json")
     settings = {"checkpoint": "/ck", "seed": 0}
-    _check_run_config(path, settings)
+    check(path, settings)
     assert json.load(open(path)) == settings and os.listdir(tmp_path / "out") == ["run_config.json"]
-    _check_run_config(path, settings)  # the same settings: resumes
+    check(path, settings)  # the same settings: resumes
     open(path, "w").write(json.dumps(settings)[:12])  # cut short, e.g. by a full disk
     with pytest.raises(ModeError, match=re.escape(path) + r" is unreadable \(.*\); it records the settings"):
-        _check_run_config(path, settings)
+        check(path, settings)
 
 
 def test_unknown_benchmark_and_missing_data(tiny_checkpoint, tmp_path):

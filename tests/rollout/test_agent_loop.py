@@ -34,8 +34,10 @@ class ScriptedSampler(Sampler):
 
     scripts: list[list[list[int]]]
 
-    def decode(self, logits_bv, cache, rng, params, max_new_tokens, active_b=None):
-        turns = [script.pop(0) if active_b[b] and script else [] for b, script in enumerate(self.scripts)]
+    def decode(self, logits_bv, cache, rng, params, max_new_tokens, active_b=None, max_new_b=None):
+        limits = [max_new_tokens if max_new_b is None else int(max_new_b[b]) for b in range(self.batch_size)]
+        written = [script.pop(0) if active_b[b] and script else [] for b, script in enumerate(self.scripts)]
+        turns = [turn[:limit] for turn, limit in zip(written, limits)]  # a turn past its row's budget is cut
         width = max(len(t) for t in turns)
         tokens = np.full((self.batch_size, max_new_tokens), self.pad_id, np.int32)
         logprobs = np.zeros((self.batch_size, max_new_tokens), np.float32)
@@ -46,7 +48,8 @@ class ScriptedSampler(Sampler):
             tokens[running, step], logprobs[running, step] = token[running], logp[running]
             logits_bv, cache = _step(self.model, jnp.asarray(token), cache, jnp.asarray(running))
         lengths = np.array([len(t) for t in turns], np.int32)
-        return DecodeResult(tokens, logprobs, lengths, lengths > 0), logits_bv, cache
+        stopped = np.array([0 < len(t) == len(w) for t, w in zip(turns, written)])  # whole: it ends in a stop
+        return DecodeResult(tokens, logprobs, lengths, stopped), logits_bv, cache
 
 
 @nnx.jit
@@ -134,6 +137,8 @@ def test_resample_forks_the_prefix_from_the_cache(loop):
         assert c.token_ids[: source.prefix_end] == source.token_ids[: source.prefix_end]
         assert c.prefix_end == source.prefix_end and c.images[0] is source.images[0] and len(c.turns) >= 1
         assert c.turns[0].text.startswith("<think>\nlook closer\n</think>\n<tool_call>")
+    # the first turn's budget counts the prefix it already holds, as a fresh rollout's turn would
+    assert all(c.turns[0].num_tokens <= loop.max_new_tokens_per_turn for c in continuations)
     assert continuations[0].token_ids != continuations[1].token_ids  # two independent samples
     rescored = _rescored_logprobs(loop, continuations)
     for b, trajectory in enumerate(continuations):
@@ -176,11 +181,11 @@ def test_an_observation_that_does_not_fit_ends_the_row_without_its_images(loop):
                                    atol=1e-4)
 
 
-def _scripted_loop(loop, scripts: list[list[list[int]]], executor=None) -> AgentLoop:
+def _scripted_loop(loop, scripts: list[list[list[int]]], executor=None, capacity: int = 1024) -> AgentLoop:
     """An agent of 2 rows over the module's model that writes the given turns (token ids)."""
     agent = AgentLoop(loop.model, loop.processor, executor or loop.executor, max_turns=3, max_new_tokens_per_turn=128,
-                      capacity=1024, log=lambda m: None)
-    agent._samplers[2] = ScriptedSampler(loop.model, batch_size=2, capacity=1024, pad_id=loop.pad_id)
+                      capacity=capacity, log=lambda m: None)
+    agent._samplers[2] = ScriptedSampler(loop.model, batch_size=2, capacity=capacity, pad_id=loop.pad_id)
     agent._samplers[2].scripts = scripts
     return agent
 
@@ -219,6 +224,27 @@ def test_special_tokens_spelled_in_pieces(loop):
         mask = np.asarray(trajectory.policy_mask, bool)
         np.testing.assert_allclose(rescored[b, : len(mask) - 1][mask[1:]], np.asarray(trajectory.logprobs)[mask],
                                    atol=1e-4)
+
+
+def test_each_row_decodes_to_its_own_cache_room(loop):
+    """A row near the end of its cache stops there ("length"); a row with room writes its whole turn. (The turn's
+    budget was the fullest row's room for every row: an answer with room to spare was cut, scored 0.)"""
+    encode = lambda text: loop.tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    answer = encode("<answer>\\boxed{7}</answer>")
+    scripts = lambda: [[encode("<think>\n" + "look " * 12 + "</think>\n" + ZOOM), answer],  # noqa: E731
+                       [encode(ZOOM), answer]]
+    image = Image.fromarray(np.random.default_rng(5).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    tasks = [Task("Which digit?", [image], "7")]
+    roomy = _scripted_loop(loop, scripts()).run(tasks, num_samples=2, rng=jax.random.key(0),
+                                                params=SamplingParams()).trajectories
+    assert [t.finish_reason for t in roomy] == ["answer", "answer"]
+    before_answer = [len(t.token_ids) - len(answer) for t in roomy]
+    assert before_answer[0] > before_answer[1] + len(answer)
+    capacity = before_answer[0] + len(answer) // 2  # row 0 has room for half its answer, row 1 for all of it
+    long_row, short_row = _scripted_loop(loop, scripts(), capacity=capacity).run(
+        tasks, num_samples=2, rng=jax.random.key(0), params=SamplingParams()).trajectories
+    assert long_row.finish_reason == "length" and len(long_row.token_ids) == capacity
+    assert short_row.finish_reason == "answer" and short_row.token_ids == roomy[1].token_ids
 
 
 class _FixedObservations:

@@ -153,6 +153,17 @@ def test_stop_tokens_and_stop_sequences(models):
     # finished rows did not advance their cache
     np.testing.assert_array_equal(np.asarray(cache.length_b), batch["attention_mask"].sum(1) + result.lengths_b)
 
+    # rows with budgets of their own stop there, unstopped (a length cut), and the others go on as before
+    logits, cache = free.extend(batch)
+    limited, _, cache = free.decode(logits, cache, jax.random.key(0), GREEDY, 10, max_new_b=[3, 10, 0, 7])
+    np.testing.assert_array_equal(limited.lengths_b, [3, 10, 0, 7])
+    assert not limited.stopped_b.any()
+    for row, limit in enumerate([3, 10, 0, 7]):
+        np.testing.assert_array_equal(limited.tokens_bn[row, :limit], full.tokens_bn[row, :limit])
+    np.testing.assert_array_equal(np.asarray(cache.length_b), batch["attention_mask"].sum(1) + [3, 10, 0, 7])
+    with pytest.raises(ValueError, match=r"max_new_b must give each of the 4 rows a budget from 0 to"):
+        free.decode(logits, cache, jax.random.key(0), GREEDY, 10, max_new_b=[3, 11, 0, 7])
+
 
 def test_steady_state_does_not_recompile(models):
     hf, model = models

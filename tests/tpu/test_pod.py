@@ -63,8 +63,8 @@ def test_every_dry_run_command_is_documented_gcloud(capsys, monkeypatch, tmp_pat
         if path[-1] == "ssh":  # the remote script must be valid bash, and any gcloud inside it documented too
             script = next(a for a in argv if a.startswith("--command="))[len("--command="):]
             assert subprocess.run([BASH, "-n", "-c", script]).returncode == 0, script
-            if "gcloud storage" in script:
-                check_command(shlex.split(script))
+            if "gcloud storage" in script:  # (after the `cd` into the folder launch runs in)
+                check_command(shlex.split(script[script.index("gcloud storage"):]))
 
 
 def test_dry_run_create_and_delete_say_exactly_what_they_run(capsys):
@@ -319,6 +319,33 @@ def test_delete_is_a_no_op_when_already_gone(fake_slice):
     fake_slice.states("ACTIVE")
     assert run_pod("delete", *TARGET) == 0
     assert fake_slice.verbs()[-1] == "queued-resources delete" and "--async" in fake_slice.calls()[-1]
+
+
+def test_a_new_source_replaces_the_old_but_keeps_the_venv_and_runs(tmp_path):
+    """setup on a VM that has an older source: a relative workdir's checkpoints (under ~/axpo-jax/runs, where
+    launch runs) survive it, as does the venv; the old source files do not."""
+    home = tmp_path / "home"
+    repo = home / "axpo-jax"
+    (repo / "runs" / "x" / "checkpoints" / "40").mkdir(parents=True)
+    (repo / "old_module.py").write_text("")
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "python").write_text("#!/bin/sh\nexit 0\n")
+    (repo / ".venv" / "bin" / "python").chmod(0o755)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "launch.py").write_text("")
+    subprocess.run(["tar", "-czf", str(home / "src.tar.gz"), "-C", str(tmp_path / "src"), "."], check=True)
+    subprocess.run(["bash", "-c", pod.setup_script("src.tar.gz", "abc")], check=True, capture_output=True,
+                   env={**os.environ, "HOME": str(home)})
+    assert (repo / "launch.py").is_file() and not (repo / "old_module.py").exists()
+    assert (repo / "runs" / "x" / "checkpoints" / "40").is_dir() and (repo / ".venv" / "bin" / "python").is_file()
+
+
+def test_copy_checkpoints_from_a_local_workdir_runs_where_launch_ran(fake_slice):
+    for host in ("0", "1"):
+        (fake_slice.dir / "hosts" / host / "axpo-jax" / "runs" / "x").mkdir(parents=True)
+    assert run_pod("copy-checkpoints", *TARGET, "--workdir", "runs/x", "--to", "gs://archive/run") == 0
+    [ssh] = [argv for argv in fake_slice.calls() if "tpu-vm" in argv]
+    assert "--command=cd ~/axpo-jax && gcloud storage rsync runs/x gs://archive/run --recursive" in ssh
 
 
 def test_copy_checkpoints_from_a_bucket_runs_here(fake_slice):

@@ -91,7 +91,13 @@ def test_rl_mode_resumes_exactly(sft_result, tmp_path, monkeypatch):
     meta = json.load(open(os.path.join(workdir, "checkpoints", "1", "meta", "metadata")))
     assert meta["image_buckets"]["observation"][1] >= 64  # the sticky image floors resume too
     assert meta["eval_image_buckets"] is None  # (this run evaluates nothing during training)
-    rl_run.run(_rl_config(checkpoint, workdir))
+    from axpo_jax.modes import ModeError
+
+    # its checkpoints go on only with their own settings (checked before the model loads); where and how it runs
+    # may change
+    with pytest.raises(ModeError, match=r"holds checkpoints of a run with other settings \(learning_rate: "):
+        rl_run.run(_rl_config(checkpoint, workdir, learning_rate=1e-3, micro_batch_size=2))
+    rl_run.run(_rl_config(checkpoint, workdir, micro_batch_size=2))
 
     def records(path):
         return [json.loads(line) for line in open(os.path.join(path, "rl_metrics.jsonl"))]
@@ -119,6 +125,7 @@ def test_rl_mode_refuses_bad_sampling_and_update_fields_before_loading(tmp_path)
     from axpo_jax.modes import ModeError
 
     missing = str(tmp_path / "no_checkpoint")  # never read: the fields are checked first
+    (tmp_path / "a_file").write_text("")
     for field, value, match in (("temperature", -1.0, r"\(temperature, top_p.*temperature must be >= 0"),
                                 ("top_k", -2, r"top_k must be an integer"),
                                 ("eval_top_p", 0.0, r"\(the eval_\* fields\): top_p must be in"),
@@ -128,6 +135,15 @@ def test_rl_mode_refuses_bad_sampling_and_update_fields_before_loading(tmp_path)
                                 ("skip_zero_signal_steps", None, r"skip_zero_signal_steps must be True or False"),
                                 ("reward_kind", "judge", r"reward_kind must be one of \('exact', .*got 'judge'"),
                                 ("reward_kind", "exct", r"reward_kind must be one of"),
+                                ("learning_rate", -1e-4, r"\(learning_rate, .*\): learning_rate must be > 0"),
+                                ("learning_rate", float("nan"), r"learning_rate must be a finite number"),
+                                ("max_grad_norm", 0.0, r"max_grad_norm must be > 0"),
+                                ("warmup_fraction", 1.5, r"warmup_fraction must be <= 1"),
+                                ("checkpoint_every", 0, r"checkpoint_every must be an int >= 1"),
+                                ("keep_checkpoints", 0, r"keep_checkpoints must be an int >= 1"),
+                                ("seed", -1, r"seed must be an int >= 0"),
+                                ("capacity", 0, r"capacity must be an int >= 1"),
+                                ("workdir", str(tmp_path / "a_file"), r"\(workdir\): .*a_file' exists and is not a folder"),
                                 ("algo", "grpoo", r"\(algo, axpo, advantage\): unknown advantage estimator 'grpoo'"),
                                 ("advantage", dict(std_normalize=True, eps=1e-6, ddof=0, truncation="drop"),
                                  r"\(algo, axpo, advantage\): GRPOConfig.truncation=.drop.; expected"),
@@ -135,11 +151,14 @@ def test_rl_mode_refuses_bad_sampling_and_update_fields_before_loading(tmp_path)
                                  r"\(eps_low, .*loss_aggregation\): LossConfig.aggregation must be one of"),
                                 ("kl_kind", "k4", r"\(eps_low, .*\): LossConfig.kl_kind must be one of"),
                                 ("dtype", "float33", r"\(dtype\): dtype 'float33': expected float32 or bfloat16"),
-                                ("tools", ("image_zoom_in", "zoom"), r"\(tools, search_corpus\): unknown tool\(s\) \['zoom'\]"),
+                                ("tools", ("image_zoom_in", "zoom"), r"\(tools, search_.*\): unknown tool\(s\) \['zoom'\]"),
+                                ("tools", ("image_zoom_in", "search"), r"the search tool needs a backend: search_corpus"),
                                 ("tasks", "synthetic:many", r"\(tasks\): task spec 'synthetic:many': expected synthetic:N"),
                                 ("tasks", str(tmp_path / "nope.jsonl"), r"\(tasks\): task file .*nope.jsonl.* does not exist")):
         with pytest.raises(ModeError, match=match):
-            rl_run.run(_rl_config(missing, str(tmp_path / "run"), **{"algo": "grpo", field: value}))
+            config = _rl_config(missing, str(tmp_path / "run"), algo="grpo")
+            config[field] = value
+            rl_run.run(config)
     assert not os.path.exists(tmp_path / "run")
 
 
@@ -151,7 +170,11 @@ def test_sft_mode_refuses_bad_fields_and_data_before_loading(tmp_path):
     for field, value, match in (("dtype", "fp32", r"\(dtype\): dtype 'fp32'"),
                                 ("tools", ("image_zoom_in", "zoom"), r"\(tools\): unknown tool\(s\) \['zoom'\]"),
                                 ("data", str(tmp_path / "nope.jsonl"), r"\(data\): conversation file .* does not exist"),
-                                ("data", str(bad_lines), r"\(data\): .* has no usable conversation \(2 lines skipped")):
+                                ("data", str(bad_lines), r"\(data\): .* has no usable conversation \(2 lines skipped"),
+                                ("learning_rate", -1.0, r"learning_rate must be > 0"),
+                                ("logprob_chunk", 0, r"logprob_chunk must be an int >= 1"),
+                                ("seed", -1, r"seed must be an int >= 0"),
+                                ("keep_checkpoints", 0, r"keep_checkpoints must be an int >= 1")):
         with pytest.raises(ModeError, match=match):
             config = _config("sft")
             config.update(dict(checkpoint=str(tmp_path / "no_checkpoint"), data=str(bad_lines),

@@ -1,6 +1,9 @@
 """SFT's data path carries the images into the loss: a tiny random model, trained through `sft_example` and
 `sft_micro_batches` (what the sft mode batches) on answers that only the image determines, gets them right on
-images it never saw. A batch that dropped the pixels, or gave a row another row's image, could not."""
+images it never saw. A batch that dropped the pixels, or gave a row another row's image, could not. An example the
+loop cannot train is skipped with its reason, and a run that trained nothing is an error, not an exported model."""
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -9,12 +12,15 @@ import pytest
 
 from axpo_jax.bench.perception import COLOURS, answer_conversation, colour_picture, picked_answers
 from axpo_jax.data.processor import load_processor
-from axpo_jax.data.synthetic import sft_example
+from axpo_jax.data.synthetic import sft_example, write_sft_jsonl
+from axpo_jax.data.tasks import DataFileError
 from axpo_jax.demo import build_tiny_checkpoint
 from axpo_jax.models import qwen3_vl
+from axpo_jax.train import sft_run
 from axpo_jax.train.learner import Learner, LossConfig
 from axpo_jax.train.optimizer import make_optimizer
-from axpo_jax.train.sft_run import sft_micro_batches
+from axpo_jax.train.sft_run import sft_micro_batches, trainable_example
+from tests.config_files import load_config
 
 STEPS = 100  # it picks up the colours between steps 30 and 70 (seeds 0-2); the rest is margin
 
@@ -24,10 +30,15 @@ def _conversation(picture, answer: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_folder(tmp_path_factory):
     folder = str(tmp_path_factory.mktemp("colours") / "checkpoint")
     build_tiny_checkpoint(folder, seed=0)
-    return qwen3_vl.from_pretrained(folder), load_processor(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_folder):
+    return qwen3_vl.from_pretrained(tiny_folder), load_processor(tiny_folder)
 
 
 def test_sft_learns_an_answer_only_the_image_gives(tiny):
@@ -56,3 +67,32 @@ def test_sft_learns_an_answer_only_the_image_gives(tiny):
     losses = [learner.step(train)["loss"] for _ in range(STEPS)]
     assert losses[-1] < 0.1 * losses[0], losses
     assert before <= 0.75 and accuracy() == 1.0, before  # a random model picks one colour for every picture
+
+
+def test_an_example_the_loop_cannot_train_is_skipped_with_its_reason(tiny):
+    _, processor = tiny
+    question = {"role": "user", "content": "What colour?"}
+    answer = {"role": "assistant", "content": "<think>\nRed.\n</think>\n<answer>\\boxed{red}</answer>"}
+    example, reason = trainable_example({"messages": [question, answer]}, processor, None, max_length=4096)
+    assert reason is None and example["loss_mask"].sum() > 0
+    # whatever the source's shape check lets through, of any exception type, skips the one example
+    broken = {"messages": [question, {**answer, "tool_calls": "zoom"}]}
+    example, reason = trainable_example(broken, processor, None, max_length=4096)
+    assert example is None and reason.startswith("UndefinedError: ")  # jinja2's, not a ValueError
+    example, reason = trainable_example({"messages": [question, answer]}, processor, None, max_length=8)
+    assert example is None and reason.endswith("tokens, longer than max_length 8")
+    example, reason = trainable_example({"messages": [question]}, processor, None, max_length=4096)
+    assert example is None and reason.startswith("no token to train")
+
+
+def test_a_run_that_trains_nothing_is_an_error_and_exports_nothing(tiny_folder, tmp_path):
+    """Every conversation is longer than max_length: no step trains, so no model may be handed to RL as trained."""
+    data = tmp_path / "sft.jsonl"
+    write_sft_jsonl(data, [_conversation(colour_picture("red", np.random.default_rng(0)), "red")])
+    config = load_config("sft")
+    config.update(dict(checkpoint=tiny_folder, data=str(data), workdir=str(tmp_path / "run"), steps=1, batch_size=1,
+                       micro_batch_size=1, max_length=8, tensorboard=False))
+    with pytest.raises(DataFileError, match=r"^no step trained a token: every conversation of .*sft.jsonl was "
+                                            r"skipped \(1 at batching.*longer than max_length 8"):
+        sft_run.run(config)
+    assert not os.path.exists(tmp_path / "run" / "hf_checkpoint")

@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image
 
 from axpo_jax.algo.rewards import KINDS, RewardConfig
+from axpo_jax.data.images import to_rgb
 from axpo_jax.rollout.agent_loop import Task
 
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -57,9 +58,9 @@ class ImageSource:
 
     def open(self) -> Image.Image:
         if self.image is not None:
-            return self.image.convert("RGB")  # a copy: the agent loop may append to and crop it
+            return to_rgb(self.image)  # a copy: the agent loop may append to and crop it
         with self._encoded() as image:
-            return image.convert("RGB")
+            return to_rgb(image)
 
     def check_decodes(self) -> None:
         """Decodes the whole image and drops it. A JPEG is decoded at 1/8 scale: every byte of it is still read
