@@ -87,7 +87,6 @@ def evaluate_checkpoint(config, folder: str, executor) -> dict:
     import jax
 
     from axpo_jax.data.processor import load_processor
-    from axpo_jax.eval.run import search_backend
     from axpo_jax.eval.runner import evaluate, make_agent
     from axpo_jax.models import qwen3_vl
 
