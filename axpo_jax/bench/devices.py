@@ -20,6 +20,7 @@ The device_kind strings are what JAX reports: "TPU v5 lite" is v5e, "TPU v5" is 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 GIB = 1024**3
 GB = 1000**3
@@ -59,12 +60,16 @@ def lookup(device_kind: str) -> DeviceSpec | None:
     if device_kind in _TPU_KINDS:
         return _TPU_KINDS[device_kind]
     kind = device_kind.upper()
-    # GPU names carry board variants ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"): match by model, then form.
-    if "H200" in kind:
+    # GPU names carry board variants ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"): match by model as a whole
+    # word (not "GH200" or "RTX A1000"), then form; the H100 NVL's figures are its own, not in the table.
+    def model(name: str) -> bool:
+        return re.search(rf"(?<![A-Z0-9]){name}(?![A-Z0-9])", kind) is not None
+
+    if model("H200"):
         return H200
-    if "H100" in kind:
+    if model("H100") and "NVL" not in kind:
         return H100_PCIE if "PCIE" in kind else H100_SXM
-    if "A100" in kind:
+    if model("A100"):
         return A100_40GB if "40GB" in kind else A100_80GB
     return None
 

@@ -139,9 +139,10 @@ def make_record(*, label: str, device_kind: str, device_count: int, process_coun
                 extra: dict | None = None) -> BenchRecord:
     """A record from measured times and token counts; throughputs, FLOPs per token and MFU are derived here.
 
-    `rollout_s` is device decode time and `tools_s` host tool time (the agent loop runs them one after the other,
-    so rollout throughput divides by `rollout_s` alone); `seq_len` is the update's sequence length and
-    `decode_context` the cache slots each decode step attends over (both for the attention FLOPs)."""
+    `rollout_s` is the rollout's own time and `tools_s` the time it waited for tools (the tool time no device
+    work hid), so rollout throughput divides by `rollout_s` alone; `update_tokens` counts every position the update
+    reads; `seq_len` is the update's sequence length and `decode_context` the cache slots a decode step attends
+    over (both for the attention FLOPs)."""
     spec = devices.lookup(device_kind)
     peak = spec.peak_bf16_flops if spec else None
 
@@ -211,8 +212,9 @@ def read_records(path: str | os.PathLike) -> list[BenchRecord]:
             raw = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(raw, dict) and "record" in raw and isinstance(raw["record"], dict):
-            raw = raw["record"]  # a mode's result line that wraps its record
+        for key in ("bench_record", "record"):  # a mode's result line that wraps its record (the rl mode's)
+            if isinstance(raw, dict) and isinstance(raw.get(key), dict):
+                raw = raw[key]
         if isinstance(raw, dict) and {"label", "source", "device_kind", "device_count"} <= set(raw):
             records.append(BenchRecord.from_dict(raw))
     if not records and stripped.startswith("{"):

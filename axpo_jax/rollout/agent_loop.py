@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 import uuid
 
 import jax
@@ -136,6 +137,7 @@ class AgentLoop:
         self._answer_close_ids = self.tokenizer.encode(ANSWER_CLOSE, add_special_tokens=False)
         self._special_tokens = list(self.tokenizer.get_added_vocab())  # tool output may not spell them (plain_text)
         self._samplers: dict[int, Sampler] = {}
+        self.tool_wait_s = 0.0  # seconds the rollouts waited for tool calls (`_run_groups`); a trainer resets it
 
     def _image_floors(self) -> dict[str, ImageBuckets]:
         return {"prompt": self.prompt_images, "observation": self.observation_images}
@@ -292,16 +294,20 @@ class AgentLoop:
     def _group_keys(rng, num_groups: int):
         return [rng] if num_groups == 1 else list(jax.random.split(rng, num_groups))
 
-    @staticmethod
-    def _run_groups(turn_loops: list) -> list:
+    def _run_groups(self, turn_loops: list) -> list:
         """Drives the groups' turn loops round-robin. Each runs on the device until its tool calls are
-        submitted; the next group then decodes while those tools run. Returns each loop's final cache."""
+        submitted; the next group then decodes while those tools run. Returns each loop's final cache. The time
+        spent waiting for tools, the tool time no device work hid, adds up in `tool_wait_s`."""
         pending, caches = [None] * len(turn_loops), [None] * len(turn_loops)
         running = list(range(len(turn_loops)))
         while running:
             for i in list(running):
                 try:
-                    outcomes = pending[i].result() if pending[i] is not None else None
+                    outcomes = None
+                    if pending[i] is not None:
+                        waited = time.perf_counter()
+                        outcomes = pending[i].result()
+                        self.tool_wait_s += time.perf_counter() - waited
                     pending[i] = turn_loops[i].send(outcomes)
                 except StopIteration as done:
                     caches[i] = done.value

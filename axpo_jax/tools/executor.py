@@ -115,8 +115,10 @@ class ToolExecutor:
             self._tool_seconds = 0.0
 
     def close(self) -> None:
-        """Waits for running requests (each bounded by its calls' timeouts) and stops the worker threads."""
+        """Waits for running requests (each bounded by its calls' timeouts), stops the worker threads and shuts
+        the tools down (the python tool's kernels)."""
         self._pool.shutdown(wait=True)
+        self.registry.close()
 
     def __enter__(self) -> ToolExecutor:
         return self

@@ -780,6 +780,8 @@ class PythonTool:
         os.chmod(self.root_dir, 0o711)
         self._lock = threading.Lock()
         self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
+        # sessions shut down to make room while still open: their next call is told its variables are gone
+        self._evicted: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._closed = False
         self._zmq = zmq.Context()
         self._zmq.setsockopt(zmq.MAXMSGSIZE, 256 << 20)  # a kernel cannot make the trainer buffer more than this
@@ -992,6 +994,10 @@ class PythonTool:
             sess = self._sessions.get(sid)
             if sess is None:
                 sess = self._sessions[sid] = _Session(sid)
+                if sid in self._evicted:
+                    del self._evicted[sid]
+                    sess.note = (f"the python kernel was stopped to make room for others (at most "
+                                 f"{self.max_sessions} at once)")
             self._sessions.move_to_end(sid)
             excess = len(self._sessions) - self.max_sessions
             for other in list(self._sessions.values()):
@@ -1001,7 +1007,10 @@ class PythonTool:
                     del self._sessions[other.sid]
                     other.closed = True
                     victims.append(other)
+                    self._evicted[other.sid] = None
                     excess -= 1
+            while len(self._evicted) > 16 * self.max_sessions:  # sessions never closed must not pile up here
+                self._evicted.popitem(last=False)
         for v in victims:
             self._shutdown(v)
         return sess
@@ -1018,6 +1027,7 @@ class PythonTool:
             return
         with self._lock:
             sess = self._sessions.pop(session_id, None)
+            self._evicted.pop(session_id, None)
         if sess is not None:
             self._shutdown(sess)
 

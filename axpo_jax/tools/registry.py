@@ -37,6 +37,15 @@ class ToolRegistry:
     def get(self, name: str) -> Tool | None:
         return self._tools.get(name)
 
+    def close(self) -> None:
+        """Shuts every tool down (the python tool's kernels and scratch folders); logged, not raised, per tool."""
+        for tool in self._tools.values():
+            if hasattr(tool, "close"):
+                try:
+                    tool.close()
+                except Exception:
+                    _log.exception("tool %s failed to close", tool.name)
+
     def close_session(self, session_id: str) -> None:
         """Frees every tool's state for a finished trajectory. A tool failing to close is logged, not raised:
         the others still close and the run goes on."""

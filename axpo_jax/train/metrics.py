@@ -19,6 +19,22 @@ def scalars(record: dict) -> dict[str, float]:
             if isinstance(v, numbers.Number) and not isinstance(v, bool) and k != "step"}
 
 
+def _read_records(path: str) -> list[dict]:
+    """The step records of a metrics file. A run killed while writing leaves half a last line: that step is
+    redone on resume, so its line is dropped; a bad line anywhere else is damage, and an error naming it."""
+    with open(path, "rb") as f:
+        lines = [line for line in f.read().split(b"\n") if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number} is not a metrics record ({error})") from None
+    return records
+
+
 class MetricsLog:
     def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True, primary: bool = True,
                  name: str = "metrics"):
@@ -26,8 +42,7 @@ class MetricsLog:
         self.primary = primary
         self.records: list[dict] = []
         if os.path.isfile(self.path):
-            with open(self.path) as f:
-                self.records = [r for r in map(json.loads, filter(str.strip, f)) if r["step"] <= resume_step]
+            self.records = [r for r in _read_records(self.path) if r["step"] <= resume_step]
         self._writer = None
         if primary:
             os.makedirs(workdir, exist_ok=True)

@@ -102,6 +102,7 @@ class RLTrainer:
         n = self.num_samples
         started = time.perf_counter()
         self.agent.executor.reset_stats()
+        self.agent.tool_wait_s = 0.0
         rng_rollout, rng_resample = jax.random.split(rng)
         rollout = self.agent.run(tasks, n, rng_rollout, self.sampling)
         trajectories = rollout.trajectories
@@ -169,9 +170,10 @@ class RLTrainer:
         # what the sampler produced this step: a forked continuation's copy of its source's prefix was not sampled
         copied = 0 if from_scratch else sum(int(np.sum(t.policy_mask[: t.prefix_end])) for t in resamples)
         # counts of every process's rows (one process per data shard: processes of a shard hold the same rows)
-        calls, failures, num_tokens, copied = distributed.concat_shards(np.array([[
-            tool_stats["calls"], sum(tool_stats["failures_per_status"].values()), num_tokens, copied]]),
-            self.mesh).sum(axis=0).tolist()
+        positions = sum(len(t.token_ids) for t in everything)  # every position the update reads, prompts included
+        calls, failures, num_tokens, copied, positions, rows = distributed.concat_shards(np.array([[
+            tool_stats["calls"], sum(tool_stats["failures_per_status"].values()), num_tokens, copied, positions,
+            len(everything)]]), self.mesh).sum(axis=0).tolist()
         tool_subgroup = used_qn.any(axis=1)
         all_wrong_tool = tool_subgroup & ~((rewards_qn >= 1) & used_qn).any(axis=1)
         budget, _ = resample_budget(len(rewards_qn), n, self.estimator.config) if k else (0, 0)
@@ -198,10 +200,18 @@ class RLTrainer:
             "tool_calls": calls,
             "tool_failures": failures,
             "policy_tokens": num_tokens,
+            # what the update's FLOPs are counted over (benchmark records): every position of its rows, padded to
+            # rows of `update_seq_len`; and how long the rows grew (the context a decode step attends to, at most)
+            "update_positions": 0 if metrics.get("update_skipped") else positions,
+            "update_seq_len": length,
+            "mean_trajectory_tokens": positions / max(rows, 1),
             "sampled_tokens": num_tokens - copied,
             "tokens_per_s": num_tokens / max(time.perf_counter() - started, 1e-9),
-            "time_rollout_s": rollout_seconds - tool_stats["tool_seconds"],  # this process's
-            "time_tools_s": tool_stats["tool_seconds"],
+            # this process's: the rollout's time less what it spent waiting for tools (tools run concurrently
+            # and, pipelined, beside the device, so the calls' summed seconds, `tool_call_s`, can exceed both)
+            "time_rollout_s": rollout_seconds - self.agent.tool_wait_s,
+            "time_tools_s": self.agent.tool_wait_s,
+            "tool_call_s": tool_stats["tool_seconds"],
             "time_update_s": update_seconds,
             **advantages.metrics(),
         })

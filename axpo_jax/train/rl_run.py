@@ -126,8 +126,10 @@ def check_memory(config, mesh) -> None:
 def bench_record(config, records: list[dict], text_config):
     """The run as one benchmark record (axpo_jax/bench/record.py), comparable with other machines and with verl:
     medians over the steps that compiled nothing (steady state), else over the steps after the first, which
-    compiles most; `notes` says which. Update tokens are the trained (policy) tokens. Steps whose update was
-    skipped (`skip_zero_signal_steps`) are left out while any step updated."""
+    compiles most; `notes` says which. Update tokens are every position the update reads (its FLOPs are spent on
+    prompts and observations too), over rows of the update's length; a decode step's context is the rows' mean
+    length (an upper bound: a step attends over the tokens so far). Steps whose update was skipped
+    (`skip_zero_signal_steps`) are left out while any step updated."""
     from axpo_jax.bench import record as bench
 
     updated = [r for r in records if not r.get("update_skipped")] or records
@@ -141,10 +143,25 @@ def bench_record(config, records: list[dict], text_config):
 
     return bench.make_record(
         label=f"{config.algo} {os.path.basename(os.path.normpath(config.checkpoint))}", **bench.current_devices(),
-        text_config=text_config, seq_len=config.capacity, decode_context=config.capacity, step_s=median("step_s"),
+        text_config=text_config, seq_len=int(median("update_seq_len")),
+        decode_context=int(median("mean_trajectory_tokens")), step_s=median("step_s"),
         rollout_s=median("time_rollout_s"), tools_s=median("time_tools_s"), update_s=median("time_update_s"),
-        rollout_tokens=int(median("sampled_tokens")), update_tokens=int(median("trained_tokens")), steps=len(timed),
-        notes=notes)
+        rollout_tokens=int(median("sampled_tokens")), update_tokens=int(median("update_positions")),
+        steps=len(timed), notes=notes)
+
+
+def python_sessions(config, estimator) -> int:
+    """How many python kernels to keep: one per row a rollout batch holds on this process (the rollout's, the
+    AXPO continuations', an evaluation batch's; each batch closes its sessions when it ends), at least the tool's
+    default. Fewer would shut a live conversation's kernel down every turn."""
+    import jax
+
+    from axpo_jax.algo.axpo import resample_budget
+
+    continuations = resample_budget(config.questions_per_step, config.num_samples, estimator.config)[0] \
+        if estimator.k else 0
+    rows = max(config.questions_per_step * config.num_samples, continuations) // jax.process_count()
+    return min(900, max(64, rows, config.eval_batch_size * config.eval_samples))  # 900: the tool's uid range
 
 
 def checked_settings(config):
@@ -225,7 +242,8 @@ def run(config) -> dict:
         if "search" in config.tools and search is None:
             raise ValueError("the search tool needs a backend: search_corpus (a JSONL corpus for offline BM25) or "
                              "search_endpoint (a web search API, its key in search_api_key_env)")
-        registry = build_registry(list(config.tools), search_backend=search)
+        registry = build_registry(list(config.tools), search_backend=search,
+                                  python_options={"max_sessions": python_sessions(config, estimator)})
     with config_fields("tasks"):
         source = task_source(config.tasks, seed=config.seed + 1)
     with config_fields("mesh"):

@@ -38,6 +38,9 @@ def test_device_table_lookup():
     assert devices.lookup("NVIDIA A100-SXM4-40GB").memory_bytes == 40 * 1000**3
     assert devices.lookup("NVIDIA A100-SXM4-80GB").peak_bf16_flops == 312e12
     assert devices.lookup("cpu") is None and devices.lookup("TPU v99") is None
+    # other boards whose names contain a known model's: not that model's figures
+    assert all(devices.lookup(name) is None for name in ("NVIDIA RTX A1000 Laptop GPU", "NVIDIA GH200 480GB",
+                                                         "NVIDIA H100 NVL"))
     assert devices.chips_of("v5p-64") == 32 and devices.chips_of("v5litepod-16") == 16
     with pytest.raises(ValueError, match="unknown accelerator type"):
         devices.chips_of("v5p-x")
@@ -79,6 +82,9 @@ def test_records_round_trip_through_files(tmp_path):
     captured = tmp_path / "stdout.txt"
     captured.write_text("I0101 starting\n{not json\n" + json.dumps({"mode": "bench_rl", "record": a.to_dict()}) + "\n")
     assert record.read_records(captured) == [a]
+    # the rl mode's own result line, which holds its record as "bench_record"
+    captured.write_text(json.dumps({"algo": "axpo", "steps": 3, "bench_record": b.to_dict()}) + "\n")
+    assert record.read_records(captured) == [b]
 
 
 def test_from_dict_keeps_unknown_fields_and_rejects_non_records():

@@ -244,3 +244,15 @@ def test_submit_overlaps_with_the_caller():
         assert started.wait(1.0) and not future.done()  # the caller is free while the tool runs
         assert future.result(timeout=1.0)[0][0].text == "done"
         assert executor.submit([]).result(timeout=0) == []
+
+
+def test_closing_the_executor_shuts_its_tools_down():
+    class Kept(Echo):  # a tool with state to free (the python tool's kernels)
+        closed = 0
+
+        def close(self):
+            Kept.closed += 1
+
+    with ToolExecutor(ToolRegistry([Kept()])) as executor:
+        assert executor.execute([request(call("echo", text="x"))])[0][0].text == "x"
+    assert Kept.closed == 1

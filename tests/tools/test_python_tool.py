@@ -415,4 +415,12 @@ def test_least_recently_used_session_is_shut_down(tool, monkeypatch):
     run(tool, "b = 1", session="lru-b")
     assert list(tool._sessions) == ["lru-b"]
     assert k.proc.poll() is not None and not os.path.exists(k.dir)
+    # its conversation goes on: told that its variables are gone, not left to find a NameError
+    out = run(tool, "print('a' in globals())", session="lru-a")
+    assert out.text.startswith("[the python kernel was stopped to make room for others (at most 1 at once); a new "
+                               "kernel was started, earlier variables are gone]") and "False" in out.text
+    tool.close_session("lru-a")
+    tool.close_session("lru-b")
+    run(tool, "c = 1", session="lru-b")  # closed, then used again: a new conversation, nothing to tell
+    assert "earlier variables" not in run(tool, "print(c)", session="lru-b").text
     tool.close_session("lru-b")

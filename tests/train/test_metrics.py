@@ -7,6 +7,7 @@ import math
 import os
 import struct
 
+import pytest
 from tensorboardX.proto import event_pb2
 
 from axpo_jax.train.metrics import MetricsLog
@@ -51,6 +52,23 @@ def test_metrics_jsonl_and_tensorboard_resume(tmp_path):
     assert [(r["step"], r["reward"]) for r in lines] == [(1, 0.1), (2, 0.2), (3, 0.9)]
     board = tensorboard_scalars(str(tmp_path / "tensorboard" / "rl_metrics"))
     assert math.isclose(board["reward"][3], 0.9, rel_tol=1e-6)
+
+
+def test_a_last_line_cut_by_a_kill_is_dropped_and_other_damage_named(tmp_path):
+    log = MetricsLog(str(tmp_path), name="m", tensorboard=False)
+    for step in (1, 2, 3):
+        log.write(step, {"reward": step / 10, "note": "π"})
+    log.close()
+    path = tmp_path / "m.jsonl"
+    whole = path.read_bytes()
+    path.write_bytes(whole + '{"step": 4, "note": "π'.encode()[:-1])  # killed inside a character of step 4
+    resumed = MetricsLog(str(tmp_path), name="m", resume_step=3, tensorboard=False)
+    assert [r["step"] for r in resumed.records] == [1, 2, 3]
+    resumed.close()
+    lines = whole.split(b"\n")
+    path.write_bytes(b"\n".join([lines[0], b"{oops", *lines[1:]]))
+    with pytest.raises(ValueError, match=r"m.jsonl:2 is not a metrics record"):
+        MetricsLog(str(tmp_path), name="m", resume_step=3, tensorboard=False)
 
 
 def test_only_the_primary_process_writes(tmp_path):

@@ -51,6 +51,11 @@ def test_axpo_step(loop):  # noqa: F811
     assert out.metrics["tool_use_rate"] == 0.75 and out.metrics["pass@1"] == 0.25
     assert out.metrics["signal_group_rate"] == 0.5  # task 1's rewards differ, task 0's do not
     assert out.metrics["bad_observation_rate"] == 0 and out.metrics["prompt_too_long_rate"] == 0
+    # the update reads every position of its rows (its FLOPs), more than the trained ones
+    rows = out.trajectories + out.resamples
+    assert out.metrics["update_positions"] == sum(len(t.token_ids) for t in rows) > out.metrics["trained_tokens"]
+    # the split of the step's time: the rollout's own and its wait for tools, both measured, neither negative
+    assert out.metrics["time_rollout_s"] > 0 and out.metrics["time_tools_s"] >= 0
     np.testing.assert_allclose(adv.grpo_adv_qn[1], [-1, 1], atol=1e-5)  # the untriggered group is plain GRPO
     assert np.isfinite(out.metrics["loss"]) and out.metrics["skipped_updates"] == 0
     assert out.metrics["sampler_trainer_logprob_gap"] < 1e-3
