@@ -122,10 +122,7 @@ def config_fields(fields: str):
 
 def require_positive_ints(config, *fields: str) -> None:
     """ValueError unless each of the config's `fields` is an int >= 1."""
-    for field in fields:
-        value = config[field]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{field} must be an int >= 1, got {value!r}")
+    require_ints_at_least(config, 1, *fields)
 
 
 def require_ints_at_least(config, minimum: int, *fields: str) -> None:

@@ -9,6 +9,7 @@ into the metadata and handed back to the same process index on restore.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -90,6 +91,16 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def landing_saves_on_failure(self):
+        """Around a training loop: when it raises, the save in flight (a finished step's) is waited for before the
+        error goes on, so a rerun resumes from that step rather than the one before."""
+        try:
+            yield
+        except BaseException:
+            self.wait()
+            raise
 
     def close(self) -> None:
         self.manager.wait_until_finished()

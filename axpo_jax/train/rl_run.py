@@ -297,7 +297,7 @@ def run(config) -> dict:
     progress = tqdm(range(first_step, config.steps), desc=f"RL ({config.algo})", file=sys.stderr, mininterval=1.0,
                     dynamic_ncols=True, initial=first_step, total=config.steps, disable=not primary)
     compile_clock = CompileClock()
-    try:
+    with checkpointer.landing_saves_on_failure():
         for step in progress:
             rng, key = jax.random.split(rng)
             compile_clock.take()  # the last step's evaluation and checkpoint are not this step's
@@ -325,9 +325,6 @@ def run(config) -> dict:
                 if primary:
                     _log(f"{stop.describe()}: checkpoint of step {step + 1} saved; stopping (rerun to resume)")
                 return {"stopped_at_step": step + 1, "signal": stop.describe()}
-    except BaseException:
-        checkpointer.wait()  # a save in flight holds a finished step: let it land, so a rerun resumes from there
-        raise
     checkpointer.close()
     metrics.close()
     executor.close()

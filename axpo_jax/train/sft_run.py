@@ -172,7 +172,7 @@ def run(config) -> dict:
                     dynamic_ncols=True, initial=first_step, total=config.steps, disable=not primary)
     compile_clock = CompileClock()
     skip_reasons = []  # this process's first few, for the error of a run that trains nothing
-    try:
+    with checkpointer.landing_saves_on_failure():
         for step in progress:
             examples, skipped_here = [], 0
             records = next(dataset)  # every process reads the same batch and trains on its own share of the rows
@@ -213,9 +213,6 @@ def run(config) -> dict:
                 if primary:
                     _log(f"{stop.describe()}: checkpoint of step {step + 1} saved; stopping (rerun to resume)")
                 return {"stopped_at_step": step + 1, "signal": stop.describe()}
-    except BaseException:
-        checkpointer.wait()  # a save in flight holds a finished step: let it land, so a rerun resumes from there
-        raise
     checkpointer.close()
     metrics.close()
     # a run that trained nothing must not end like one that did, with an exported (untrained) model; the metrics

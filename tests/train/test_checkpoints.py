@@ -49,3 +49,18 @@ def test_resume_settings(tmp_path):
     (tmp_path / "run_config.json").write_text('{"steps": 2')  # cut short
     with pytest.raises(ModeError, match=r"run_config.json is unreadable .*restore it, or delete it"):
         check_resume_settings(_config(), workdir, resuming, primary=True)
+
+
+def test_a_failing_loop_lets_the_save_in_flight_land(tmp_path, monkeypatch):
+    from axpo_jax.train.checkpoints import Checkpointer
+
+    checkpointer = Checkpointer(str(tmp_path / "checkpoints"))
+    waited = []
+    monkeypatch.setattr(checkpointer, "wait", lambda: waited.append(True))
+    with checkpointer.landing_saves_on_failure():
+        pass
+    assert waited == []  # a loop that ends closes its checkpointer itself
+    with pytest.raises(RuntimeError, match="a step failed"):
+        with checkpointer.landing_saves_on_failure():
+            raise RuntimeError("a step failed")
+    assert waited == [True]
