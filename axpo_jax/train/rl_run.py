@@ -65,6 +65,20 @@ def eval_settings(config):
                         max_new_tokens_per_turn=config.eval_max_new_tokens_per_turn)
 
 
+def eval_benchmark_names(config) -> list[str]:
+    """`eval_benchmarks` as names: a tuple of them, or comma-separated (`--config.eval_benchmarks=vstar,hrbench4k`
+    gives one string, as the eval mode's `benchmarks` does); a name that is no benchmark is a ValueError."""
+    from axpo_jax.eval.benchmarks import BENCHMARKS
+
+    value = config.eval_benchmarks
+    names = [part.strip() for item in ([value] if isinstance(value, str) else value)
+             for part in str(item).split(",") if part.strip()]
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"eval_benchmarks: unknown {unknown}; the benchmarks are {','.join(BENCHMARKS)}")
+    return names
+
+
 def eval_items(config) -> dict:
     """Held-out questions by benchmark: "heldout" from `eval_tasks` (a task source spec), plus every benchmark of
     `eval_benchmarks` read from `eval_data_dir` (axpo_jax/eval/benchmarks)."""
@@ -76,7 +90,7 @@ def eval_items(config) -> dict:
     if config.eval_tasks:
         source = task_source(config.eval_tasks, seed=config.seed + 10_000)
         items["heldout"] = items_from_tasks("heldout", [source[i] for i in range(len(source))], config.reward_kind)
-    for name in config.eval_benchmarks:
+    for name in eval_benchmark_names(config):
         items[name] = load_benchmark(name, config.eval_data_dir, max_questions=config.eval_max_questions)[1]
     return items
 
@@ -189,6 +203,7 @@ def checked_settings(config):
         sampling = sampling_params(config)
     with config_fields("the eval_* fields"):
         settings = eval_settings(config)
+        eval_benchmark_names(config)
     with config_fields("algo, axpo, advantage"):
         estimator = make_estimator(config)
     with config_fields("eps_low, eps_high, kl_coef, kl_kind, loss_aggregation"):

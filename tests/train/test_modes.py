@@ -129,6 +129,8 @@ def test_rl_mode_refuses_bad_sampling_and_update_fields_before_loading(tmp_path)
     for field, value, match in (("temperature", -1.0, r"\(temperature, top_p.*temperature must be >= 0"),
                                 ("top_k", -2, r"top_k must be an integer"),
                                 ("eval_top_p", 0.0, r"\(the eval_\* fields\): top_p must be in"),
+                                ("eval_benchmarks", ("vstar,hrbench5k",),  # as the command line gives it
+                                 r"\(the eval_\* fields\): eval_benchmarks: unknown \['hrbench5k'\]; the benchmarks"),
                                 ("updates_per_step", 0, r"updates_per_step must be an int from 1"),
                                 ("updates_per_step", 1000, r"updates_per_step must be .* \(\d+\), got 1000"),
                                 ("questions_per_step", 0, r"questions_per_step must be an int >= 1, got 0"),
