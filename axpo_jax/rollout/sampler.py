@@ -35,7 +35,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    presence_penalty: float = 0.0  # subtracted from the logits of every token this turn has already produced
+    # Subtracted from the logits of every token this decode call (a turn, or a fork's continuation from its branch
+    # point) has already produced: each call is what a new request to a serving engine would be.
+    presence_penalty: float = 0.0
 
     def __post_init__(self):
         # a negative temperature would sample the least likely tokens, top_p 0 would keep no token: refuse them here
