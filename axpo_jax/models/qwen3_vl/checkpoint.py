@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 
 import jax
@@ -28,6 +29,9 @@ DTYPES = {"": jnp.float32, "float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
+_GENERATION_FILE = "generation_config.json"
+# the weight files this module and transformers write: a new save removes them first (see save_pretrained)
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 
 
 def _param_name(path) -> str:
@@ -45,6 +49,12 @@ class SafetensorsFolder:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         index_path = os.path.join(self.path, _INDEX_FILE)
+        if os.path.isfile(index_path) and os.path.isfile(os.path.join(self.path, _SINGLE_FILE)):
+            # transformers loads the single file and ignores the index; which one is meant is only a guess
+            raise CheckpointError(
+                f"{self.path} holds both {_SINGLE_FILE} and {_INDEX_FILE} (two saves into one folder?): "
+                f"remove the stale one"
+            )
         if os.path.isfile(index_path):
             try:
                 with open(index_path) as f:
@@ -102,7 +112,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, mesh=None) ->
     expected = {_param_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(abstract_state))}
 
     available = folder.names()
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and "lm_head.weight" in available:
+        _check_tied_head(folder, os.fspath(path))
         available.discard("lm_head.weight")  # some exporters write the tied copy too
     missing = sorted(set(expected) - available)
     unexpected = sorted(available - set(expected))
@@ -130,6 +141,25 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.float32, mesh=None) ->
     return nnx.merge(graphdef, abstract_state)
 
 
+def _check_tied_head(folder: SafetensorsFolder, path: str, rows_per_read: int = 8192) -> None:
+    """A tied config's lm_head.weight must equal embed_tokens: transformers unties a head that differs and uses
+    it. Refused rather than loaded untied: an untied model from a tied config.json would save back a config that
+    transformers ties again. Compared in row blocks, so no whole [V, D] copy is held in host memory."""
+    head, embed = "lm_head.weight", "model.language_model.embed_tokens.weight"
+    if embed not in folder.names():
+        return  # the layout check that follows names the missing tensor
+    shape = folder.shape(head)
+    blocks = [(slice(start, min(start + rows_per_read, shape[0])),) for start in range(0, shape[0], rows_per_read)]
+    same = shape == folder.shape(embed) and all(
+        np.array_equal(folder.read(head, block), folder.read(embed, block)) for block in blocks
+    )
+    if not same:
+        raise CheckpointError(
+            f"{path}: config.json has tie_word_embeddings=true but the checkpoint's {head} differs from {embed} "
+            f"(its head is not tied to its embeddings): set tie_word_embeddings to false in config.json"
+        )
+
+
 def named_parameters(model: Qwen3VL) -> Iterator[tuple[str, jax.Array]]:
     """(transformers name, array) for every parameter, in a stable order."""
     pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -146,7 +176,8 @@ def _host_copy(x: jax.Array) -> np.ndarray:
 
 
 def save_pretrained(model: Qwen3VL, path: str | os.PathLike, *, max_shard_bytes: int = 4 << 30) -> None:
-    """Writes config.json and safetensors shards (+ index when there are several) that transformers loads."""
+    """Writes config.json and safetensors shards (+ index when there are several) that transformers loads, and the
+    source checkpoint's generation_config.json; the weight files of an earlier save into `path` are removed."""
     path = os.fspath(path)
     is_writer = jax.process_index() == 0
     shards: list[dict[str, np.ndarray]] = [{}]
@@ -165,6 +196,15 @@ def save_pretrained(model: Qwen3VL, path: str | os.PathLike, *, max_shard_bytes:
     if not is_writer:
         return
     os.makedirs(path, exist_ok=True)
+    # Weights of an earlier save would outlive this one (e.g. its shards next to a new single file, which
+    # transformers prefers to the index), so the folder would load as two different models.
+    for name in os.listdir(path):
+        if _WEIGHT_FILE.fullmatch(name) and os.path.isfile(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
+    if model.config.generation_config is not None:
+        # the source checkpoint's stop ids and sampling defaults, which transformers' generate reads from here
+        with open(os.path.join(path, _GENERATION_FILE), "w") as f:
+            json.dump(model.config.generation_config, f, indent=2, sort_keys=True)
     config = dict(model.config.hf_config)
     config.setdefault("architectures", ["Qwen3VLForConditionalGeneration"])
     config["dtype"] = dtype_name

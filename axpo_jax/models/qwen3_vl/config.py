@@ -70,6 +70,8 @@ class Qwen3VLConfig:
     tie_word_embeddings: bool = False
     # The parsed config.json, kept so save_pretrained writes back what transformers expects.
     hf_config: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    # The folder's generation_config.json (eos ids, sampling defaults), kept so an export carries it on.
+    generation_config: dict | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Qwen3VLConfig":
@@ -82,12 +84,18 @@ class Qwen3VLConfig:
             raise CheckpointError(f"{path!s} is not a folder; expected a Qwen3-VL checkpoint folder")
         if not os.path.isfile(config_path):
             raise CheckpointError(f"{path!s} has no config.json; it is not a transformers checkpoint folder")
-        try:
-            with open(config_path) as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config_path} is not valid JSON: {e}") from None
-        return _parse(raw, source=config_path)
+        raw = _read_json(config_path)
+        generation_path = os.path.join(path, "generation_config.json")
+        generation = _read_json(generation_path) if os.path.isfile(generation_path) else None
+        return dataclasses.replace(_parse(raw, source=config_path), generation_config=generation)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
 _SUPPORTED_TEXT_ACT = ("silu",)
@@ -111,7 +119,12 @@ def _parse(raw: dict[str, Any], source: str = "config") -> Qwen3VLConfig:
 
     # transformers 5 writes rope_parameters; checkpoints saved by 4.x carry rope_scaling + rope_theta.
     rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
-    rope.setdefault("rope_theta", text.get("rope_theta", 5_000_000.0))
+    if "rope_theta" not in rope:
+        if "rope_theta" not in text:
+            # published checkpoints always carry it; guessing would pick one of two defaults (transformers
+            # assumes 500000, Qwen3-VL was trained with 5000000) and silently build another model
+            raise CheckpointError(f"{source}: text_config.rope_theta (or rope_parameters.rope_theta) is missing")
+        rope["rope_theta"] = text["rope_theta"]
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
         raise CheckpointError(f"{source}: text_config rope_type {rope_type!r} is not supported (only 'default')")

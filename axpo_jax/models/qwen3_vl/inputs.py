@@ -162,8 +162,21 @@ def prepare_inputs(
     attention_mask = (
         np.ones_like(input_ids) if attention_mask is None else _to_numpy(attention_mask).astype(np.int32)
     )
+    real = attention_mask > 0
+    vocab = config.text.vocab_size
+    # An id past the table embeds as NaN (jnp.take fills) and the logits come out NaN instead of an error. Padding
+    # may hold any id the table takes (the sampler pads with -1, which wraps) but not one past it: a padding key's
+    # NaN value reaches the real tokens through its zero attention weight (0 * NaN).
+    bad = np.where(real, (input_ids < 0) | (input_ids >= vocab), (input_ids < -vocab) | (input_ids >= vocab))
+    if bad.any():
+        b, t = (int(i) for i in np.argwhere(bad)[0])
+        raise InputError(f"{'token' if real[b, t] else 'padding'} id {int(input_ids[b, t])} (sample {b}, position "
+                         f"{t}) is outside the vocabulary [0, {vocab})")
     grids = np.zeros((0, 3), np.int64) if image_grid_thw is None else _to_numpy(image_grid_thw).astype(np.int64)
-    is_image_token = (input_ids == config.image_token_id) & (attention_mask > 0)
+    if np.any(grids[:, 0] != 1):
+        # the vision tower attends across all of an image's patches, transformers within each frame
+        raise InputError(f"image_grid_thw {grids.tolist()} has t != 1: video / multi-frame grids are not supported")
+    is_image_token = (input_ids == config.image_token_id) & real
     if mm_token_type_ids is None:
         mm_token_type_ids = is_image_token.astype(np.int32)
     else:

@@ -1,17 +1,20 @@
-"""Checkpoint folders: HF -> Flax -> HF round trip, sharded indexes, and clear errors for bad folders."""
+"""Checkpoint folders: HF -> Flax -> HF round trip, sharded indexes, and clear errors for bad folders and inputs."""
 
 import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 import torch
-from safetensors.numpy import load_file
-from transformers import Qwen3VLForConditionalGeneration
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
 
 from axpo_jax.models import qwen3_vl
-from axpo_jax.models.qwen3_vl import CheckpointError, InputError
+from axpo_jax.models.qwen3_vl import CheckpointError, InputError, checkpoint
+from axpo_jax.models.qwen3_vl.tiny import tiny_config_dict
 
 from .conftest import build_hf_checkpoint, hf_logits, make_batch
 
@@ -172,3 +175,126 @@ def test_random_checkpoint_initialized_by_transformers_loads(tmp_path):
                                   saved["model.language_model.embed_tokens.weight"])
     with pytest.raises(ValueError, match="via must be"):
         write_random_checkpoint(tmp_path / "other", config, via="numpy")
+
+
+def _weight_files(folder) -> list[str]:
+    return sorted(f for f in os.listdir(folder) if f.startswith("model"))
+
+
+@pytest.mark.parametrize("first_shard_bytes, second_shard_bytes", [(64 * 1024, 4 << 30), (4 << 30, 64 * 1024)],
+                         ids=["sharded_then_single", "single_then_sharded"])
+def test_second_save_into_a_folder_replaces_the_first(reference, tmp_path, first_shard_bytes, second_shard_bytes):
+    _, folder = reference
+    first, second = qwen3_vl.from_pretrained(folder), qwen3_vl.from_pretrained(folder)
+    nnx.update(second, jax.tree.map(lambda x: x + 0.5, nnx.state(second, nnx.Param)))
+    out = tmp_path / "out"
+    qwen3_vl.save_pretrained(first, out, max_shard_bytes=first_shard_bytes)
+    qwen3_vl.save_pretrained(second, out, max_shard_bytes=second_shard_bytes)
+    # another reader (transformers prefers model.safetensors to the index) finds only the second save's files
+    alone = tmp_path / "alone"
+    qwen3_vl.save_pretrained(second, alone, max_shard_bytes=second_shard_bytes)
+    assert _weight_files(out) == _weight_files(alone)
+    for (name, want), (_, got) in zip(qwen3_vl.named_parameters(second),
+                                      qwen3_vl.named_parameters(qwen3_vl.from_pretrained(out))):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=name)
+
+
+def test_folder_with_both_a_single_file_and_an_index_is_refused(reference, tmp_path):
+    _, folder = reference
+    both = _copy(folder, tmp_path, "both")
+    sharded = tmp_path / "sharded"
+    qwen3_vl.save_pretrained(qwen3_vl.from_pretrained(folder), sharded, max_shard_bytes=64 * 1024)
+    for name in os.listdir(sharded):
+        if name.startswith("model-") or name.endswith(".index.json"):
+            shutil.copy(sharded / name, both / name)
+    with pytest.raises(CheckpointError, match="both model.safetensors and model.safetensors.index.json"):
+        qwen3_vl.from_pretrained(both)
+
+
+def _tie_config(target):
+    config = json.loads((target / "config.json").read_text())
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+    (target / "config.json").write_text(json.dumps(config))
+
+
+def test_tied_config_with_a_different_lm_head_is_refused(reference, tmp_path):
+    _, folder = reference  # an untied model: its lm_head differs from its embeddings
+    untied = _copy(folder, tmp_path, "untied")
+    _tie_config(untied)
+    with pytest.raises(CheckpointError, match="lm_head.weight differs from model.language_model.embed_tokens.weight"
+                                              ".*set tie_word_embeddings to false"):
+        qwen3_vl.from_pretrained(untied)
+
+    tied = _copy(folder, tmp_path, "tied")
+    _tie_config(tied)
+    tensors = load_file(str(tied / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["model.language_model.embed_tokens.weight"].copy()
+    save_file(tensors, str(tied / "model.safetensors"), metadata={"format": "pt"})
+    model = qwen3_vl.from_pretrained(tied)  # a tied copy written out by the exporter loads as before
+    assert model.lm_head is None
+
+    # compared block by block: a head that differs only in its last row, past the first blocks, is still caught
+    tensors["lm_head.weight"][-1] += 1
+    save_file(tensors, str(tied / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="differs"):
+        checkpoint._check_tied_head(checkpoint.SafetensorsFolder(tied), str(tied), rows_per_read=100)
+
+
+@pytest.mark.parametrize("transformers_4", [False, True], ids=["rope_parameters", "rope_scaling"])
+def test_config_without_rope_theta_is_refused(transformers_4):
+    config = tiny_config_dict(rope_theta=1000.0)
+    text = config["text_config"]
+    if transformers_4:  # the layout Qwen published with: rope_theta beside rope_scaling
+        text["rope_scaling"] = text.pop("rope_parameters")
+        text["rope_theta"] = text["rope_scaling"].pop("rope_theta")
+        assert qwen3_vl.Qwen3VLConfig.from_dict(config).text.rope_theta == 1000.0
+        del text["rope_theta"]
+    else:
+        del text["rope_parameters"]["rope_theta"]
+    with pytest.raises(CheckpointError, match=r"text_config.rope_theta \(or rope_parameters.rope_theta\) is missing"):
+        qwen3_vl.Qwen3VLConfig.from_dict(config)
+
+
+def test_export_keeps_the_generation_config(reference, tmp_path):
+    _, folder = reference
+    source = _copy(folder, tmp_path, "instruct")
+    generation = {"bos_token_id": 151643, "do_sample": True, "eos_token_id": [151645, 151643], "temperature": 0.7,
+                  "top_k": 20, "top_p": 0.8}  # as Qwen3-VL-*-Instruct publish it
+    (source / "generation_config.json").write_text(json.dumps(generation))
+    qwen3_vl.save_pretrained(qwen3_vl.from_pretrained(source), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == generation
+    assert GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == [151645, 151643]
+
+    os.remove(source / "generation_config.json")
+    qwen3_vl.save_pretrained(qwen3_vl.from_pretrained(source), tmp_path / "plain")
+    assert not os.path.exists(tmp_path / "plain" / "generation_config.json")
+
+
+def test_token_ids_outside_the_vocabulary(reference):
+    hf, _ = reference
+    config = qwen3_vl.Qwen3VLConfig.from_dict(hf.config.to_dict())
+    vocab = config.text.vocab_size
+    batch = make_batch(hf.config, [[3, (1, 4, 6), 2], [4]], padding="right")  # row 1 right-padded with id 0
+    qwen3_vl.prepare_inputs(config, **batch)
+    for bad in (vocab, -1):
+        ids = batch["input_ids"].copy()
+        ids[0, 1] = bad
+        with pytest.raises(InputError, match=rf"token id {bad} \(sample 0, position 1\) is outside the vocabulary "
+                                             rf"\[0, {vocab}\)"):
+            qwen3_vl.prepare_inputs(config, **dict(batch, input_ids=ids))
+    # padding may hold an id the table takes (the sampler pads with -1) but not one past it (NaN embeddings)
+    ids = batch["input_ids"].copy()
+    ids[1, -1] = -1
+    qwen3_vl.prepare_inputs(config, **dict(batch, input_ids=ids))
+    ids[1, -1] = vocab
+    with pytest.raises(InputError, match=rf"padding id {vocab} \(sample 1, position {ids.shape[1] - 1}\)"):
+        qwen3_vl.prepare_inputs(config, **dict(batch, input_ids=ids))
+
+
+def test_multi_frame_image_grids_are_refused(reference):
+    hf, _ = reference
+    config = qwen3_vl.Qwen3VLConfig.from_dict(hf.config.to_dict())
+    batch = make_batch(hf.config, [[3, (2, 4, 4), 2]], padding="right")  # tokens and pixels consistent with t=2
+    with pytest.raises(InputError, match=r"image_grid_thw \[\[2, 4, 4\]\] has t != 1: video / multi-frame grids "
+                                         r"are not supported"):
+        qwen3_vl.prepare_inputs(config, **batch)
