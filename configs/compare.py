@@ -1,7 +1,7 @@
 """Bench records side by side (mode `compare`): a markdown table and a bar plot, optionally with a verl run's log
 as the baseline row.
 
-    python launch.py --config configs/compare.py --config.records='("runs/bench/*.jsonl",)' \
+    python launch.py --config configs/compare.py --config.records='("runs/*/bench_records.jsonl",)' \
         [--config.verl_log=path/to/verl.log --config.verl_device_kind="NVIDIA A100-SXM4-80GB"]
 """
 
@@ -13,7 +13,8 @@ def get_config():
     config.mode = "compare"
     config.seed = 0
     # BenchRecord files: .jsonl (one record a line), .json, or a saved launch.py stdout; globs are expanded.
-    config.records = ("runs/bench/*.jsonl",)
+    # Default: none, so a verl log alone can be read; the rl mode writes <workdir>/bench_records.jsonl.
+    config.records = ()
     # A verl run's console log or its file-logger JSONL ($VERL_FILE_LOGGER_PATH); "" for none.
     config.verl_log = ""
     config.verl_label = "verl"

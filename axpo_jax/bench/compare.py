@@ -1,6 +1,6 @@
 """Mode `compare`: bench records side by side, as a markdown table and a bar plot, with a verl run as a baseline row.
 
-    python launch.py --config configs/compare.py --config.records='("runs/bench/*.jsonl",)' \\
+    python launch.py --config configs/compare.py --config.records='("runs/*/bench_records.jsonl",)' \\
         --config.verl_log=verl_console.log --config.verl_device_kind="NVIDIA A100-SXM4-80GB"
 
 Inputs are `bench.record.BenchRecord` files (JSONL, JSON, or a launch.py stdout capture) named by paths or globs,
@@ -222,7 +222,10 @@ def expand(patterns) -> list[str]:
 def load_all(record_patterns, verl_log: str = "", **verl_options) -> list[BenchRecord]:
     records: list[BenchRecord] = []
     for path in expand(record_patterns) if record_patterns else []:
-        found = read_records(path)
+        try:
+            found = read_records(path)
+        except (ValueError, TypeError, KeyError) as e:  # JSON that is not records: say which file
+            raise CompareError(f"{path} does not hold bench records: {type(e).__name__}: {e}") from None
         if not found:
             raise CompareError(f"{path} holds no bench records (JSON objects with label, source, device_kind, "
                                f"device_count)")

@@ -11,7 +11,8 @@ Peaks are the vendors' dense (no sparsity) bf16 figures:
   * TPU v6e (Trillium) 918 TFLOP/s, 32 GiB HBM https://cloud.google.com/tpu/docs/v6e
   * H100 SXM 989 TFLOP/s, 80 GB; H100 PCIe 756 TFLOP/s, 80 GB (the datasheet's 1,979 / 1,513 are with 2:4
     sparsity, halved here)                     https://www.nvidia.com/en-us/data-center/h100/
-  * H200 SXM 989 TFLOP/s, 141 GB               https://www.nvidia.com/en-us/data-center/h200/
+  * H200 SXM 989 TFLOP/s, 141 GB; H200 NVL 835.5 TFLOP/s, 141 GB (1,979 / 1,671 with sparsity)
+                                               https://www.nvidia.com/en-us/data-center/h200/
   * A100 312 TFLOP/s, 40 or 80 GB              https://www.nvidia.com/en-us/data-center/a100/
 TPU memory sizes are the ones XLA itself assumes for each device kind (xla/python/ifrt GetDeviceMemoryInBytes).
 The device_kind strings are what JAX reports: "TPU v5 lite" is v5e, "TPU v5" is v5p, "TPU v6 lite" is v6e.
@@ -41,6 +42,7 @@ TPU_V6E = DeviceSpec("tpu_v6e", 918 * TERA, 32 * GIB)
 H100_SXM = DeviceSpec("h100_sxm", 989 * TERA, 80 * GB)
 H100_PCIE = DeviceSpec("h100_pcie", 756 * TERA, 80 * GB)
 H200 = DeviceSpec("h200", 989 * TERA, 141 * GB)
+H200_NVL = DeviceSpec("h200_nvl", 835.5 * TERA, 141 * GB)
 A100_40GB = DeviceSpec("a100_40gb", 312 * TERA, 40 * GB)
 A100_80GB = DeviceSpec("a100_80gb", 312 * TERA, 80 * GB)
 
@@ -66,7 +68,7 @@ def lookup(device_kind: str) -> DeviceSpec | None:
         return re.search(rf"(?<![A-Z0-9]){name}(?![A-Z0-9])", kind) is not None
 
     if model("H200"):
-        return H200
+        return H200_NVL if "NVL" in kind else H200
     if model("H100") and "NVL" not in kind:
         return H100_PCIE if "PCIE" in kind else H100_SXM
     if model("A100"):

@@ -189,12 +189,14 @@ def run(config) -> dict[str, Any]:
         with torch.no_grad():
             return hf_model(**torch_inputs).logits
 
-    prepared = qwen3_vl.prepare_inputs(flax_model.config, **inputs_np)
-    flax_inputs = jax.tree.map(jnp.asarray, prepared)
     forward = nnx.jit(lambda m, x: m.forward(x))
 
+    def flax_inputs():
+        # timed with the forward: transformers' forward computes its rope positions and vision indices each call
+        return jax.tree.map(jnp.asarray, qwen3_vl.prepare_inputs(flax_model.config, **inputs_np))
+
     def flax_forward():
-        return jax.block_until_ready(forward(flax_model, flax_inputs))
+        return jax.block_until_ready(forward(flax_model, flax_inputs()))
 
     # The same computation through plain jax.jit on the split state: nnx.jit walks the module graph on every
     # call, a per-call Python cost that is visible on small models; the difference isolates it.
@@ -202,7 +204,7 @@ def run(config) -> dict[str, Any]:
     forward_split = jax.jit(lambda state, x: nnx.merge(graphdef, state).forward(x))
 
     def flax_split_forward():
-        return jax.block_until_ready(forward_split(state, flax_inputs))
+        return jax.block_until_ready(forward_split(state, flax_inputs()))
 
     _log(f"torch warm-up ({threads} threads)")
     start = time.perf_counter()

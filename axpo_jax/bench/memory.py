@@ -315,7 +315,7 @@ class RLMemorySettings:
     `seq_len` tokens. Rollout phase: the same weights and optimizer state (they stay resident) plus the KV cache of
     `rollout_rows` trajectories of `kv_cache_tokens` slots, split over the data x fsdp devices.
 
-    Activations (an estimate, bf16): with `remat`, each decoder layer's input (L x tokens x hidden) plus one layer
+    Activations (an estimate, in `compute_bytes`): with `remat`, each decoder layer's input (L x tokens x hidden) plus one layer
     recomputed at a time during the backward pass; without it, every layer's. One layer holds its norms and
     residuals (4 x hidden), q/k/v and the attention output, the MLP's gate/up/product (3 x intermediate) per token,
     and the attention scores (fp32) and probabilities (bf16) of every head: the model materializes the S x S
@@ -330,6 +330,8 @@ class RLMemorySettings:
     kv_cache_tokens: int = 8192
     param_bytes: int = 2  # bf16 weights
     grad_bytes: int = 2  # gradients in the weights' dtype
+    compute_bytes: int = 2  # activations and the KV cache, in the weights' dtype
+    micro_batches: int = 1  # per update: with more than one, the gradients' running sum is held beside each's
     optimizer_bytes_per_param: int = 8  # AdamW m and v in fp32
     reference_model: bool = True
     remat: bool = True  # assumption: per-layer rematerialization in the update (see the class docstring)
@@ -388,9 +390,10 @@ def activation_bytes(text, mesh_shape: Mapping[str, int], settings: RLMemorySett
     tokens = b * s
     heads, kv_heads = _split(text.num_attention_heads, tensor), _split(text.num_key_value_heads, tensor)
     width = 4 * d + (2 * heads + 2 * kv_heads) * text.head_dim + 3 * _split(text.intermediate_size, tensor)
-    one_layer = tokens * width * 2 + b * heads * s * s * (4 + 2)
+    cb = settings.compute_bytes
+    one_layer = tokens * width * cb + b * heads * s * s * (4 + cb)  # scores in fp32, probabilities in compute
     layers = text.num_hidden_layers
-    kept = layers * tokens * d * 2 + one_layer if settings.remat else layers * one_layer
+    kept = layers * tokens * d * cb + one_layer if settings.remat else layers * one_layer
     return kept + b * settings.logprob_chunk * text.vocab_size * 4 * 2
 
 
@@ -413,9 +416,10 @@ def rl_memory_plan(model_config, mesh, settings: RLMemorySettings = RLMemorySett
         params=sharded(settings.param_bytes),
         reference=sharded(settings.param_bytes) if settings.reference_model else 0,
         optimizer=sharded(settings.optimizer_bytes_per_param),
-        grads=sharded(settings.grad_bytes),
+        grads=sharded(settings.grad_bytes) * (2 if settings.micro_batches > 1 else 1),
         activations=activation_bytes(text, shape.shape, settings),
-        kv_cache=text.num_hidden_layers * 2 * kv_heads * text.head_dim * settings.kv_cache_tokens * rows * 2,
+        kv_cache=(text.num_hidden_layers * 2 * kv_heads * text.head_dim * settings.kv_cache_tokens * rows
+                  * settings.compute_bytes),
     )
     resident = ("params", "reference", "optimizer")
     return MemoryPlan(components, {"rollout": resident + ("kv_cache",),
@@ -547,21 +551,29 @@ def _print_table(results: dict[str, Any], mesh_shape: dict[str, int], device_gib
 def run(config) -> dict[str, Any]:
     import jax
 
+    from axpo_jax.bench.forward import PRESETS as BENCH_PRESETS
+    from axpo_jax.bench.forward import BenchError
+    from axpo_jax.models.qwen3_vl.config import PRESETS
     from axpo_jax.parallel.mesh import MESH_AXES, make_mesh
 
+    # every name checked before the first preset compiles (minutes for the large ones)
+    known = sorted({*BENCH_PRESETS, *PRESETS})
+    unknown = [name for name in config.presets if name not in known]
+    if unknown:
+        raise BenchError(f"unknown memory_plan presets {unknown}; known: {known}")
+    targets = tuple(config.get("targets", _TARGETS))
+    unknown = sorted(set(targets) - set(_TARGETS))
+    if unknown:
+        raise BenchError(f"unknown memory_plan targets {unknown}; known: {list(_TARGETS)}")
     mesh_shape = {axis: int(config.mesh.get(axis, 1)) for axis in MESH_AXES}
     needed = int(np.prod(list(mesh_shape.values())))
     have = jax.device_count()
     if have < needed:
-        raise RuntimeError(
+        raise BenchError(
             f"mesh {mesh_shape} needs {needed} devices but the {jax.default_backend()} backend has {have}; "
             f"on CPU set --config.xla_host_device_count={needed} (launch.py applies it before jax starts)"
         )
     mesh = make_mesh(mesh_shape, devices=jax.devices()[:needed])
-    targets = tuple(config.get("targets", _TARGETS))
-    unknown = set(targets) - set(_TARGETS)
-    if unknown:
-        raise ValueError(f"unknown memory_plan targets {sorted(unknown)}; known: {list(_TARGETS)}")
     settings = dict(
         seq_len=int(config.seq_len),
         batch_per_device=int(config.batch_per_device),

@@ -202,7 +202,12 @@ def read_records(path: str | os.PathLike) -> list[BenchRecord]:
         text = f.read()
     stripped = text.strip()
     if stripped.startswith("["):
-        return [BenchRecord.from_dict(raw) for raw in json.loads(stripped)]
+        try:
+            listed = json.loads(stripped)
+        except json.JSONDecodeError:  # a captured log whose first line is a "[mode] ..." progress line
+            listed = None
+        if isinstance(listed, list):
+            return [BenchRecord.from_dict(raw) for raw in listed]
     records = []
     for line in text.splitlines():
         line = line.strip()

@@ -220,6 +220,9 @@ def run_sampler(config) -> dict[str, Any]:
     torch_s, flax_s = statistics.median(torch_times), statistics.median(flax_times)
     torch_decode_s = max(torch_s - statistics.median(torch_prefill_times), 1e-9)
     flax_decode_s = statistics.median(decode_times)
+    # Per decode step: generate(n) - generate(1) is n - 1 forwards (the prefill's logits give the first token),
+    # the sampler's decode n (it also feeds its last token, so an extend or fork can go on from its logits).
+    torch_step_s, flax_step_s = torch_decode_s / max(new_tokens - 1, 1), flax_decode_s / new_tokens
     extend_s, products_s = statistics.median(extend_times), statistics.median(products_times)
     step_bytes = decode_step_bytes(flax_model.config.text, dtype=dtype, batch=batch,
                                    mean_context=prompt_len + (new_tokens - 1) / 2)
@@ -261,24 +264,24 @@ def run_sampler(config) -> dict[str, Any]:
         flax_tokens_per_s=round(generated / flax_s, 1),
         flax_over_torch_tokens_per_s=round(torch_s / flax_s, 3),
         flax_over_torch_best_run=round(min(torch_times) / min(flax_times), 3),
-        torch_decode_only_tokens_per_s=round(generated / torch_decode_s, 1),
-        flax_decode_only_tokens_per_s=round(generated / flax_decode_s, 1),
-        flax_over_torch_decode_only=round(torch_decode_s / flax_decode_s, 3),
+        torch_decode_only_tokens_per_s=round(batch / torch_step_s, 1),
+        flax_decode_only_tokens_per_s=round(batch / flax_step_s, 1),
+        flax_over_torch_decode_only=round(torch_step_s / flax_step_s, 3),
         # What the decode loop would reach if a step were its products and nothing else (XLA's kernels, this
         # device): the room left for work on everything else in a step.
         decode_products_only_s=_median(products_times),
         flax_decode_over_products_only=round(flax_decode_s / products_s, 3),
         flax_over_torch_bound_if_only_products=round(torch_s / (extend_s + products_s), 3),
-        flax_over_torch_decode_only_bound_if_only_products=round(torch_decode_s / products_s, 3),
-        **_host_blas_fields(blas_step_times, torch_s, torch_decode_s, extend_s, new_tokens),
+        flax_over_torch_decode_only_bound_if_only_products=round(torch_step_s / (products_s / new_tokens), 3),
+        **_host_blas_fields(blas_step_times, torch_s, torch_step_s, extend_s, new_tokens),
         # The fewest bytes a decode step must read (weights once, each row's filled KV cache once) over the
         # measured step time: how close each side runs to the memory bandwidth that bounds decoding.
         decode_min_bytes_per_step=step_bytes,
-        torch_decode_gbps=round(step_bytes * new_tokens / torch_decode_s / 1e9, 1),
-        flax_decode_gbps=round(step_bytes * new_tokens / flax_decode_s / 1e9, 1),
+        torch_decode_gbps=round(step_bytes / torch_step_s / 1e9, 1),
+        flax_decode_gbps=round(step_bytes / flax_step_s / 1e9, 1),
         device_copy_gbps=copy_gbps,
         flax_decode_fraction_of_copy_bandwidth=(
-            round(step_bytes * new_tokens / flax_decode_s / 1e9 / copy_gbps, 3) if copy_gbps else None),
+            round(step_bytes / flax_step_s / 1e9 / copy_gbps, 3) if copy_gbps else None),
         **_draw_fields(draw_times, new_tokens),
         flax_traces=traces,
         flax_retraced_while_timing=dict(sampler.trace_counts) != traces,
@@ -462,7 +465,7 @@ def _host_blas_weights_step(text_config, batch: int):
     return best_of_20
 
 
-def _host_blas_fields(step_times: list[float], torch_s: float, torch_decode_s: float, extend_s: float,
+def _host_blas_fields(step_times: list[float], torch_s: float, torch_step_s: float, extend_s: float,
                       new_tokens: int) -> dict[str, Any]:
     if not step_times:
         return dict(host_blas_weights_step_s=None)
@@ -470,7 +473,7 @@ def _host_blas_fields(step_times: list[float], torch_s: float, torch_decode_s: f
     return dict(
         host_blas_weights_step_s=round(step_s, 6),
         flax_over_torch_bound_at_host_blas_speed=round(torch_s / (extend_s + new_tokens * step_s), 3),
-        flax_over_torch_decode_only_bound_at_host_blas_speed=round(torch_decode_s / (new_tokens * step_s), 3),
+        flax_over_torch_decode_only_bound_at_host_blas_speed=round(torch_step_s / step_s, 3),
     )
 
 

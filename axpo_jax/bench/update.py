@@ -146,14 +146,18 @@ def run(config) -> dict[str, Any]:
         graphdef, state = nnx.split(flax_model)
         reference = nnx.merge(graphdef, jax.tree.map(jnp.copy, state))
     learner = Learner(flax_model, make_optimizer(learning_rate=lr, total_steps=100), loss_cfg, reference=reference)
-    prepared = qwen3_vl.prepare_inputs(flax_model.config, **inputs_np)
-    train_batch = jax.tree.map(jnp.asarray, TrainBatch(
-        prepared, rl["targets_bt"], rl["loss_mask_bt"], rl["advantages_bt"], np.zeros_like(rl["loss_mask_bt"])))
-    jax_first_old = np.asarray(learner.logprobs(train_batch))  # before any update: for the log-prob check
+
+    def make_train_batch():
+        # made in every timed step: transformers' forward computes its rope positions and vision indices each call
+        prepared = qwen3_vl.prepare_inputs(flax_model.config, **inputs_np)
+        return jax.tree.map(jnp.asarray, TrainBatch(
+            prepared, rl["targets_bt"], rl["loss_mask_bt"], rl["advantages_bt"], np.zeros_like(rl["loss_mask_bt"])))
+
+    jax_first_old = np.asarray(learner.logprobs(make_train_batch()))  # before any update: for the log-prob check
     jax_results: list[dict] = []
 
     def jax_step():
-        jax_results.append(learner.step([train_batch]))
+        jax_results.append(learner.step([make_train_batch()]))
 
     # ---- torch: the same step on transformers' model
     torch_inputs = {k: torch.from_numpy(v).to(device) for k, v in inputs_np.items()}

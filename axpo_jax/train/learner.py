@@ -91,6 +91,13 @@ def _grads(model, batch, old_logprobs_bt, ref_logprobs_bt, denominator, cfg: Los
     return loss, metrics, grads
 
 
+@functools.partial(jax.jit, donate_argnums=0)
+def _add_grads(grads_sum, grads):
+    # in place: the sum and one micro-batch's gradients are the only gradient trees alive (a plain tree add holds
+    # a third until the old sum is dropped)
+    return jax.tree.map(jnp.add, grads_sum, grads)
+
+
 @nnx.jit
 def _apply(optimizer, model, grads):
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
@@ -195,7 +202,7 @@ class Learner:
                 ref = self.logprobs(batch, self.reference)
             loss, metrics, grads = _grads(self.model, batch, old, ref, loss_denominator, self.loss)
             total_loss += float(loss)
-            grads_sum = grads if grads_sum is None else jax.tree.map(jnp.add, grads_sum, grads)
+            grads_sum = grads if grads_sum is None else _add_grads(grads_sum, grads)
             for key, value in metrics.items():
                 _accumulate(sums, key, float(value), tokens / float(denominator))
         grad_norm = float(_apply(self.optimizer, self.model, grads_sum))

@@ -6,6 +6,7 @@ import ml_collections
 import pytest
 
 from axpo_jax.bench import compare, record
+from tests.config_files import load_config
 
 # What verl prints (verl.utils.tracking: "step:N - key:value - ...", "%.3f"), as seen through Ray's prefix; step 1
 # is the warm-up the medians skip; a validation line and a numpy repr value must not confuse the parser.
@@ -55,6 +56,18 @@ def test_verl_log_without_steps_is_an_error(tmp_path):
         compare.load_all((), str(empty))
     with pytest.raises(compare.CompareError, match="no record file matches"):
         compare.load_all((str(tmp_path / "missing-*.jsonl"),))
+    not_records = tmp_path / "list.json"
+    not_records.write_text("[1, 2]")
+    with pytest.raises(compare.CompareError, match="list.json does not hold bench records"):
+        compare.load_all((str(not_records),))
+
+
+def test_default_config_reads_a_verl_log_alone(tmp_path):
+    config = load_config("compare")
+    log = tmp_path / "verl.log"
+    log.write_text(VERL_CONSOLE)
+    records = compare.load_all(config.records, str(log))
+    assert [r.source for r in records] == ["verl"]
 
 
 def _records(tmp_path):

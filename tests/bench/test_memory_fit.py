@@ -49,6 +49,13 @@ def test_rl_plan_components_by_hand():
     assert plan.phase_bytes("update") == 2 * n * 3 + 8 * n + c["activations"]
     no_ref = memory.rl_memory_plan(MICRO, {"fsdp": 1}, dataclass_replace(SMALL, reference_model=False))
     assert no_ref.components["reference"] == 0
+    # fp32 weights: activations and the cache in fp32 too; one layer 32 x 832 x 4 + 4 x 32^2 x (4 + 4) = 139,264
+    fp32 = memory.rl_memory_plan(MICRO, {"fsdp": 1}, dataclass_replace(
+        SMALL, param_bytes=4, grad_bytes=4, compute_bytes=4)).components
+    assert fp32["kv_cache"] == 2 * c["kv_cache"] and fp32["activations"] == 32 * 64 * 4 + 139_264 + 65_536
+    # an update of several micro-batches holds the gradients' running sum beside each micro-batch's
+    accumulating = memory.rl_memory_plan(MICRO, {"fsdp": 1}, dataclass_replace(SMALL, micro_batches=3)).components
+    assert accumulating["grads"] == 2 * c["grads"]
 
 
 def dataclass_replace(settings, **changes):
@@ -93,6 +100,14 @@ def test_memory_plan_mode_reports_the_rl_plan_and_refuses_what_does_not_fit():
         memory.run(_memory_config(device_memory_gib=0.0001))
     report = memory.run(_memory_config(device_memory_gib=0.0001, fail_if_not_fit=False))
     assert report["presets"]["micro"]["rl_plan"]["fits"] is False
+
+
+def test_memory_plan_refuses_unknown_names_before_planning_any_preset():
+    # a bad second preset is named before the first one compiles; ModeErrors print as one line
+    with pytest.raises(modes.ModeError, match=r"unknown memory_plan presets \['9b'\]"):
+        memory.run(_memory_config(presets=("micro", "9b")))
+    with pytest.raises(modes.ModeError, match="unknown memory_plan targets"):
+        memory.run(_memory_config(targets=("logit",)))
 
 
 def test_launch_exits_with_one_line_when_the_plan_does_not_fit():

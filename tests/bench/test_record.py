@@ -35,6 +35,7 @@ def test_device_table_lookup():
     assert devices.lookup("NVIDIA H100 80GB HBM3").peak_bf16_flops == 989e12
     assert devices.lookup("NVIDIA H100 PCIe").peak_bf16_flops == 756e12
     assert devices.lookup("NVIDIA H200").memory_bytes == 141 * 1000**3
+    assert devices.lookup("NVIDIA H200 NVL").peak_bf16_flops == 835.5e12  # the PCIe board, slower than the SXM
     assert devices.lookup("NVIDIA A100-SXM4-40GB").memory_bytes == 40 * 1000**3
     assert devices.lookup("NVIDIA A100-SXM4-80GB").peak_bf16_flops == 312e12
     assert devices.lookup("cpu") is None and devices.lookup("TPU v99") is None
@@ -85,6 +86,9 @@ def test_records_round_trip_through_files(tmp_path):
     # the rl mode's own result line, which holds its record as "bench_record"
     captured.write_text(json.dumps({"algo": "axpo", "steps": 3, "bench_record": b.to_dict()}) + "\n")
     assert record.read_records(captured) == [b]
+    # a `launch.py ... 2>&1` capture starts with the mode's "[rl] ..." progress lines, which are not a JSON list
+    captured.write_text("[rl] step 1/3\n[rl] step 2/3\n" + json.dumps({"bench_record": a.to_dict()}) + "\n")
+    assert record.read_records(captured) == [a]
 
 
 def test_from_dict_keeps_unknown_fields_and_rejects_non_records():
