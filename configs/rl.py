@@ -102,6 +102,9 @@ def get_config(arg=None):
     config.warmup_fraction = 0.0
     config.weight_decay = 0.0
     config.max_grad_norm = 1.0
+    # an update whose gradients are not finite is skipped (the weights and Adam's state stay, `skipped_updates`
+    # counts it); this many in a row stop the run with an error, before that step's checkpoint
+    config.max_consecutive_skipped_updates = 10
     config.micro_batch_size = 4
     # optimizer updates per step (unstated): the step's rows are split M ways (row i to update i mod M). 1: one
     # on-policy update, where ρ = 1 and the clip never binds (and no forward pass for π_old runs); M > 1: the later

@@ -38,6 +38,9 @@ def get_config(arg=None):
     config.warmup_fraction = 0.1
     config.weight_decay = 0.0
     config.max_grad_norm = 1.0
+    # an update whose gradients are not finite is skipped (the weights and Adam's state stay, `skipped_updates`
+    # counts it); this many in a row stop the run with an error, before that step's checkpoint
+    config.max_consecutive_skipped_updates = 10
     config.logprob_chunk = 256
     config.remat = False
     config.checkpoint_every = 20

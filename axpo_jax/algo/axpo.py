@@ -46,8 +46,9 @@ Choices where the paper is silent (each a field of `AXPOConfig` or documented wh
   prefix credit and nothing of the source is masked (it keeps plain GRPO); `prefix_credit` is ignored.
 - `candidates="no_tool"`: the roles of the two subgroups swap: a group triggers when its no-tool subgroup is
   non-empty and has no correct rollout; candidates are those failed no-tool rollouts. A no-tool rollout has no
-  `<tool_call>`: its branch point is whatever `prefix_end` the rollout code gives it (0 = from scratch), and its
-  confidence is whatever the caller puts in `confidence_qn` (NaN → index order).
+  `<tool_call>` to branch at, so its resamples are fresh responses, as with `resample_from="scratch"`: no prefix
+  credit, nothing of the source masked (`AXPOConfig.resamples_from_scratch`, by which the trainer rolls them out
+  too). Its confidence is whatever the caller puts in `confidence_qn` (NaN → index order).
 - `merge_into_source_group=True`: a question's group becomes its N originals (sources' rewards replaced by their
   r_prefix when prefix credit applies, as in the unmerged rule) plus all its resamples; one normalization of that
   merged group gives the resamples' continuation advantages and the sources' prefix advantages (no K-group).
@@ -105,7 +106,7 @@ class AXPOConfig:
     ratio (r = 0.25), k (K = 4): budget ratio and continuations per selected prefix (§4.4).
     ranking: "confidence" (lowest mean tool-call token probability first, §4.3) | "random" (ablation).
     resample_from: "first_tool_call" (§4.2) | "scratch" (ablation: fresh responses, no prefix credit).
-    candidates: "failed_tool" (§4.2) | "no_tool" (ablation: resample the failed no-tool rollouts).
+    candidates: "failed_tool" (§4.2) | "no_tool" (ablation: resample the failed no-tool rollouts, from scratch).
     prefix_credit: True (§4.6 prefix stream) | False (ablation: the source keeps plain GRPO).
     merge_into_source_group: False (own K-group, §4.6) | True (ablation: resamples join the source's N-group).
     renormalize_whole_group: False (others keep original advantages) | True (they use the renormalized stats).
@@ -143,9 +144,17 @@ class AXPOConfig:
             raise ValueError(f"AXPOConfig.k must be a positive integer, got {self.k}")
 
     @property
+    def resamples_from_scratch(self) -> bool:
+        """Whether resamples are fresh responses to the question rather than forks of a prefix: the "scratch"
+        ablation, and the "no_tool" one, whose sources have no `<tool_call>` to branch at. The trainer rolls them
+        out by this, and the advantages give no prefix credit by it, so the two cannot disagree."""
+        return self.resample_from == "scratch" or self.candidates == "no_tool"
+
+    @property
     def uses_prefix_credit(self) -> bool:
-        """Whether sources get the prefix stream (and their original continuation is masked)."""
-        return self.prefix_credit and self.resample_from == "first_tool_call"
+        """Whether sources get the prefix stream (and their original continuation is masked): only when resamples
+        are forks of a prefix (a source of fresh responses has no prefix, so its whole response keeps GRPO)."""
+        return self.prefix_credit and not self.resamples_from_scratch
 
     @property
     def grpo(self) -> GRPOConfig:

@@ -108,9 +108,11 @@ class Checkpointer:
 
 
 # Config fields a resumed run may change: where and how it runs, not what it computes (micro-batches accumulate
-# exactly, remat and the log-prob chunk give the same gradients; evaluation during RL trains nothing).
+# exactly, remat and the log-prob chunk give the same gradients; evaluation during RL trains nothing; the skip
+# streak that stops a run changes no update that is made).
 RESUMABLE_FIELDS = frozenset({"workdir", "tensorboard", "checkpoint_every", "keep_checkpoints", "micro_batch_size",
-                              "mesh", "remat", "logprob_chunk", "distributed", "device_memory_gib", "tool_timeout_s"})
+                              "mesh", "remat", "logprob_chunk", "distributed", "device_memory_gib", "tool_timeout_s",
+                              "max_consecutive_skipped_updates"})
 
 
 def check_resume_settings(config, workdir: str, checkpointer: Checkpointer, *, primary: bool) -> None:
@@ -142,21 +144,41 @@ def export_folder(model, processor, output: str) -> None:
 
 
 class StopRequest:
-    """Set by SIGTERM / SIGINT; the training loop checks it between steps, saves and exits cleanly."""
+    """Set by SIGTERM / SIGINT; the training loop checks it between steps, saves and exits cleanly.
+
+    As a context manager around a run, it puts back on exit the handlers `install` replaced, so a caller that goes
+    on after the run (the demo's evaluation) is interrupted by Ctrl-C again. Only the first signal is a stop request:
+    it hands both signals back to the handlers from before, so a second one acts as it would without the run (Ctrl-C
+    again raises KeyboardInterrupt in a step that hangs; SIGTERM again ends the process)."""
 
     def __init__(self):
         self._event = threading.Event()
         self.signal_name = None
+        self._previous = {}
 
     def install(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, self._handle)
+                self._previous.setdefault(sig, signal.signal(sig, self._handle))
         return self
+
+    def restore(self) -> None:
+        """Puts back the handlers `install` replaced (idempotent)."""
+        previous, self._previous = self._previous, {}
+        for sig, handler in previous.items():
+            # None: a handler not set from Python, which cannot be put back; the default is the nearest
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def __enter__(self) -> "StopRequest":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
         self._event.set()
+        self.restore()
 
     def __bool__(self) -> bool:
         return self._event.is_set()

@@ -276,8 +276,8 @@ class RLTrainer:
         return getattr(self.estimator.config, "truncation", "keep") == "exclude"
 
     def _resamples_from_scratch(self) -> bool:
-        config = self.estimator.config
-        return getattr(config, "resample_from", "") == "scratch" or getattr(config, "candidates", "") == "no_tool"
+        # the estimator's own predicate: its advantages give prefix credit exactly when this is False
+        return bool(getattr(self.estimator.config, "resamples_from_scratch", False))
 
     def _update(self, rows: list[Trajectory], adv_rows, mask_rows, length: int) -> dict:
         """`updates_per_step` optimizer updates; row i goes to update i mod M, so every update holds rows of every

@@ -55,6 +55,17 @@ def loss_config(config, sampling):
                       temperature=sampling.logprob_temperature)
 
 
+def optimizer(config):
+    """The run's optimizer (axpo_jax/train/optimizer.py): its schedule spans the run's `steps` of `updates_per_step`
+    optimizer updates each."""
+    from axpo_jax.train.optimizer import make_optimizer
+
+    return make_optimizer(learning_rate=config.learning_rate, total_steps=config.steps,
+                          warmup_steps=int(config.warmup_fraction * config.steps),
+                          updates_per_step=config.updates_per_step, weight_decay=config.weight_decay,
+                          max_grad_norm=config.max_grad_norm)
+
+
 def eval_settings(config):
     """The evaluation during training (axpo_jax/eval/settings.py) from the config's eval_* fields."""
     from axpo_jax.eval.settings import EvalSettings
@@ -112,18 +123,23 @@ def evaluate_checkpoint(config, folder: str, executor) -> dict:
 
 def memory_settings(config, batch_devices: int):
     """What one RL step of this config holds (axpo_jax/bench/memory.py's RLMemorySettings)."""
+    import jax
+
     from axpo_jax.algo.axpo import AXPOConfig, resample_budget
     from axpo_jax.bench.memory import RLMemorySettings
 
     extra = resample_budget(config.questions_per_step, config.num_samples, AXPOConfig(**config.axpo.to_dict()))[0] \
         if config.algo == "axpo" else 0
     half = config.dtype == "bfloat16"
+    rows = config.questions_per_step * config.num_samples + extra
+    processes = jax.process_count()  # micro_batch_size counts each process's rows
+    rows_per_update = -(-rows // (processes * config.updates_per_step))
     return RLMemorySettings(
         seq_len=config.capacity, kv_cache_tokens=config.capacity,
-        micro_batch_per_device=-(-config.micro_batch_size // batch_devices),
-        rollout_rows=config.questions_per_step * config.num_samples + extra,
-        param_bytes=2 if half else 4, grad_bytes=2 if half else 4, reference_model=bool(config.kl_coef),
-        remat=config.remat, logprob_chunk=config.logprob_chunk)
+        micro_batch_per_device=-(-config.micro_batch_size * processes // batch_devices),
+        micro_batches=-(-rows_per_update // config.micro_batch_size), rollout_rows=rows,
+        param_bytes=2 if half else 4, grad_bytes=2 if half else 4, compute_bytes=2 if half else 4,
+        reference_model=bool(config.kl_coef), remat=config.remat, logprob_chunk=config.logprob_chunk)
 
 
 def check_memory(config, mesh) -> None:
@@ -197,6 +213,8 @@ def checked_settings(config):
         require_number(config, "tool_timeout_s", above=0)
     with config_fields("learning_rate, warmup_fraction, weight_decay, max_grad_norm"):
         require_optimizer_fields(config)
+    with config_fields("max_consecutive_skipped_updates"):
+        require_positive_ints(config, "max_consecutive_skipped_updates")
     with config_fields("workdir"):
         require_workdir(config.workdir)
     with config_fields("temperature, top_p, top_k, presence_penalty"):
@@ -225,6 +243,13 @@ def checked_settings(config):
 
 
 def run(config) -> dict:
+    from axpo_jax.train.checkpoints import StopRequest
+
+    with StopRequest() as stop:  # the signal handlers it installs are put back however the run ends
+        return _run(config, stop)
+
+
+def _run(config, stop) -> dict:
     import jax
     from tqdm.auto import tqdm
 
@@ -241,11 +266,11 @@ def run(config) -> dict:
     from axpo_jax.modes import config_fields
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
-    from axpo_jax.train.checkpoints import Checkpointer, StopRequest, check_resume_settings, export_folder
+    from axpo_jax.train.checkpoints import Checkpointer, check_resume_settings, export_folder
     from axpo_jax.train.compiles import CompileClock
     from axpo_jax.train.learner import Learner
     from axpo_jax.train.metrics import MetricsLog
-    from axpo_jax.train.optimizer import make_optimizer
+    from axpo_jax.train.optimizer import NonFiniteUpdates, consecutive_skipped_updates
     from axpo_jax.train.plots import plot_rl_run
     from axpo_jax.train.rl import RLTrainer
 
@@ -263,7 +288,7 @@ def run(config) -> dict:
         source = task_source(config.tasks, seed=config.seed + 1)
     with config_fields("mesh"):
         mesh = mesh_from_config(config.mesh.to_dict())
-    stop = StopRequest().install()
+    stop.install()
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
@@ -279,10 +304,7 @@ def run(config) -> dict:
                       max_new_tokens_per_turn=config.max_new_tokens_per_turn, capacity=config.capacity,
                       pipeline_groups=config.pipeline_groups, decode_segment_tokens=config.decode_segment_tokens,
                       sticky_image_buckets=config.sticky_image_buckets, mesh=mesh, log=lambda m: None)
-    learner = Learner(model, make_optimizer(learning_rate=config.learning_rate, total_steps=config.steps,
-                                            warmup_steps=int(config.warmup_fraction * config.steps),
-                                            weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm),
-                      loss_config(config, sampling), reference=reference, mesh=mesh)
+    learner = Learner(model, optimizer(config), loss_config(config, sampling), reference=reference, mesh=mesh)
     trainer = RLTrainer(learner, agent, estimator, num_samples=config.num_samples,
                         micro_batch_size=config.micro_batch_size, sampling=sampling,
                         reward_kind=config.reward_kind, layout_shards=config.layout_shards or None,
@@ -328,6 +350,12 @@ def run(config) -> dict:
             record = metrics.write(step + 1, record)
             progress.set_postfix(reward=f"{record['reward']:.2f}", loss=f"{record.get('loss', float('nan')):.4f}",
                                  resamples=f"{record['resamples_used']}/{record['resample_budget']}")
+            # before this step's checkpoint; the same on every process (the optimizer state is the global batch's)
+            streak = consecutive_skipped_updates(learner.optimizer.opt_state)
+            if streak >= config.max_consecutive_skipped_updates:
+                metrics.close()
+                executor.close()
+                raise NonFiniteUpdates(step + 1, streak, config.max_consecutive_skipped_updates)
             stopping = stop.agreed()  # every process stops after the same step, with the same checkpoint
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps or stopping:
                 checkpointer.save(step + 1, model, learner.optimizer, rng=rng, extra={
@@ -351,7 +379,7 @@ def run(config) -> dict:
     record = bench_record(config, records, model.config.text) if records else None
     if primary:
         plot_rl_run(plot, records)
-        if record is not None:
+        if record is not None and first_step < config.steps:  # a rerun of a finished run adds no second record
             from axpo_jax.bench.record import append_jsonl
 
             append_jsonl(record, os.path.join(workdir, "bench_records.jsonl"))

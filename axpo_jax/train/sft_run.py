@@ -107,6 +107,8 @@ def checked_settings(config):
         require_ints_at_least(config, 0, "seed")
     with config_fields("learning_rate, warmup_fraction, weight_decay, max_grad_norm"):
         require_optimizer_fields(config)
+    with config_fields("max_consecutive_skipped_updates"):
+        require_positive_ints(config, "max_consecutive_skipped_updates")
     with config_fields("workdir"):
         require_workdir(config.workdir)
     with config_fields("dtype"):
@@ -118,6 +120,13 @@ def checked_settings(config):
 
 
 def run(config) -> dict:
+    from axpo_jax.train.checkpoints import StopRequest
+
+    with StopRequest() as stop:  # the signal handlers it installs are put back however the run ends
+        return _run(config, stop)
+
+
+def _run(config, stop) -> dict:
     from tqdm.auto import tqdm
 
     from axpo_jax.data.processor import load_processor
@@ -128,11 +137,11 @@ def run(config) -> dict:
     from axpo_jax.parallel import distributed
     from axpo_jax.parallel.distributed import data_shard
     from axpo_jax.parallel.mesh import mesh_from_config
-    from axpo_jax.train.checkpoints import Checkpointer, StopRequest, check_resume_settings, export_folder
+    from axpo_jax.train.checkpoints import Checkpointer, check_resume_settings, export_folder
     from axpo_jax.train.compiles import CompileClock
     from axpo_jax.train.learner import Learner, LossConfig
     from axpo_jax.train.metrics import MetricsLog
-    from axpo_jax.train.optimizer import make_optimizer
+    from axpo_jax.train.optimizer import NonFiniteUpdates, consecutive_skipped_updates, make_optimizer
 
     started = time.perf_counter()
     dtype, schemas = checked_settings(config)
@@ -142,7 +151,7 @@ def run(config) -> dict:
         mesh = mesh_from_config(config.mesh.to_dict())
     # before the weights and the workdir: a folder without tokenizer, image settings or chat template is one line
     processor = load_processor(config.checkpoint)
-    stop = StopRequest().install()
+    stop.install()
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -202,6 +211,11 @@ def run(config) -> dict:
                            **compile_clock.take())
                 metrics.write(step + 1, out)
                 progress.set_postfix(loss=f"{out['loss']:.3f}")
+            # before this step's checkpoint; the same on every process (the optimizer state is the global batch's)
+            streak = consecutive_skipped_updates(learner.optimizer.opt_state)
+            if streak >= config.max_consecutive_skipped_updates:
+                metrics.close()
+                raise NonFiniteUpdates(step + 1, streak, config.max_consecutive_skipped_updates)
             last = step + 1 == config.steps
             stopping = stop.agreed()  # every process stops after the same step, with the same checkpoint
             if (step + 1) % config.checkpoint_every == 0 or last or stopping:

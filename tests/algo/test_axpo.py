@@ -201,7 +201,10 @@ def test_advantages_renormalize_whole_group():
 
 
 def test_advantages_no_prefix_credit_and_scratch():
-    for cfg in (dataclasses.replace(CFG, prefix_credit=False), dataclasses.replace(CFG, resample_from="scratch")):
+    # "no_tool": its sources have no tool call to fork at, so their resamples are fresh responses too
+    for cfg in (dataclasses.replace(CFG, prefix_credit=False), dataclasses.replace(CFG, resample_from="scratch"),
+                dataclasses.replace(CFG, candidates="no_tool")):
+        assert cfg.resamples_from_scratch == (cfg.prefix_credit is True)
         adv = A.axpo_advantages(REWARDS, SELS, RESAMPLE, cfg)
         # sources trained like everyone else: plain GRPO on the whole response, nothing masked
         close(adv.prefix_adv_qn, adv.grpo_adv_qn)
@@ -331,7 +334,7 @@ def reference_advantages(rewards, sels, rr, cfg, inc, rinc):
     """§4.6 restated with Python loops: returns (prefix_adv, cont_adv, cont_trained, resample_adv) as lists."""
     q_count, n = len(rewards), len(rewards[0])
     k = cfg.k
-    credit = cfg.prefix_credit and cfg.resample_from == "first_tool_call"
+    credit = cfg.prefix_credit and cfg.resample_from == "first_tool_call" and cfg.candidates == "failed_tool"
     r_prefix = [1.0 if any(rinc[s][j] and rr[s][j] >= 1 for j in range(k)) else 0.0 for s in range(len(sels))]
     prefix = [[0.0] * n for _ in range(q_count)]
     cont = [[0.0] * n for _ in range(q_count)]
@@ -471,7 +474,8 @@ def test_random_steps_match_reference_and_properties(truncation):
         loss_mask = (rng.random((q_count, n, t)) < 0.8).astype(np.float32)
         rmask = (rng.random((len(sels), cfg.k, t)) < 0.8).astype(np.float32)
         tok = A.axpo_token_advantages(adv, prefix_end_qn=prefix_end, loss_mask_qnt=loss_mask,
-                                      resample_loss_mask_skt=rmask, resample_from=cfg.resample_from)
+                                      resample_loss_mask_skt=rmask,
+                                      resample_from="scratch" if cfg.resamples_from_scratch else None)
         streams = tok.stream_masks()
         for part, mask, lm in ((0, tok.mask_qnt, loss_mask), (1, tok.resample_mask_skt, rmask)):
             total = sum(m[part].astype(int) for m in streams.values())
@@ -481,7 +485,7 @@ def test_random_steps_match_reference_and_properties(truncation):
         adv_rows, mask_rows, _ = tok.rows()
         assert (adv_rows[mask_rows == 0] == 0).all()
         for s, sel in enumerate(sels):
-            end = prefix_end[sel.question, sel.rollout] if cfg.resample_from == "first_tool_call" else 0
+            end = 0 if cfg.resamples_from_scratch else prefix_end[sel.question, sel.rollout]
             assert (tok.resample_mask_skt[s, :, :end] == 0).all(), "the prefix copy is never trained"
             if adv.uses_prefix_credit:
                 assert (tok.mask_qnt[sel.question, sel.rollout, end:] == 0).all(), "source continuation masked"

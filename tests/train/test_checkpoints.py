@@ -3,12 +3,14 @@ change what the run computes are refused in one line, those that change only whe
 
 import json
 import os
+import signal
+import time
 
 import ml_collections
 import pytest
 
 from axpo_jax.modes import ModeError
-from axpo_jax.train.checkpoints import check_resume_settings
+from axpo_jax.train.checkpoints import StopRequest, check_resume_settings
 
 
 class _Checkpoints:
@@ -39,7 +41,8 @@ def test_resume_settings(tmp_path):
     resuming = _Checkpoints(5)
     check_resume_settings(_config(steps=20), workdir, resuming, primary=False)  # the same settings (tuples too)
     check_resume_settings(_config(steps=20, micro_batch_size=2, checkpoint_every=1, eval_every=0,
-                                  mesh=dict(data=2, fsdp=-1)), workdir, resuming, primary=False)
+                                  mesh=dict(data=2, fsdp=-1), max_consecutive_skipped_updates=3), workdir, resuming,
+                          primary=False)
     for changed, match in ((dict(data="b.jsonl"), r"data: 'a.jsonl' -> 'b.jsonl'"),
                            (dict(learning_rate=1e-4, steps=30), r"learning_rate: 0.001 -> 0.0001; steps: 20 -> 30"),
                            (dict(tools=("python",)), r"tools: \['image_zoom_in'\] -> \['python'\]")):
@@ -64,3 +67,38 @@ def test_a_failing_loop_lets_the_save_in_flight_land(tmp_path, monkeypatch):
         with checkpointer.landing_saves_on_failure():
             raise RuntimeError("a step failed")
     assert waited == [True]
+
+
+def _wait_for(condition) -> None:
+    deadline = time.monotonic() + 5
+    while not condition() and time.monotonic() < deadline:  # a handler runs between bytecodes of the main thread
+        time.sleep(0.01)
+
+
+def test_a_stop_request_hands_the_signals_back():
+    """The first signal asks the loop to stop; a second goes to the handler from before the run (Ctrl-C again
+    interrupts a step that hangs), and the run's end puts the handlers back (Ctrl-C works after it)."""
+    seen = []
+
+    def before(signum, frame):
+        seen.append(signum)
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    originals = {sig: signal.signal(sig, before) for sig in signals}
+    try:
+        with StopRequest() as stop:
+            stop.install()
+            assert all(signal.getsignal(sig) == stop._handle for sig in signals)
+            os.kill(os.getpid(), signal.SIGTERM)
+            _wait_for(lambda: bool(stop))
+            assert stop and stop.describe() == "SIGTERM" and seen == []
+            os.kill(os.getpid(), signal.SIGINT)
+            _wait_for(lambda: seen)
+            assert seen == [signal.SIGINT]
+        assert all(signal.getsignal(sig) is before for sig in signals)
+        with StopRequest() as stop:  # a run that ends without a signal
+            stop.install()
+        assert all(signal.getsignal(sig) is before for sig in signals) and not stop
+    finally:
+        for sig, handler in originals.items():
+            signal.signal(sig, handler)

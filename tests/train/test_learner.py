@@ -13,7 +13,7 @@ from axpo_jax.models.qwen3_vl.tiny import tiny_config_dict
 from axpo_jax.train.batch import make_batch
 from axpo_jax.train.checkpoints import Checkpointer
 from axpo_jax.train.learner import Learner, LossConfig
-from axpo_jax.train.optimizer import make_optimizer
+from axpo_jax.train.optimizer import consecutive_skipped_updates, make_optimizer
 
 CONFIG = qwen3_vl.Qwen3VLConfig.from_dict(tiny_config_dict(num_hidden_layers=2, vision_depth=1,
                                                             deepstack_visual_indexes=(0,)))
@@ -151,14 +151,23 @@ def test_rl_log_probs_are_the_sampling_temperatures():
 
 
 def test_non_finite_gradients_skip_the_update():
+    """However long the streak: optax.apply_if_finite applies the update after `max_consecutive_errors` skips in a
+    row, which would write NaN into the weights and Adam's state for good (the runs stop on a streak themselves)."""
     learner = Learner(fresh_model(), tx(), LossConfig(kind="rl", kl_coef=0.0))
     ids, trained, _, _ = rows(3, with_image=False)
     bad = make_batch(CONFIG, ids, trained, advantages=[np.full(len(t), np.nan) for t in trained], length=32)
     before = [np.asarray(p) for _, p in qwen3_vl.named_parameters(learner.model)]
-    metrics = learner.step([bad])
-    assert metrics["skipped_updates"] == 1
+    for streak in range(1, 13):
+        metrics = learner.step([bad])
+        assert metrics["skipped_updates"] == consecutive_skipped_updates(learner.optimizer.opt_state) == streak
     for x, (_, y) in zip(before, qwen3_vl.named_parameters(learner.model)):
         np.testing.assert_array_equal(x, np.asarray(y))
+    assert all(np.isfinite(np.asarray(v)).all() for v in jax.tree.leaves(nnx.state(learner.optimizer)))
+    good = make_batch(CONFIG, ids, trained, advantages=[np.ones(len(t)) for t in trained], length=32)
+    assert learner.step([good])["skipped_updates"] == 12  # a finite update ends the streak and is applied
+    assert consecutive_skipped_updates(learner.optimizer.opt_state) == 0
+    after = [np.asarray(p) for _, p in qwen3_vl.named_parameters(learner.model)]
+    assert any(not np.array_equal(x, y) for x, y in zip(before, after))
 
 
 def test_restore_continues_exactly(tmp_path):

@@ -1,22 +1,27 @@
 """The sft and rl modes end to end on a tiny checkpoint folder: SFT JSONL with a bad record skipped and counted,
 its transformers-format result loaded by RL, and an RL run stopped by a signal that resumes exactly (the resumed
-steps' losses, rewards and tokens equal an uninterrupted run's)."""
+steps' losses, rewards and tokens equal an uninterrupted run's); runs whose updates stay non-finite stop before
+saving."""
 
 import dataclasses
 import json
 import os
+import signal
 
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from axpo_jax.algo import registry
 from axpo_jax.algo.grpo import GRPOConfig
 from axpo_jax.algo.registry import GRPOEstimator
 from axpo_jax.data.synthetic import make_task, sft_conversations, task_seed, write_sft_jsonl
 from axpo_jax.demo import build_tiny_checkpoint
+from axpo_jax.models import qwen3_vl
 from axpo_jax.train import rl_run, sft_run
-from axpo_jax.train.checkpoints import StopRequest
+from axpo_jax.train.checkpoints import Checkpointer, StopRequest, restore_model_params
+from axpo_jax.train.optimizer import NonFiniteUpdates
 from tests.config_files import load_config
 
 
@@ -25,7 +30,7 @@ def _config(name: str):
 
 
 @pytest.fixture(scope="module")
-def sft_result(tmp_path_factory):
+def sft_inputs(tmp_path_factory):
     root = tmp_path_factory.mktemp("modes")
     base = str(root / "base")
     build_tiny_checkpoint(base, seed=0)
@@ -34,10 +39,27 @@ def sft_result(tmp_path_factory):
     conversations = sft_conversations([make_task(task_seed(0, i)) for i in range(4)], tool_fraction=1.0)
     write_sft_jsonl(data, conversations)
     os.remove(data.parent / "sft_images" / "000003_1.png")  # record 3's crop is gone: skipped, counted
+    return base, str(data)
+
+
+def _sft_config(base: str, data: str, workdir: str, **overrides):
     config = _config("sft")
-    config.update(dict(checkpoint=base, data=str(data), workdir=str(root / "sft"), steps=2, batch_size=2,
-                       micro_batch_size=2, length_bucket=1024, checkpoint_every=1, tensorboard=False))
-    return sft_run.run(config)
+    config.update(dict(checkpoint=base, data=data, workdir=workdir, steps=2, batch_size=2, micro_batch_size=2,
+                       length_bucket=1024, checkpoint_every=1, tensorboard=False))
+    config.update(overrides)
+    return config
+
+
+def _handlers():
+    return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def sft_result(sft_inputs, tmp_path_factory):
+    handlers = _handlers()
+    result = sft_run.run(_sft_config(*sft_inputs, str(tmp_path_factory.mktemp("modes") / "sft")))
+    assert _handlers() == handlers  # Ctrl-C acts again after the run as before it
+    return result
 
 
 def test_sft_mode(sft_result):
@@ -73,13 +95,18 @@ def _rl_config(checkpoint: str, workdir: str, **overrides):
 def test_rl_mode_resumes_exactly(sft_result, tmp_path, monkeypatch):
     monkeypatch.setitem(registry._ESTIMATORS, "grpo_first_right", (FirstRolloutRight, GRPOConfig))
     checkpoint = sft_result["checkpoint"]
+    handlers = _handlers()
     # the uninterrupted run also evaluates held-out tasks during training (every 2 steps and at the end)
-    whole = rl_run.run(_rl_config(checkpoint, str(tmp_path / "whole"), eval_every=2, eval_tasks="synthetic:2"))
+    whole_config = _rl_config(checkpoint, str(tmp_path / "whole"), eval_every=2, eval_tasks="synthetic:2")
+    whole = rl_run.run(whole_config)
     assert whole["steps"] == 3 and os.path.isfile(os.path.join(whole["checkpoint"], "model.safetensors"))
     record = whole["bench_record"]  # the run as a benchmark record: medians of steps 2-3
     assert record["device_count"] == jax.device_count() and record["step_s"] > record["update_s"] > 0
     assert record["rollout_tokens_per_s"] > 0 and record["update_flops_per_token"] > 0
-    assert os.path.isfile(tmp_path / "whole" / "bench_records.jsonl")
+    assert len(open(tmp_path / "whole" / "bench_records.jsonl").readlines()) == 1
+    rl_run.run(whole_config)  # a rerun of the finished run trains nothing: no second record of the same steps
+    assert len(open(tmp_path / "whole" / "bench_records.jsonl").readlines()) == 1
+    assert _handlers() == handlers
     meta = json.load(open(tmp_path / "whole" / "checkpoints" / "3" / "meta" / "metadata"))
     assert meta["eval_image_buckets"]["prompt"][1] >= 64  # the evaluations' sticky floors are kept too
 
@@ -87,7 +114,7 @@ def test_rl_mode_resumes_exactly(sft_result, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:  # a SIGTERM arrives during step 1
         patch.setattr(StopRequest, "__bool__", lambda self: True)
         stopped = rl_run.run(_rl_config(checkpoint, workdir))
-    assert stopped["stopped_at_step"] == 1
+    assert stopped["stopped_at_step"] == 1 and _handlers() == handlers
     meta = json.load(open(os.path.join(workdir, "checkpoints", "1", "meta", "metadata")))
     assert meta["image_buckets"]["observation"][1] >= 64  # the sticky image floors resume too
     assert meta["eval_image_buckets"] is None  # (this run evaluates nothing during training)
@@ -121,6 +148,65 @@ def test_rl_mode_resumes_exactly(sft_result, tmp_path, monkeypatch):
         np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-5)
 
 
+def _checkpoint_steps(workdir) -> list[int]:
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+    steps = sorted(checkpointer.manager.all_steps())
+    checkpointer.close()
+    return steps
+
+
+def test_rl_mode_stops_on_a_streak_of_non_finite_updates(sft_result, tmp_path, monkeypatch):
+    """Step 1 trains, steps 2 and on have non-finite gradients: step 2's update is skipped and its checkpoint holds
+    step 1's weights; step 3's makes the streak max_consecutive_skipped_updates=2, and the run stops before saving
+    it, its last checkpoint that of the last finite weights."""
+    advantage_calls = []
+
+    class NonFiniteFromStep2(FirstRolloutRight):
+        def advantages(self, *args, **kwargs):
+            advantage_calls.append(None)
+            adv = super().advantages(*args, **kwargs)
+            if len(advantage_calls) == 1:
+                return adv
+            return dataclasses.replace(adv, prefix_adv_qn=adv.prefix_adv_qn * np.nan,
+                                       cont_adv_qn=adv.cont_adv_qn * np.nan)
+
+    monkeypatch.setitem(registry._ESTIMATORS, "grpo_nan_from_step_2", (NonFiniteFromStep2, GRPOConfig))
+    workdir = str(tmp_path / "nan")
+    handlers = _handlers()
+    with pytest.raises(NonFiniteUpdates, match=r"^step 3: the last 2 optimizer updates had non-finite gradients and "
+                                               r"were skipped \(max_consecutive_skipped_updates=2\)"):
+        rl_run.run(_rl_config(sft_result["checkpoint"], workdir, algo="grpo_nan_from_step_2", steps=4,
+                              keep_checkpoints=3, max_consecutive_skipped_updates=2))
+    assert _handlers() == handlers
+    lines = [json.loads(line) for line in open(os.path.join(workdir, "rl_metrics.jsonl"))]
+    assert [r["skipped_updates"] for r in lines] == [0, 1, 2]
+    assert _checkpoint_steps(workdir) == [1, 2]
+    target = nnx.to_pure_dict(nnx.state(qwen3_vl.from_pretrained(sft_result["checkpoint"]), nnx.Param))
+    first, last = (jax.tree.leaves(restore_model_params(os.path.join(workdir, "checkpoints"), target, step)[1])
+                   for step in (1, 2))
+    for a, b in zip(first, last):
+        assert np.isfinite(np.asarray(b)).all()
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sft_mode_stops_on_non_finite_updates(sft_inputs, tmp_path, monkeypatch):
+    real = sft_run.agreed_micro_batches
+    calls = []
+
+    def poisoned(*args, **kwargs):  # the second step's batches give NaN gradients
+        batches = real(*args, **kwargs)
+        calls.append(None)
+        return batches if len(calls) == 1 else [b.replace(loss_mask_bt=b.loss_mask_bt * np.nan) for b in batches]
+
+    monkeypatch.setattr(sft_run, "agreed_micro_batches", poisoned)
+    workdir = str(tmp_path / "sft")
+    handlers = _handlers()
+    with pytest.raises(NonFiniteUpdates, match=r"^step 2: the last 1 optimizer updates had non-finite gradients"):
+        sft_run.run(_sft_config(*sft_inputs, workdir, steps=3, max_consecutive_skipped_updates=1))
+    assert _handlers() == handlers
+    assert _checkpoint_steps(workdir) == [1]
+
+
 def test_rl_mode_refuses_bad_sampling_and_update_fields_before_loading(tmp_path):
     from axpo_jax.modes import ModeError
 
@@ -140,6 +226,9 @@ def test_rl_mode_refuses_bad_sampling_and_update_fields_before_loading(tmp_path)
                                 ("learning_rate", -1e-4, r"\(learning_rate, .*\): learning_rate must be > 0"),
                                 ("learning_rate", float("nan"), r"learning_rate must be a finite number"),
                                 ("max_grad_norm", 0.0, r"max_grad_norm must be > 0"),
+                                ("max_consecutive_skipped_updates", 0,
+                                 r"\(max_consecutive_skipped_updates\): max_consecutive_skipped_updates must be an "
+                                 r"int >= 1, got 0"),
                                 ("warmup_fraction", 1.5, r"warmup_fraction must be <= 1"),
                                 ("checkpoint_every", 0, r"checkpoint_every must be an int >= 1"),
                                 ("keep_checkpoints", 0, r"keep_checkpoints must be an int >= 1"),
@@ -176,7 +265,9 @@ def test_sft_mode_refuses_bad_fields_and_data_before_loading(tmp_path):
                                 ("learning_rate", -1.0, r"learning_rate must be > 0"),
                                 ("logprob_chunk", 0, r"logprob_chunk must be an int >= 1"),
                                 ("seed", -1, r"seed must be an int >= 0"),
-                                ("keep_checkpoints", 0, r"keep_checkpoints must be an int >= 1")):
+                                ("keep_checkpoints", 0, r"keep_checkpoints must be an int >= 1"),
+                                ("max_consecutive_skipped_updates", -1,
+                                 r"max_consecutive_skipped_updates must be an int >= 1")):
         with pytest.raises(ModeError, match=match):
             config = _config("sft")
             config.update(dict(checkpoint=str(tmp_path / "no_checkpoint"), data=str(bad_lines),

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from axpo_jax.algo import registry
-from axpo_jax.algo.axpo import STREAM_CONTINUATION, STREAM_NONE, STREAM_PREFIX
+from axpo_jax.algo.axpo import STREAM_CONTINUATION, STREAM_GRPO, STREAM_NONE, STREAM_PREFIX
 from axpo_jax.models import qwen3_vl
 from axpo_jax.rollout.agent_loop import Task
 from axpo_jax.rollout.sampler import SamplingParams
@@ -95,6 +95,33 @@ def test_resample_from_scratch_ablation(loop):  # noqa: F811
     assert out.metrics["recovery_rate"] == 1.0
     adv = out.advantages
     assert (adv.prefix_stream_qn[0] != STREAM_PREFIX).all()  # no prefix credit from scratch
+    assert np.isfinite(out.metrics["loss"])
+
+
+def test_resample_no_tool_rollouts_ablation(loop):  # noqa: F811
+    """`candidates="no_tool"`: task 1's failed no-tool rollout has no tool call to fork at, so it is resampled from
+    scratch, and like a from-scratch source it keeps its plain GRPO advantage over its whole response (no prefix
+    credit over an empty prefix that would leave none of it trained)."""
+    scripted = loop._samplers[4]
+    # each row's rollout turns, then its turn in the 4-row batch of fresh responses (the budget's 2 prefixes x K=2)
+    scripted.scripts = [[loop.tokenizer.encode(t, add_special_tokens=False) for t in s + ["<answer>\\boxed{3}</answer>"]]
+                        for s in SCRIPTS]
+    learner = Learner(loop.model, make_optimizer(learning_rate=1e-3, total_steps=10), LossConfig(kl_coef=0.0))
+    estimator = registry.make("axpo", ratio=1.0, k=2, candidates="no_tool")  # budget 4 continuations = 2 prefixes
+    trainer = RLTrainer(learner, loop, estimator, num_samples=2, micro_batch_size=4, fixed_resample_batch=True)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    out = trainer.step([Task("Which digit?", [image], "7"), Task("Which digit?", [image], "3")],
+                       jax.random.key(0), step=0)
+
+    adv = out.advantages
+    assert [(s.question, s.rollout) for s in adv.selections] == [(1, 0)] and not out.trajectories[2].used_tool
+    assert len(out.resamples) == 2 and {t.resampled_from for t in out.resamples} == {2}
+    for t in out.resamples:  # fresh responses to task 1
+        assert loop.tokenizer.decode(t.token_ids[t.prompt_length:]).startswith("<answer>")
+    assert not adv.uses_prefix_credit
+    assert adv.prefix_stream_qn[1, 0] == adv.cont_stream_qn[1, 0] == STREAM_GRPO
+    np.testing.assert_allclose([adv.prefix_adv_qn[1, 0], adv.cont_adv_qn[1, 0]], [-1, -1], atol=1e-5)
+    assert (adv.resample_stream_sk == STREAM_CONTINUATION).all() or out.resample_rewards_sk.std() == 0
     assert np.isfinite(out.metrics["loss"])
 
 
