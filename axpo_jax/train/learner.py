@@ -158,6 +158,9 @@ class Learner:
         distributed.assert_same(len(micro_batches), "the number of micro-batches in a step")
         shapes = np.array([batch_shape(b) for b in micro_batches])
         length, rows, patches = (int(v) for v in distributed.max_across_processes(shapes.max(axis=0)))
+        # image rows split over the batch axes like the token rows: a host with more batch devices than a
+        # micro-batch has images (4 text rows' worth on 8 GPUs) must pad them to its share of the devices
+        rows = distributed.data_shard(self.mesh).round_rows(rows)
         merge = self.model.config.vision.spatial_merge_size
         return [pad_batch(b, length=length, num_image_rows=rows, patches_per_image=patches,
                           spatial_merge_size=merge) for b in micro_batches]

@@ -277,3 +277,16 @@ def test_combine_updates_by_hand():
     assert out == pytest.approx(dict(loss=1.5, grad_norm=3.0, trained_tokens=40.0, skipped_updates=1,
                                      clip_frac=0.1, ratio_max=1.7, ratio_min=0.6, sampler_trainer_logprob_gap=2e-6,
                                      updates=2))
+
+
+def test_image_rows_are_padded_to_this_process_share_of_the_batch_devices(monkeypatch):
+    """Hosts of 8 devices with micro-batches of 2 images: the image rows split over the batch axes like the token
+    rows, so each process pads them to a multiple of its 8 batch positions (else the update refuses the layout).
+    The process layout is faked: the multi-host tests run 2 processes of 2 devices, where 2 rows already divide."""
+    from axpo_jax.parallel import distributed
+
+    learner = Learner(fresh_model(), tx(), LossConfig(kind="sft"))
+    monkeypatch.setattr(distributed, "data_shard", lambda mesh: distributed.DataShard(0, 2, positions=8))
+    (agreed,) = learner._agreed([sft_batch()])  # 2 of its 4 rows have an image
+    assert agreed.inputs.pixel_patches_nlp.shape[0] == 8
+    assert agreed.targets_bt.shape == sft_batch().targets_bt.shape  # the token rows are rounded where they are made
