@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -48,6 +49,7 @@ def stage_configs(config):
     sft.seed = rl.seed = config.seed
     sft.checkpoint, sft.workdir = os.path.join(workdir, "tiny_checkpoint"), os.path.join(workdir, "sft")
     sft.data = os.path.join(workdir, "sft_data", "sft.jsonl")
+    sft.tools = rl.tools  # the SFT conversations' system prompt lists the tools RL and evaluation prompts list
     rl.checkpoint, rl.workdir = os.path.join(sft.workdir, "hf_checkpoint"), os.path.join(workdir, "rl")
     # the demo's task variant for RL and the held-out questions too (another seed than the training tasks)
     if rl.tasks.startswith("synthetic:"):
@@ -62,14 +64,24 @@ def prepare_sft_policy(config, sft, *, before_sft=None) -> dict | None:
     from axpo_jax.data.synthetic import make_synthetic_task, sft_conversations, task_seed, write_sft_jsonl
     from axpo_jax.train import sft_run
 
-    if not os.path.isfile(os.path.join(sft.checkpoint, "config.json")):
+    # each is built beside its place and renamed into it whole: an interrupted build is redone, not reused
+    if not os.path.isdir(sft.checkpoint):
         _log(f"building a tiny Qwen3-VL checkpoint in {sft.checkpoint}")
-        build_tiny_checkpoint(sft.checkpoint, seed=config.seed, **config.model.to_dict())
+        partial = sft.checkpoint + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        build_tiny_checkpoint(partial, seed=config.seed, **config.model.to_dict())
+        os.replace(partial, sft.checkpoint)
     if not os.path.isfile(sft.data):
         tasks = [make_synthetic_task(task_seed(config.seed, i), **config.task.to_dict())
                  for i in range(config.sft_examples)]
-        os.makedirs(os.path.dirname(sft.data), exist_ok=True)
-        write_sft_jsonl(sft.data, sft_conversations(tasks, tool_fraction=config.sft_tool_fraction, seed=config.seed))
+        folder = os.path.dirname(sft.data)  # the JSONL and its images folder
+        partial = folder + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+        write_sft_jsonl(os.path.join(partial, os.path.basename(sft.data)),
+                        sft_conversations(tasks, tool_fraction=config.sft_tool_fraction, seed=config.seed))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(partial, folder)
     if before_sft is not None:
         before_sft()
     if os.path.isfile(os.path.join(sft.workdir, "hf_checkpoint", "config.json")):
@@ -81,7 +93,14 @@ def prepare_sft_policy(config, sft, *, before_sft=None) -> dict | None:
     return None
 
 
+def demo_settings(config) -> dict:
+    """The demo's own fields that what it builds in its workdir depends on."""
+    return {key: config[key].to_dict() if hasattr(config[key], "to_dict") else config[key]
+            for key in ("seed", "model", "task", "eval_tasks", "sft_examples", "sft_tool_fraction")}
+
+
 def run(config) -> dict:
+    from axpo_jax.modes import check_run_settings
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
     from axpo_jax.train import rl_run, sft_run
@@ -93,6 +112,10 @@ def run(config) -> dict:
     sft, rl = stage_configs(config)
     sft_run.checked_settings(sft)  # both stages' fields, before minutes of SFT
     rl_run.checked_settings(rl)
+    # What the workdir's model, SFT data and evaluations are made of (the stages check their own fields): a rerun
+    # with another task or model would train on the old data and report the old evaluations.
+    check_run_settings(os.path.join(workdir, "demo_config.json"), demo_settings(config), write=True,
+                       holds="the tiny model, SFT data and evaluations", option="workdir")
     executor = ToolExecutor(build_registry(list(rl.tools)), timeout_s=rl.tool_timeout_s)
     evals_path = os.path.join(workdir, "evals.json")
     evals = json.load(open(evals_path)) if os.path.isfile(evals_path) else {}

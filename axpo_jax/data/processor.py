@@ -25,6 +25,26 @@ class Qwen3VLImageTextProcessor(Qwen3VLProcessor):
 
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+        self.video_processor_settings = None  # the source folder's, written back on save (load_processor sets it)
+
+    def to_dict(self):
+        # Saved as the processor it stands in for, with the video settings it read past: a folder saved under this
+        # class's name loads, where torchvision is installed, as a bare tokenizer (AutoProcessor does not know the
+        # name), and without video settings AutoProcessor cannot build Qwen3VLProcessor's video processor.
+        output = super().to_dict()
+        output["processor_class"] = Qwen3VLProcessor.__name__
+        if self.video_processor_settings is not None:
+            output["video_processor"] = dict(self.video_processor_settings)
+        return output
+
+
+def _video_processor_settings(path: str) -> dict | None:
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    try:  # reads the JSON only: no torchvision needed
+        return BaseVideoProcessor.get_video_processor_dict(path)[0]
+    except OSError:
+        return None
 
 
 def load_processor(path: str | os.PathLike) -> Qwen3VLProcessor:
@@ -47,8 +67,13 @@ def load_processor(path: str | os.PathLike) -> Qwen3VLProcessor:
             processor = AutoProcessor.from_pretrained(path)
         else:
             processor = Qwen3VLImageTextProcessor.from_pretrained(path)
+            processor.video_processor_settings = _video_processor_settings(path)
     except OSError as error:  # a file it needs is missing or unreadable: transformers' message spans lines
         raise CheckpointError(f"{path}: cannot load the processor: {' '.join(str(error).split())}") from error
+    missing = [part for part in ("tokenizer", "image_processor") if getattr(processor, part, None) is None]
+    if missing:  # AutoProcessor falls back to a bare tokenizer when it cannot resolve the processor's class
+        raise CheckpointError(f"{path}: loaded a {type(processor).__name__}, not a Qwen3-VL processor (no "
+                              f"{' or '.join(missing)}): check processor_class in processor_config.json")
     if not processor.chat_template:
         raise CheckpointError(f"{path} has no chat template (chat_template.jinja or chat_template.json): "
                               "conversations cannot be rendered")

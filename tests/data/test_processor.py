@@ -39,3 +39,27 @@ def test_a_missing_folder_is_an_input_error_and_a_complete_one_loads(complete_fo
     assert is_input_error(error.value)
     processor = load_processor(complete_folder)
     assert len(processor.tokenizer) == 512 and "<|im_start|>" in processor.chat_template
+
+
+def test_a_saved_processor_loads_as_qwen3_vl_where_torchvision_is_installed(complete_folder, tmp_path, monkeypatch):
+    """What an export writes (`processor.save_pretrained`) names the class transformers knows and keeps the video
+    settings, so AutoProcessor (the torchvision branch) builds Qwen3VLProcessor from it, not a bare tokenizer."""
+    import json
+
+    from transformers.video_processing_utils import BaseVideoProcessor
+
+    from axpo_jax.data import processor as processor_module
+
+    exported = tmp_path / "exported"
+    load_processor(complete_folder).save_pretrained(exported)
+    saved = json.loads((exported / "processor_config.json").read_text())
+    assert saved["processor_class"] == "Qwen3VLProcessor"
+    source_video, _ = BaseVideoProcessor.get_video_processor_dict(str(complete_folder))
+    assert BaseVideoProcessor.get_video_processor_dict(str(exported))[0] == source_video
+    assert load_processor(exported).image_processor.patch_size == 8  # and it still loads here
+    # a class AutoProcessor cannot resolve falls back to a tokenizer: refused in one line, not an AttributeError later
+    saved["processor_class"] = "SomethingElse"
+    (exported / "processor_config.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(processor_module, "is_torchvision_available", lambda: True)
+    with pytest.raises(CheckpointError, match="not a Qwen3-VL processor"):
+        load_processor(exported)
