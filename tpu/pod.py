@@ -12,9 +12,10 @@ Steps (each one checks before it acts, so any step can be re-run at any time):
                     SUSPENDING / SUSPENDED (preempted) or DELETING
   setup             mount a gs:// workdir's bucket on every host (Cloud Storage FUSE), copy this checkout to every
                     host and install it (.venv, `pip install -e . jax[tpu]`); each part skipped where done already
-  launch            start `launch.py --config ... --config.workdir=WORKDIR` on every host in the background;
-                    nothing on a host where it is already running; gs://BUCKET/PATH reaches the trainer as
-                    /mnt/gcs/BUCKET/PATH
+  launch            start `launch.py --config ... --config.workdir=WORKDIR` (`output_dir` for a config that has
+                    that field instead, e.g. eval) on every host in the background; nothing on a host where it is
+                    already running; gs://BUCKET/PATH reaches the trainer as /mnt/gcs/BUCKET/PATH; a WORKDIR on
+                    the VMs' own disks is refused for a slice of more than one host (they must share it)
   logs              print (and follow) each host's log, lines prefixed with the host name
   copy-checkpoints  `gcloud storage rsync` the run's workdir to a gs:// destination
   delete            delete the queued resource and its TPU VMs; nothing if it is already gone
@@ -36,6 +37,7 @@ import argparse
 import hashlib
 import io
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -117,6 +119,49 @@ def default_runtime_version(accelerator_type: str) -> str:
     return versions[generation]
 
 
+def slice_hosts(accelerator_type: str) -> int | None:
+    """How many hosts (TPU VMs) a slice of `accelerator_type` has, or None for a type this script does not know.
+    v2, v3, v4 and v5p count TensorCores (2 per chip, 4 chips per host); v5litepod and v6e count chips, up to 8 on
+    one host, 4 per host beyond: https://cloud.google.com/tpu/docs/system-architecture-tpu-vm"""
+    generation, _, size = accelerator_type.rpartition("-")
+    if not size.isdigit():
+        return None
+    if generation in ("v2", "v3", "v4", "v5p"):
+        return max(1, int(size) // 8)
+    if generation in ("v5litepod", "v6e"):
+        return 1 if int(size) <= 8 else int(size) // 4
+    return None
+
+
+def check_workdir_for_slice(workdir: str, accelerator_type: str) -> None:
+    """A workdir on the VMs' own disks is a different folder on each host: multi-host checkpoints (each host writes
+    its shards, process 0 the metadata) then hang the first save for 10 minutes and crash, so only a one-host
+    slice may use one."""
+    if workdir.startswith("gs://"):
+        return
+    hosts = slice_hosts(accelerator_type)
+    if hosts != 1:
+        raise PodError(f"workdir {workdir} is on each TPU VM's own disk but {accelerator_type} has "
+                       f"{f'{hosts} hosts' if hosts else 'an unknown number of hosts'}, which must share it: use "
+                       f"--workdir gs://BUCKET/PATH")
+
+
+def workdir_field(config: str, root: str = REPO_ROOT) -> str:
+    """The config field that takes the run's folder: `workdir` (sft, rl, demo, ...) or `output_dir` (eval,
+    compare). Read from the config file's text, since this script runs without the project's packages."""
+    path = config.split(":", 1)[0]
+    path = path if os.path.isabs(path) else os.path.join(root, path)
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except OSError as error:
+        raise PodError(f"cannot read the config file {path}: {error.strerror or error}") from None
+    for field in ("workdir", "output_dir"):
+        if re.search(rf"\bconfig\.{field}\s*=", text):
+            return field
+    raise PodError(f"{config} sets neither config.workdir nor config.output_dir: no field to pass --workdir in")
+
+
 class Target:
     """The queued resource every command is about: name, zone, project (the TPU node has the same name)."""
 
@@ -151,6 +196,11 @@ def delete_command(t: Target, *, wait: bool) -> list[str]:
     """--force deletes the TPU VMs first (a live queued resource cannot be deleted without it); --quiet answers
     the confirmation prompt; --async returns at once unless the caller must wait to re-create."""
     return _QR + ["delete", t.name, *t.where(), "--force", "--quiet"] + ([] if wait else ["--async"])
+
+
+def node_type_command(t: Target) -> list[str]:
+    """The accelerator type of the slice's TPU VMs (the node has the queued resource's name)."""
+    return _VM + ["describe", t.name, *t.where(), "--format=value(acceleratorType)"]
 
 
 def ssh_command(t: Target, script: str, worker: str = "all") -> list[str]:
@@ -236,8 +286,8 @@ def launch_script(run_name: str, config: str, workdir: str, overrides: Sequence[
     run's log; a pid file makes a second launch a no-op while the first one runs. The same command runs on every
     host: launch.py / jax.distributed find the other hosts of the slice themselves."""
     log, pid = f"{REMOTE_LOGS}/{run_name}.log", f"{REMOTE_LOGS}/{run_name}.pid"
-    argv = [".venv/bin/python", "launch.py", f"--config={config}", f"--config.workdir={host_workdir(workdir)}",
-            *overrides]
+    argv = [".venv/bin/python", "launch.py", f"--config={config}",
+            f"--config.{workdir_field(config)}={host_workdir(workdir)}", *overrides]
     command = shlex.join(argv) + '; echo "[pod] launch.py exited with status $?"'
     mounted = []
     if workdir.startswith("gs://"):
@@ -352,6 +402,18 @@ class Gcloud:
             raise PodError(f"{_short(argv)} failed: {last_line}")
         return completed.stdout.strip() or None
 
+    def accelerator_type(self, t: Target) -> str:
+        """The slice's accelerator type (e.g. "v5p-16"), asked of its TPU VMs. Not called when dry."""
+        argv = node_type_command(t)
+        try:
+            completed = subprocess.run(argv, capture_output=True, text=True)
+        except FileNotFoundError:
+            raise PodError("gcloud is not installed or not on PATH (https://cloud.google.com/sdk/docs/install)")
+        if completed.returncode != 0 or not completed.stdout.strip():
+            last_line = (completed.stderr.strip().splitlines() or ["no accelerator type"])[-1]
+            raise PodError(f"{_short(argv)} failed: {last_line}")
+        return completed.stdout.strip()
+
 
 def _short(argv: Sequence[str]) -> str:
     """A command for a status line, with a long --command script cut short."""
@@ -436,7 +498,14 @@ def _run_name(args) -> str:
 
 
 def step_launch(g: Gcloud, t: Target, args) -> None:
+    workdir_field(args.config)  # a config without a folder field fails here, not on every host
     if not args.workdir.startswith("gs://"):
+        accelerator_type = getattr(args, "accelerator_type", None)  # up / watch know it; launch alone asks
+        if accelerator_type is None and g.dry_run:
+            print(shlex.join(node_type_command(t)), flush=True)
+            note(f"dry run: launch refuses workdir {args.workdir} if the slice has more than one host")
+        else:
+            check_workdir_for_slice(args.workdir, accelerator_type or g.accelerator_type(t))
         note(f"workdir {args.workdir} is on the TPU VMs' own disks: a re-created slice starts from scratch "
              f"(use a gs:// workdir to resume after preemption)")
     else:
@@ -486,6 +555,9 @@ def step_status(g: Gcloud, t: Target, args) -> None:
 
 
 def step_up(g: Gcloud, t: Target, args) -> None:
+    # before renting anything: a config or workdir that launch would refuse
+    workdir_field(args.config)
+    check_workdir_for_slice(args.workdir, args.accelerator_type)
     step_create(g, t, args)
     step_wait(g, t, args)
     step_setup(g, t, args)
@@ -550,7 +622,8 @@ def parser() -> argparse.ArgumentParser:
     run = argparse.ArgumentParser(add_help=False)
     run.add_argument("--config", required=True, help="config file for launch.py, e.g. configs/demo.py[:arg]")
     run.add_argument("--workdir", required=True, help="gs://BUCKET/PATH (mounted on the hosts; survives the slice, "
-                                                      "so a re-created slice resumes) or a path on the hosts' disks")
+                                                      "so a re-created slice resumes) or, for a one-host slice, a "
+                                                      "path on its disk")
     run.add_argument("--override", action="append", default=[], metavar="--config.FIELD=VALUE",
                      help="extra launch.py flag (repeatable)")
     run.add_argument("--run-name", help="names the log and pid files on the hosts (default: --name)")

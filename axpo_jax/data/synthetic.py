@@ -1,4 +1,4 @@
-"""A small multimodal task where the zoom tool is necessary, its expert trajectories, SFT arrays and data sources.
+"""Small multimodal tasks built around the zoom tool, their expert trajectories, SFT arrays and data sources.
 
 The task ("read the digit in the red box"): a 576-pixel square image of low-saturation texture holds one
 red-framed light box (32 px) centred in one cell of a 6x6 grid, with a dark 5x7-pixel bitmap digit inside it.
@@ -22,6 +22,7 @@ exactly.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import math
@@ -542,9 +543,11 @@ class SFTSource(grain.sources.RandomAccessDataSource):
         self.path = os.fspath(path)
         self.folder = os.path.dirname(os.path.abspath(self.path))
         self.validate_images = validate_images
+        digest = hashlib.sha256()
         self._offsets, self.skip_reasons = scan_jsonl(
-            self.path, lambda record, _: self._decode(record, load=validate_images), "conversation")
+            self.path, lambda record, _: self._decode(record, load=validate_images), "conversation", digest)
         self.skipped = len(self.skip_reasons)
+        self.fingerprint = digest.hexdigest()  # the kept lines, compared across hosts (tasks.check_same_records)
 
     def _skip(self, reason: str) -> None:
         self.skipped += 1
@@ -602,6 +605,8 @@ class SyntheticTaskSource(grain.sources.RandomAccessDataSource):
         self.num_tasks = num_tasks
         self.seed = seed
         self.task_options = task_options
+        # its records are made from these alone, by the same code on every host
+        self.fingerprint = repr(self)
 
     def __len__(self) -> int:
         return self.num_tasks

@@ -9,6 +9,7 @@ skipped and counted, never fatal: a run over 37K questions should not die on one
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -27,11 +28,12 @@ class DataFileError(ValueError):
     """A data file that no run can use: every line of it was skipped (the reasons of the first ones say why)."""
 
 
-def scan_jsonl(path: str, check, what: str) -> tuple[list[int], list[str]]:
+def scan_jsonl(path: str, check, what: str, digest=None) -> tuple[list[int], list[str]]:
     """The byte offsets of the lines of a JSONL file whose record passes `check(record, line_index)` (blank lines
     ignored), and a reason for each line that did not (bad JSON, or whatever `check` raised): records are read
     again by offset, so a big file is never held in memory. A missing file is FileNotFoundError; a file with no
-    usable line, DataFileError. `what` names a record in those messages ("task", "conversation")."""
+    usable line, DataFileError. `what` names a record in those messages ("task", "conversation"). `digest` (a
+    hashlib object) is fed each kept line with its offset: what `check_same_records` compares across hosts."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} file {path!r} does not exist")
     offsets, skip_reasons = [], []
@@ -47,6 +49,8 @@ def scan_jsonl(path: str, check, what: str) -> tuple[list[int], list[str]]:
                 skip_reasons.append(f"{path}:{line_number + 1}: {type(error).__name__}: {error}")
                 continue
             offsets.append(start)
+            if digest is not None:
+                digest.update(f"{start}:".encode() + line)
     if not offsets:
         raise DataFileError(f"{what} file {path!r} has no usable {what} ({len(skip_reasons)} lines skipped: "
                             f"{skip_reasons[:3]})")
@@ -62,8 +66,10 @@ class TaskFileSource(grain.sources.RandomAccessDataSource):
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self.folder = os.path.dirname(os.path.abspath(self.path))
-        self._offsets, self.skip_reasons = scan_jsonl(self.path, self._decode, "task")
+        digest = hashlib.sha256()
+        self._offsets, self.skip_reasons = scan_jsonl(self.path, self._decode, "task", digest)
         self.skipped = len(self.skip_reasons)
+        self.fingerprint = digest.hexdigest()  # the kept lines: which ones a transient read error dropped shows
 
     def _decode(self, record: dict, index: int) -> Task:
         missing = [k for k in ("question", "answer") if k not in record]
@@ -74,7 +80,11 @@ class TaskFileSource(grain.sources.RandomAccessDataSource):
         if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
             # no rollout could be rewarded against it (an empty answer is never correct)
             raise ValueError(f"the answer must be a non-empty string or number, or a list of them, got {answer!r}")
-        images = [load_image(os.path.join(self.folder, p)) for p in record.get("images", [])]
+        paths = record.get("images", [])
+        if not (isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
+            # a bare string would be read one character at a time, each a "missing file"
+            raise ValueError(f"images must be a list of paths, got {paths!r}")
+        images = [load_image(os.path.join(self.folder, p)) for p in paths]
         return Task(str(record["question"]), images, answers if isinstance(answer, list) else answers[0],
                     str(record.get("task_id", index)))
 
@@ -88,6 +98,45 @@ class TaskFileSource(grain.sources.RandomAccessDataSource):
 
     def __repr__(self) -> str:
         return f"TaskFileSource({self.path!r}, tasks={len(self)}, skipped={self.skipped})"
+
+
+def records_fingerprint(records) -> str:
+    """A digest of a source's records for `check_same_records`: its `fingerprint` when it has one (file sources:
+    their kept lines; synthetic ones: their settings), else, for a list of evaluation questions, their ids,
+    questions and references (images are not read again: their decoding is what a list already did)."""
+    fingerprint = getattr(records, "fingerprint", None)
+    if fingerprint is not None:
+        return fingerprint
+    digest = hashlib.sha256()
+    for record in records:
+        digest.update(json.dumps([getattr(record, "item_id", None), getattr(record, "question", None),
+                                  getattr(record, "references", None)], default=str).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def check_same_records(name: str, records) -> None:
+    """Multi-host: every process builds its sources itself, and a transient read error on one host (an image of
+    gcsfuse or NFS) drops a record there only; the sources then shuffle differently and every batch silently mixes
+    rows of different questions. So after a source is built every process compares its record count and
+    `records_fingerprint` with the others', and all of them fail together (DataFileError, one line naming `name`
+    and the processes whose view differs from process 0's). Nothing to compare with one process."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from axpo_jax.parallel import distributed
+
+    mine = [len(records), records_fingerprint(records), getattr(records, "skipped", None)]
+    views = distributed.allgather_json(mine)
+    differ = [i for i, view in enumerate(views) if view[:2] != views[0][:2]]
+    if differ:
+        def view(i):
+            skipped = f", {views[i][2]} lines skipped" if views[i][2] is not None else ""
+            return f"process {i} holds {views[i][0]} records{skipped}"
+
+        raise DataFileError(f"{name} differs between processes {differ} and process 0 "
+                            f"({'; '.join(view(i) for i in [0, *differ])}; equal counts: different records): a read "
+                            f"error on one host, or another file under that path; every process must read the same")
 
 
 def write_task_jsonl(path: str | os.PathLike, tasks: list[Task]) -> None:
@@ -107,17 +156,32 @@ def write_task_jsonl(path: str | os.PathLike, tasks: list[Task]) -> None:
 
 
 def synthetic_spec(num_tasks: int, options: dict | None = None) -> str:
-    """The task source spec of `num_tasks` synthetic tasks made with `make_task` options (`task_source` reads it)."""
-    options = ",".join(f"{key}={value}" for key, value in sorted((options or {}).items()))
-    return f"synthetic:{num_tasks}" + (f":{options}" if options else "")
+    """The task source spec of `num_tasks` synthetic tasks made with `make_task` options (`task_source` reads it):
+    key=value pairs while every value reads back as itself, else the options as a JSON object (lists, strings
+    holding the separators)."""
+    options = dict(sorted((options or {}).items()))
+    if not options:
+        return f"synthetic:{num_tasks}"
+    if all(_option_value(_option_text(value)) == value and type(_option_value(_option_text(value))) is type(value)
+           for value in options.values()):
+        return f"synthetic:{num_tasks}:" + ",".join(f"{key}={_option_text(value)}" for key, value in options.items())
+    return f"synthetic:{num_tasks}:" + json.dumps(options, separators=(",", ":"))
+
+
+def _option_text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _option_value(text: str):
+    if text.lower() in ("true", "false"):  # "False" as a string is truthy: the option would be on
+        return text.lower() == "true"
     for kind in (int, float):
         try:
             return kind(text)
         except ValueError:
             pass
+    if any(separator in text for separator in ",="):
+        return None  # cannot be one value of key=value pairs: synthetic_spec writes such options as JSON
     return text
 
 
@@ -132,6 +196,14 @@ def task_source(spec: str, *, seed: int = 0):
         if not count.strip().isdigit() or int(count) < 1:
             raise ValueError(f"task spec {spec!r}: expected synthetic:N with N a positive number of tasks")
         task_options = {}
+        if options.startswith("{"):
+            try:
+                task_options = json.loads(options)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"task spec {spec!r}: the options are not a JSON object ({error})") from None
+            if not isinstance(task_options, dict):
+                raise ValueError(f"task spec {spec!r}: the options are not a JSON object")
+            options = ""
         for item in filter(None, options.split(",")):
             key, equals, value = item.partition("=")
             if not equals or not key.strip():

@@ -13,6 +13,7 @@ import contextlib
 import os
 import signal
 import threading
+import uuid
 
 import jax
 import numpy as np
@@ -105,6 +106,49 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def check_shared_workdir(workdir: str) -> None:
+    """Multi-host: refuses (ModeError, one line, on every process alike) a workdir that is not one folder for all
+    processes, e.g. each host's own disk under the same path. Orbax's first save would otherwise wait 10 minutes
+    for the directories process 0 made to appear on the other hosts, then crash; a resumed run would read
+    checkpoints only process 0 has. Call it on every process, after the folder is made and before the model loads.
+
+    Process 0 writes a file named and filled with a token agreed for this run (a stale file of another run cannot
+    pass), every process reads it back after a barrier, and the verdict is gathered so no process goes on alone.
+    Plain file calls, as the trainer writes its workdir with (a gs:// bucket reaches it as a FUSE mount)."""
+    if jax.process_count() == 1:
+        return
+    from axpo_jax.modes import ModeError
+
+    primary = distributed.is_primary()
+    token = distributed.allgather_json(uuid.uuid4().hex if primary else "")[0]
+    path = os.path.join(workdir, f".shared-workdir-{token}")
+    write_error = None
+    if primary:
+        try:
+            with open(path, "w", encoding="utf-8") as file:
+                file.write(token)
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as error:
+            write_error = f"{type(error).__name__}: {error.strerror or error}"
+    distributed.sync("shared workdir token written")
+    try:
+        with open(path, encoding="utf-8") as file:
+            seen = file.read() == token
+    except OSError:
+        seen = False
+    views = distributed.allgather_json({"seen": seen, "write_error": write_error})
+    if primary:  # every process has read it: the gather above is after every read
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    if views[0]["write_error"]:
+        raise ModeError(f"workdir {workdir}: process 0 cannot write there ({views[0]['write_error']})")
+    blind = [i for i, view in enumerate(views) if not view["seen"]]
+    if blind:
+        raise ModeError(f"workdir {workdir} is not shared between hosts (processes {blind} do not see the file "
+                        f"process 0 wrote there): use a gs:// bucket or a shared filesystem")
 
 
 # Config fields a resumed run may change: where and how it runs, not what it computes (micro-batches accumulate

@@ -53,15 +53,21 @@ def sft_micro_batches(examples: list[dict], model_config, pad_id: int, micro_bat
 
 
 def agreed_micro_batches(examples: list[dict], model_config, pad_id: int, micro_batch_size: int,
-                         length_bucket: int = 64):
+                         length_bucket: int = 64, shard=None):
     """This process's micro-batches, as many as any process has (None on every process when no process has an
     example left): every process must run the same number of micro-batch updates, and conversations skipped at
     batching (too long, unmaskable) can leave processes with different counts. The extra micro-batches are
     untrained copies (of a one-token placeholder when this process has no example at all), which change neither
-    the loss nor the gradients: both are normalized by the global batch's trained tokens."""
+    the loss nor the gradients: both are normalized by the global batch's trained tokens.
+
+    `micro_batch_size` counts this process's rows; it is rounded up to a multiple of `shard`'s batch positions
+    (`data_shard(mesh)`), as the RL update does: fewer rows than this process's devices on the batch axes cannot
+    be split over them (1 row on 2 processes x 2 devices fails at the first step)."""
     from axpo_jax.parallel import distributed
     from axpo_jax.train.batch import make_batch
 
+    if shard is not None:
+        micro_batch_size = shard.round_rows(micro_batch_size)
     count = int(distributed.max_across_processes(np.int64(-(-len(examples) // micro_batch_size))))
     if count == 0:
         return None
@@ -131,13 +137,13 @@ def _run(config, stop) -> dict:
 
     from axpo_jax.data.processor import load_processor
     from axpo_jax.data.synthetic import SFTSource, task_dataset
-    from axpo_jax.data.tasks import DataFileError
+    from axpo_jax.data.tasks import DataFileError, check_same_records
     from axpo_jax.models import qwen3_vl
     from axpo_jax.modes import config_fields
     from axpo_jax.parallel import distributed
     from axpo_jax.parallel.distributed import data_shard
     from axpo_jax.parallel.mesh import mesh_from_config
-    from axpo_jax.train.checkpoints import Checkpointer, check_resume_settings, export_folder
+    from axpo_jax.train.checkpoints import Checkpointer, check_resume_settings, check_shared_workdir, export_folder
     from axpo_jax.train.compiles import CompileClock
     from axpo_jax.train.learner import Learner, LossConfig
     from axpo_jax.train.metrics import MetricsLog
@@ -147,6 +153,7 @@ def _run(config, stop) -> dict:
     dtype, schemas = checked_settings(config)
     with config_fields("data"):  # read before anything loads: a file with no usable line is one line, not a traceback
         source = SFTSource(config.data)
+        check_same_records(f"data file {config.data}", source)
     with config_fields("mesh"):
         mesh = mesh_from_config(config.mesh.to_dict())
     # before the weights and the workdir: a folder without tokenizer, image settings or chat template is one line
@@ -155,6 +162,7 @@ def _run(config, stop) -> dict:
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
+    check_shared_workdir(workdir)  # before any process writes checkpoints there, or reads them to resume
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     check_resume_settings(config, workdir, checkpointer, primary=primary)
     model = qwen3_vl.from_pretrained(config.checkpoint, mesh=mesh, dtype=dtype)
@@ -200,7 +208,7 @@ def _run(config, stop) -> dict:
             compile_clock.take()
             step_started = time.perf_counter()
             micro_batches = agreed_micro_batches(examples, model.config, pad_id, config.micro_batch_size,
-                                                 config.length_bucket)
+                                                 config.length_bucket, shard=shard)
             if micro_batches is None:  # the same decision on every process; the step still checkpoints below
                 if primary:
                     _log(f"step {step + 1}: every conversation of the batch was skipped")

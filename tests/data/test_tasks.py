@@ -27,8 +27,10 @@ def test_round_trip_and_bad_records_are_skipped(tmp_path):
             f.write(json.dumps({"question": "q", "answer": answer}) + "\n")
         f.write(json.dumps({"question": "Sum?", "answer": 42}) + "\n")
         f.write(json.dumps({"question": "Half?", "answer": [0.5, "1/2"]}) + "\n")
+        f.write(json.dumps({"question": "q", "images": "tasks_images/0.png", "answer": "1"}) + "\n")  # not a list
     source = TaskFileSource(path)
-    assert len(source) == 4 and source.skipped == 10
+    assert len(source) == 4 and source.skipped == 11
+    assert any("images must be a list of paths" in r for r in source.skip_reasons)
     assert any("JSONDecodeError" in r for r in source.skip_reasons) and any("missing" in r for r in source.skip_reasons)
     assert sum("the answer must be a non-empty string" in r for r in source.skip_reasons) == 6
     assert (source[2].answer, source[3].answer) == ("42", ["0.5", "1/2"])  # numbers are read as their text
@@ -60,3 +62,65 @@ def test_synthetic_spec_with_task_options():
         task_source("synthetic:2:gird=3")
     with pytest.raises(ValueError, match="key=value"):
         task_source("synthetic:2:grid")
+
+
+@pytest.mark.parametrize("options", [
+    {"noise": False, "grid": 2},  # "False" read back as a string was truthy: noisy images in RL, clean in SFT
+    {"kind": "mark", "grid": 2, "colours": ("green", "blue")},  # a tuple's commas broke the key=value pairs
+])
+def test_task_options_survive_the_spec(options):
+    """The demo makes its SFT data from the options and its RL and eval tasks from their spec: the same images."""
+    from axpo_jax.data.synthetic import make_synthetic_task, task_seed
+
+    source = task_source(synthetic_spec(2, options), seed=3)
+    made = make_synthetic_task(task_seed(3, 0), **options)
+    assert np.array_equal(np.asarray(source[0].images[0]), np.asarray(made.images[0]))
+    assert task_source("synthetic:2:grid=2,noise=false").task_options == {"grid": 2, "noise": False}
+
+
+def test_a_record_one_host_drops_is_caught_before_it_shuffles_differently(tmp_path, monkeypatch):
+    """A transient image read error on one host drops a record there only: its source is shorter, shuffles
+    differently and every batch mixes other questions. The sources' counts and fingerprints are compared across
+    processes (faked here: this process is process 1, beside a process 0 that read every record)."""
+    import jax
+
+    from axpo_jax.data import tasks as tasks_module
+    from axpo_jax.data.tasks import check_same_records
+    from axpo_jax.eval.runner import items_from_tasks
+    from axpo_jax.parallel import distributed
+
+    path = tmp_path / "tasks.jsonl"
+    write_task_jsonl(path, [Task(f"q{i}", [_image(i)], str(i), f"t{i}") for i in range(4)])
+    whole = TaskFileSource(path)
+    real, failed = tasks_module.load_image, []
+
+    def flaky(image_path):
+        if "000002_0" in image_path and not failed:
+            failed.append(image_path)
+            raise OSError(5, "Input/output error")
+        return real(image_path)
+
+    monkeypatch.setattr(tasks_module, "load_image", flaky)
+    short = TaskFileSource(path)
+    assert len(short) == 3 and short.fingerprint != whole.fingerprint
+    assert TaskFileSource(path).fingerprint == whole.fingerprint  # the same records, the same fingerprint
+
+    check_same_records("tasks", short)  # one process: nothing to compare
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "allgather_json", lambda mine: [[len(whole), whole.fingerprint, 0], mine])
+    with pytest.raises(DataFileError, match=rf"^tasks {path} differs between processes \[1\] and process 0 "
+                                            r"\(process 0 holds 4 records, 0 lines skipped; process 1 holds 3 "
+                                            r"records, 1 lines skipped; .*every process must read the same"):
+        check_same_records(f"tasks {path}", short)
+    check_same_records("tasks", whole)
+    # evaluation questions (lists of items) and synthetic sources are compared the same way
+    items = items_from_tasks("heldout", [whole[i] for i in range(len(whole))], "exact")
+    other = items_from_tasks("heldout", [whole[i] for i in (0, 1, 3, 2)], "exact")
+    monkeypatch.setattr(distributed, "allgather_json", lambda mine: [[4, tasks_module.records_fingerprint(items),
+                                                                      None], mine])
+    check_same_records("heldout", items)
+    with pytest.raises(DataFileError, match=r"^heldout differs between processes \[1\] and process 0 \(process 0 "
+                                            r"holds 4 records; process 1 holds 4 records; equal counts"):
+        check_same_records("heldout", other)
+    assert task_source("synthetic:4", seed=1).fingerprint == task_source("synthetic:4", seed=1).fingerprint
+    assert task_source("synthetic:4", seed=1).fingerprint != task_source("synthetic:4", seed=2).fingerprint

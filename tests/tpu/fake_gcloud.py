@@ -8,6 +8,7 @@ slice of $FAKE_GCLOUD_HOSTS hosts, each a home directory $FAKE_GCLOUD_DIR/hosts/
                              gcloud does for a missing resource
   queued-resources create    wipes the hosts (a new slice has fresh VMs)
   queued-resources delete    nothing
+  tpu-vm describe            prints the accelerator type of a v5p slice of that many hosts (v5p-8 per host)
   tpu-vm scp SRC NAME:DEST   copies SRC into every host's home
   tpu-vm ssh --command=S     runs S with bash in every host's home (HOME set to it, $FAKE_GCLOUD_DIR/bin first on
                              PATH), prints what it prints
@@ -43,6 +44,8 @@ if argv[:4] == ["compute", "tpus", "queued-resources", "describe"]:
 elif argv[:4] == ["compute", "tpus", "queued-resources", "create"]:
     shutil.rmtree(os.path.join(root, "hosts"), ignore_errors=True)
     print(f"Create request issued for: [{argv[4]}]")
+elif argv[:4] == ["compute", "tpus", "tpu-vm", "describe"]:
+    print(f"v5p-{8 * len(hosts)}")
 elif argv[:4] == ["compute", "tpus", "tpu-vm", "scp"]:
     source, destination = [a for a in argv[4:] if not a.startswith("--")]
     for home in hosts:

@@ -57,6 +57,11 @@ SYNOPSES = {
         positionals=(1, 1), value_flags=frozenset({"--zone"}), bool_flags=frozenset({"--async", "--force"}),
         required=frozenset({"--zone"}),
     ),
+    # https://cloud.google.com/sdk/gcloud/reference/compute/tpus/tpu-vm/describe
+    ("compute", "tpus", "tpu-vm", "describe"): Synopsis(
+        url="https://cloud.google.com/sdk/gcloud/reference/compute/tpus/tpu-vm/describe",
+        positionals=(1, 1), value_flags=frozenset({"--zone"}), bool_flags=frozenset(),
+    ),
     # https://cloud.google.com/sdk/gcloud/reference/compute/tpus/tpu-vm/ssh
     ("compute", "tpus", "tpu-vm", "ssh"): Synopsis(
         url="https://cloud.google.com/sdk/gcloud/reference/compute/tpus/tpu-vm/ssh",

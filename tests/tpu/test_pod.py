@@ -49,6 +49,8 @@ def dry_run(capsys, *argv) -> list[list[str]]:
 
 @pytest.mark.parametrize("step, extra", [
     ("create", REQUEST), ("wait", []), ("setup", []), ("setup", ["--workdir", "gs://bucket/run"]), ("launch", RUN),
+    ("launch", ["--config", "configs/eval.py", "--workdir", "gs://bucket/eval"]),
+    ("launch", ["--config", "configs/rl.py", "--workdir", "runs/x"]),  # asks the slice's type first
     ("logs", ["--no-follow"]),
     ("copy-checkpoints", ["--workdir", "gs://bucket/run", "--to", "gs://archive/run"]),
     ("copy-checkpoints", ["--workdir", "/home/me/run", "--to", "gs://archive/run"]),
@@ -352,3 +354,37 @@ def test_copy_checkpoints_from_a_bucket_runs_here(fake_slice):
     assert run_pod("copy-checkpoints", *TARGET, "--workdir", "gs://bucket/run", "--to", "gs://archive/run") == 0
     assert fake_slice.calls() == [["storage", "rsync", "gs://bucket/run", "gs://archive/run", "--recursive"]]
     assert run_pod("copy-checkpoints", *TARGET, "--workdir", "gs://bucket/run", "--to", "/tmp/x") == 1
+
+
+# ------------------------------------------------------------------------------------------- the workdir
+
+
+def test_the_run_folder_goes_to_the_field_the_config_has():
+    """eval's config names its folder output_dir: --config.workdir would be an unknown field on every host."""
+    assert pod.workdir_field("configs/eval.py") == "output_dir"
+    assert pod.workdir_field("configs/rl.py:8b,v5p-16") == pod.workdir_field("configs/demo.py") == "workdir"
+    script = pod.launch_script("n", "configs/eval.py", "gs://bucket/evalrun")
+    assert "--config.output_dir=/mnt/gcs/bucket/evalrun" in script and "--config.workdir" not in script
+    assert "--config.workdir=runs/x" in pod.launch_script("n", "configs/sft.py", "runs/x")
+
+
+def test_slice_hosts():
+    assert [pod.slice_hosts(t) for t in ("v5p-8", "v5p-16", "v4-32", "v5litepod-8", "v5litepod-16", "v6e-64")] == [
+        1, 2, 4, 1, 4, 16]
+    assert pod.slice_hosts("v9x-8") is None
+
+
+def test_a_workdir_on_the_hosts_disks_is_refused_on_a_multi_host_slice(fake_slice, capfd, monkeypatch):
+    """Each host's own disk under one path: orbax's first save would hang 10 minutes, then crash."""
+    local = ["--config", "configs/rl.py", "--workdir", "runs/x"]
+    assert run_pod("up", *TARGET, "--accelerator-type", "v5p-16", *local, *NO_WAIT) == 1
+    assert fake_slice.calls() == []  # refused before renting anything
+    assert run_pod("launch", *TARGET, *local) == 1  # launch alone asks the slice's type
+    assert fake_slice.verbs() == ["tpu-vm describe"]
+    err = capfd.readouterr().err
+    assert err.count("workdir runs/x is on each TPU VM's own disk but v5p-16 has 2 hosts, which must share it: use "
+                     "--workdir gs://BUCKET/PATH") == 2
+    monkeypatch.setenv("FAKE_GCLOUD_HOSTS", "1")
+    assert run_pod("setup", *TARGET) == 0 and run_pod("launch", *TARGET, *local) == 0
+    assert fake_slice.verbs()[-2:] == ["tpu-vm describe", "tpu-vm ssh"]
+    assert len(fake_slice.launches(1)) == 1

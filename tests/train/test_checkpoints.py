@@ -102,3 +102,50 @@ def test_a_stop_request_hands_the_signals_back():
     finally:
         for sig, handler in originals.items():
             signal.signal(sig, handler)
+
+
+def _as_process(monkeypatch, index: int, others_view: dict, token: str = "a-token"):
+    """This process as process `index` of 2; the other one's side of every exchange is given."""
+    import jax
+
+    from axpo_jax.parallel import distributed
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "is_primary", lambda: index == 0)
+    monkeypatch.setattr(distributed, "sync", lambda name: None)
+    exchanges = []
+
+    def allgather_json(mine):
+        exchanges.append(mine)
+        if len(exchanges) == 1:  # the token: process 0's
+            return [mine, token] if index == 0 else [token, mine]
+        return [mine, others_view] if index == 0 else [others_view, mine]
+
+    monkeypatch.setattr(distributed, "allgather_json", allgather_json)
+    return exchanges
+
+
+def test_a_workdir_the_hosts_do_not_share_is_refused(tmp_path, monkeypatch):
+    """Each host's own disk under the same path: orbax's first save hung 10 minutes, then crashed. Process 0 writes
+    a token file; a process that cannot read it back fails, and so do all the others (the verdict is gathered)."""
+    from axpo_jax.train.checkpoints import check_shared_workdir
+
+    own_disk = tmp_path / "host1"
+    own_disk.mkdir()
+    _as_process(monkeypatch, 1, {"seen": True, "write_error": None})
+    with pytest.raises(ModeError, match=rf"^workdir {own_disk} is not shared between hosts \(processes \[1\] do not "
+                                        r"see the file process 0 wrote there\): use a gs:// bucket or a shared"):
+        check_shared_workdir(str(own_disk))
+    monkeypatch.undo()
+    # process 0 of a shared folder: writes, reads back, and leaves nothing behind
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    exchanges = _as_process(monkeypatch, 0, {"seen": True, "write_error": None})
+    check_shared_workdir(str(shared))
+    assert exchanges[1] == {"seen": True, "write_error": None} and os.listdir(shared) == []
+    monkeypatch.undo()
+    # ... and process 0 when another process does not see it
+    _as_process(monkeypatch, 0, {"seen": False, "write_error": None})
+    with pytest.raises(ModeError, match=r"processes \[1\] do not see"):
+        check_shared_workdir(str(shared))
+    assert os.listdir(shared) == []

@@ -96,3 +96,17 @@ def test_a_run_that_trains_nothing_is_an_error_and_exports_nothing(tiny_folder, 
                                             r"skipped \(1 at batching.*longer than max_length 8"):
         sft_run.run(config)
     assert not os.path.exists(tmp_path / "run" / "hf_checkpoint")
+
+
+def test_micro_batches_round_to_the_rows_each_process_splits(tiny):
+    """micro_batch_size counts a process's rows, rounded up to its batch devices as the RL update does: with 2
+    processes x 2 devices, 1 row per micro-batch could not be split and the first step failed (DistributedError)."""
+    from axpo_jax.parallel.distributed import DataShard
+    from axpo_jax.train.sft_run import agreed_micro_batches
+
+    model, processor = tiny
+    example = sft_example(_conversation(colour_picture("red", np.random.default_rng(0)), "red"), processor, None)
+    batches = agreed_micro_batches([example] * 3, model.config, 0, 1, shard=DataShard(0, 2, positions=2))
+    assert [b.loss_mask_bt.shape[0] for b in batches] == [2, 2]
+    trained = [bool(row.any()) for b in batches for row in b.loss_mask_bt]
+    assert trained == [True, True, True, False]  # the rounding adds untrained copies only

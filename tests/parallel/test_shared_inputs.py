@@ -1,0 +1,89 @@
+"""What every host must see the same of, checked on 2 real processes (jax.distributed over gloo on 127.0.0.1, no
+model): the workdir (one folder for all hosts, or orbax's first save hangs) and the data sources (a record one host
+drops makes every batch differ). Each check must fail on every process alike, so none is left waiting."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from tests.parallel.test_multihost import ROOT, _free_port
+
+WORKER = r'''
+import json, os, sys
+from axpo_jax.parallel import distributed
+
+distributed.initialize_from_env("env")
+import jax
+
+from axpo_jax.data import tasks
+from axpo_jax.modes import ModeError
+from axpo_jax.train.checkpoints import check_shared_workdir
+
+me = jax.process_index()
+shared, tasks_file, own = sys.argv[1], sys.argv[2], sys.argv[3 + me]
+out = {}
+check_shared_workdir(shared)
+distributed.sync("process 0 removed its token")
+out["shared_left"] = os.listdir(shared)
+try:
+    check_shared_workdir(own)  # the same path on each host, another disk: here another folder per process
+    out["own"] = "passed"
+except ModeError as error:
+    out["own"] = str(error).replace(own, "<own>")
+tasks.check_same_records("tasks", tasks.TaskFileSource(tasks_file))
+out["same_source"] = "passed"
+if me == 1:  # a transient read error while this host scans the file
+    real = tasks.load_image
+    def flaky(path, failed=[]):
+        if "000001_0" in path and not failed:
+            failed.append(path)
+            raise OSError(5, "Input/output error")
+        return real(path)
+    tasks.load_image = flaky
+try:
+    tasks.check_same_records("tasks", tasks.TaskFileSource(tasks_file))
+    out["flaky_source"] = "passed"
+except tasks.DataFileError as error:
+    out["flaky_source"] = str(error)
+print(json.dumps(out), flush=True)
+'''
+
+
+def test_an_unshared_workdir_and_a_differing_source_fail_on_every_process(tmp_path):
+    from axpo_jax.data.tasks import write_task_jsonl
+    from axpo_jax.rollout.agent_loop import Task
+
+    image = Image.fromarray(np.zeros((8, 8, 3), np.uint8))
+    tasks_file = tmp_path / "tasks.jsonl"
+    write_task_jsonl(tasks_file, [Task(f"q{i}", [image], str(i), f"t{i}") for i in range(3)])
+    folders = [tmp_path / name for name in ("shared", "own0", "own1")]
+    for folder in folders:
+        folder.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu",
+               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2")
+    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(folders[0]), str(tasks_file), str(folders[1]),
+                                 str(folders[2])], cwd=ROOT, text=True, env={**env, "JAX_PROCESS_ID": str(i)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    try:
+        outputs = [w.communicate(timeout=120) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+    results = []
+    for w, (out, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert results[0] == results[1]  # the same verdicts on both processes
+    result = results[0]
+    assert result["shared_left"] == [] and result["same_source"] == "passed"
+    assert result["own"] == ("workdir <own> is not shared between hosts (processes [1] do not see the file process 0 "
+                             "wrote there): use a gs:// bucket or a shared filesystem")
+    assert result["flaky_source"].startswith("tasks differs between processes [1] and process 0 (process 0 holds 3 "
+                                             "records, 0 lines skipped; process 1 holds 2 records, 1 lines skipped")
