@@ -32,6 +32,13 @@ def _devices(hardware: str) -> int:
                          f"8xa100") from error
 
 
+def _hosts(hardware: str) -> int:
+    """Hosts (jax processes) of a machine name: one GPU machine, or a TPU slice's VMs."""
+    from axpo_jax.bench.memory import chips_per_host
+
+    return 1 if hardware in _GPU_MACHINES else _devices(hardware) // chips_per_host(hardware)
+
+
 def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.mode = "rl"
@@ -146,8 +153,9 @@ def get_config(arg=None):
         config.workdir = f"runs/rl_{size}_{hardware}"
         config.dtype = "bfloat16"
         # 32B does not fit pure FSDP on v6e's 32 GiB chips at these lengths: heads/MLP split 2 ways too
-        # (tpu/README.md's table, from the memory plan)
-        tensor = 2 if size == "32b" and hardware.startswith("v6e") else 1
+        # (tpu/README.md's table, from the memory plan), within each host's 4 or 8 chips: processes that shared
+        # batch rows would each run those rows' tools, so a mesh whose tensor axis crosses hosts is refused
+        tensor = 2 if size == "32b" and hardware.startswith("v6e") and devices > 1 else 1
         config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=devices // tensor, tensor=tensor))
         config.tasks = ""  # must be given: the RL question set (the paper: ~37K questions)
         config.tools = ("image_zoom_in", "python", "search")
@@ -159,7 +167,9 @@ def get_config(arg=None):
         config.steps = 400  # unstated
         config.learning_rate = 1e-6  # unstated; a common value for RL of 2-8B VLMs
         config.warmup_fraction = 0.02
-        config.micro_batch_size = max(1, devices // 2)
+        # rows per process: one per batch device of the host (fewer would be replicated on every device, each
+        # computing the same rows; more would multiply the update's activations)
+        config.micro_batch_size = devices // tensor // _hosts(hardware)
         config.updates_per_step = 4  # unstated; verl's and EasyR1's Qwen-VL GRPO examples: train batch 512 / 128
         config.remat = True
         config.checkpoint_every = 10

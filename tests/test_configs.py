@@ -6,7 +6,7 @@ refused."""
 import pytest
 
 from axpo_jax.bench import devices
-from axpo_jax.bench.memory import PlanDoesNotFit, check_fits, rl_memory_plan
+from axpo_jax.bench.memory import PlanDoesNotFit, check_fits, chips_per_host, rl_memory_plan
 from axpo_jax.models.qwen3_vl import preset
 from axpo_jax.train.rl_run import memory_settings
 from tests.config_files import config_module
@@ -23,12 +23,17 @@ def _config(name: str, arg=None):
     return config_module(name).get_config(arg)
 
 
+def _host_devices(hardware: str) -> int:
+    return 8 if hardware.startswith("8x") else chips_per_host(hardware)
+
+
 def _check(size: str, hardware: str):
     config = _config("rl", f"{size},{hardware}")
     mesh = dict(config.mesh)
     assert mesh["data"] * mesh["fsdp"] * mesh["tensor"] == (8 if hardware.startswith("8x") else
                                                             devices.chips_of(hardware))
-    settings = memory_settings(config, mesh["data"] * mesh["fsdp"])
+    processes = mesh["data"] * mesh["fsdp"] * mesh["tensor"] // _host_devices(hardware)
+    settings = memory_settings(config, mesh["data"] * mesh["fsdp"], processes)
     spec = MEMORY[hardware.split("-")[0]]
     return check_fits(rl_memory_plan(preset(size), mesh, settings), spec.memory_bytes, settings.headroom)
 
@@ -46,6 +51,23 @@ def test_paper_recipe_fits(size, hardware):
 def test_plans_that_do_not_fit_are_refused(size, hardware):
     with pytest.raises(PlanDoesNotFit, match="does not fit"):
         _check(size, hardware)
+
+
+@pytest.mark.parametrize("size,hardware", FITS + TOO_SMALL + [
+    ("8b", "v5p-16"), ("2b", "v5p-64"), ("32b", "v6e-16"), ("32b", "v6e-8"), ("8b", "v6e-32"), ("32b", "v5litepod-128"),
+    ("8b", "v4-32")])
+def test_presets_keep_each_process_on_its_own_rows_one_per_device(size, hardware):
+    """Every host owns its own batch rows (tensor within a host's devices: a wider tensor axis is refused at start),
+    and an update's micro-batch is one row on each device: fewer rows per process would be replicated (each device
+    computing the same rows), more would multiply the activations the memory plan counts."""
+    for name in ("rl", "sft"):
+        config = _config(name, f"{size},{hardware}")
+        mesh, host = dict(config.mesh), _host_devices(hardware)
+        assert host % mesh["tensor"] == 0, (name, mesh)
+        processes = mesh["data"] * mesh["fsdp"] * mesh["tensor"] // host
+        assert config.micro_batch_size == mesh["data"] * mesh["fsdp"] // processes, (name, config.micro_batch_size)
+    settings = memory_settings(_config("rl", f"{size},{hardware}"), mesh["data"] * mesh["fsdp"], processes)
+    assert settings.micro_batch_per_device == 1
 
 
 def test_sft_recipe_follows_the_rl_machine():

@@ -480,14 +480,23 @@ def ensure_plan_fits(model_config, mesh, settings: RLMemorySettings = RLMemorySe
 # --------------------------------------------------------------------------------------------- slices per preset
 
 
+def chips_per_host(accelerator_type: str) -> int:
+    """Chips of one host (one VM, one jax process) of a TPU slice: 4 on v4 and v5p; on v5e and v6e the whole slice
+    up to 8 chips (a single VM), 4 per VM above (https://cloud.google.com/tpu/docs/v5e, .../v6e, .../v5p)."""
+    chips = devices.chips_of(accelerator_type)
+    single_host_up_to = 8 if accelerator_type.startswith(("v5litepod-", "v6e-")) else 4
+    return chips if chips <= single_host_up_to else 4
+
+
 def smallest_fitting_slice(model_config, generation: str, settings: RLMemorySettings = RLMemorySettings(),
                            tensor_sizes=(1, 2, 4, 8)) -> dict[str, Any] | None:
     """The smallest slice of a TPU generation ("v5p", "v6e", "v5e", "v4") whose chips hold the RL plan, with the
-    first mesh (all chips on fsdp, or fsdp x tensor) that fits; None when even the largest listed slice does not."""
+    first mesh (all chips on fsdp, or fsdp x tensor) that fits; None when even the largest listed slice does not.
+    `tensor` stays within one host's chips: processes must not share batch rows (parallel/distributed.py)."""
     spec = devices.TPU_GENERATIONS[generation]
     for accelerator_type, chips in devices.tpu_slices(generation):
         for tensor in tensor_sizes:
-            if chips % tensor:
+            if chips_per_host(accelerator_type) % tensor:
                 continue
             mesh = {"data": 1, "fsdp": chips // tensor, "tensor": tensor}
             plan = rl_memory_plan(model_config, mesh, settings)

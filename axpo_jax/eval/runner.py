@@ -111,7 +111,7 @@ def run_benchmark(agent: AgentLoop, items: Sequence[EvalItem], rng, settings: Ev
                        for t in trajectories]
             records.append({"index": index, "task_id": item.task_id, "scorer": describe_scorer(item, judge),
                             "references": item.references, "samples": samples})
-        if shard.count > 1:  # every process's records (processes of one data shard made the same ones)
+        if shard.count > 1:  # every process's records (one data shard per process: meshes that share rows are refused)
             gathered = {r["index"]: r for part in distributed.allgather_json(records) for r in part}
             records = [gathered[index] for index in missing]
         if store is not None and distributed.is_primary():

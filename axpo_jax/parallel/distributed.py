@@ -7,8 +7,8 @@ process is host-side work: each process builds only its own rows of a global bat
 examples), runs the tools of those rows, and reads back only those rows. This module is the boundary:
 
 - `initialize_from_env` joins the cluster (explicit env vars, or jax's auto-detection on TPU pods / SLURM / ...).
-- `data_shard(mesh)` says which slice of every batch this process provides: processes whose devices hold the same
-  batch positions (e.g. a tensor axis that crosses hosts) form one data shard and provide the same rows.
+- `data_shard(mesh)` says which slice of every batch this process provides. Every process owns its own batch
+  positions: a mesh whose non-batch axes (tensor) cross hosts, so that processes would share rows, is refused.
 - `global_from_local` / `local_rows` turn a process's rows into a global array split over the batch axes and back.
 - `allgather`, `allgather_json`, `any_process`, `max_across_processes` agree on small host values (shapes, loop
   control, rewards); `is_primary` picks the one process that logs and writes files.
@@ -246,27 +246,50 @@ def data_shard(mesh: Mesh | None, batch_axes=None) -> DataShard:
 @functools.lru_cache(maxsize=64)
 def _data_shard(mesh: Mesh, batch_axes: tuple[str, ...], process_index: int) -> DataShard:
     # every per-row array placed or read asks this: walk the mesh's devices once per mesh
-    names = list(mesh.axis_names)
+    processes = np.vectorize(lambda device: device.process_index, otypes=[np.int64])(mesh.devices)
+    shards = data_shards(processes, tuple(mesh.axis_names), batch_axes)
+    if process_index not in shards:
+        raise DistributedError(f"process {process_index} has no device in the mesh {dict(mesh.shape)}")
+    return shards[process_index]
+
+
+def data_shards(processes: np.ndarray, axis_names: tuple[str, ...], batch_axes=None) -> dict[int, DataShard]:
+    """Every process's DataShard on a mesh whose devices belong to the processes `processes` (an int array of the
+    mesh's shape); a DistributedError when a process does not own whole, contiguous batch positions of its own.
+
+    Processes that shared a batch position would hold the same rows: each would run those rows' tools and feed its
+    own observations into the same global rows, so a result that differs by host (a timeout, a flaky search)
+    silently forks the trajectories, or the processes disagree on shapes and a collective fails."""
+    from axpo_jax.parallel.sharding import BATCH_AXES
+
+    batch_axes = tuple(batch_axes or BATCH_AXES)
+    names = list(axis_names)
+    shape = dict(zip(names, processes.shape))
     batch_dims = [names.index(a) for a in batch_axes if a in names]
     other_dims = [d for d in range(len(names)) if d not in batch_dims]
     # [batch positions, other positions] of devices: a batch row block sits at one batch position
-    devices = np.transpose(mesh.devices, batch_dims + other_dims).reshape(
-        int(np.prod([mesh.devices.shape[d] for d in batch_dims], dtype=int)), -1)
-    positions_of: dict[int, set[int]] = {}
-    for position, row in enumerate(devices):
-        for device in row:
-            positions_of.setdefault(device.process_index, set()).add(position)
-    blocks = sorted({tuple(sorted(p)) for p in positions_of.values()})
-    sizes = {len(b) for b in blocks}
-    covered = sorted(p for b in blocks for p in b)
-    contiguous = all(b == tuple(range(b[0], b[0] + len(b))) for b in blocks)
-    if len(sizes) != 1 or covered != list(range(len(devices))) or not contiguous:
+    by_position = np.transpose(processes, batch_dims + other_dims).reshape(
+        int(np.prod([processes.shape[d] for d in batch_dims], dtype=int)), -1)
+    shared = {position: sorted(set(row.tolist())) for position, row in enumerate(by_position)
+              if len(set(row.tolist())) > 1}
+    if shared:
+        position, owners = next(iter(shared.items()))
         raise DistributedError(
-            f"mesh {dict(mesh.shape)} does not give each process one contiguous, equal block of batch positions "
+            f"mesh {shape} puts batch position {position} on processes {owners}: every process must own its own "
+            f"batch rows, so keep tensor (and every axis but {'/'.join(batch_axes)}) within one host's devices and "
+            f"put the hosts on {'/'.join(batch_axes)}")
+    positions_of: dict[int, list[int]] = {}
+    for position, row in enumerate(by_position):
+        positions_of.setdefault(int(row[0]), []).append(position)
+    blocks = sorted(tuple(p) for p in positions_of.values())
+    sizes = {len(b) for b in blocks}
+    contiguous = all(b == tuple(range(b[0], b[0] + len(b))) for b in blocks)
+    if len(sizes) != 1 or not contiguous:
+        raise DistributedError(
+            f"mesh {shape} does not give each process one contiguous, equal block of batch positions "
             f"over {batch_axes} (positions per process: {dict(sorted(positions_of.items()))}); order the devices so "
             f"each host's devices are adjacent along the batch axes")
-    mine = tuple(sorted(positions_of[process_index]))
-    return DataShard(blocks.index(mine), len(blocks), len(mine))
+    return {process: DataShard(blocks.index(tuple(p)), len(blocks), len(p)) for process, p in positions_of.items()}
 
 
 def global_from_local(x_local, mesh: Mesh, batch_axis: int = 0) -> jax.Array:
@@ -332,7 +355,7 @@ def local_rows(x: jax.Array, mesh: Mesh, batch_axis: int = 0) -> np.ndarray:
 
 def concat_shards(x_local, mesh: Mesh | None) -> np.ndarray:
     """The global array of a per-row host value (e.g. rewards [Q_local, N] -> [Q, N]): every data shard's rows, in
-    shard order (processes of one shard hold the same rows; one of them speaks for it)."""
+    shard order."""
     x_local = np.asarray(x_local)
     shard = data_shard(mesh)
     if shard.count == 1:

@@ -51,6 +51,29 @@ def batch_spec(shape: tuple[int, ...], mesh: Mesh, batch_axis: int = 0) -> P:
     return P(*spec)
 
 
+class _AxisSizes:
+    """A mesh's axis sizes where only `.shape` is read (planning a layout without its devices)."""
+
+    def __init__(self, shape):
+        self.shape = {axis: int(shape.get(axis, 1)) for axis in ("data", "fsdp", "tensor")}
+
+
+def rows_per_device(rows_per_process: int, mesh, processes: int = 1) -> int:
+    """Rows each device holds of a global batch that `processes` processes build from `rows_per_process` rows each,
+    rounded up as every multi-process batch is (`DataShard.round_rows`: a multiple of the process's batch
+    positions) and laid out by `batch_spec`: a share over data x fsdp when they divide it, else all of it on every
+    device (replicated). `mesh`: a Mesh or {axis: size}."""
+    from axpo_jax.parallel.distributed import DataShard
+
+    mesh = mesh if isinstance(mesh, Mesh) else _AxisSizes(dict(mesh))
+    batch_devices = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if processes > 1 and batch_devices % processes:
+        raise ValueError(f"{batch_devices} batch devices do not split over {processes} processes")
+    shard = DataShard(0, processes, batch_devices // processes) if processes > 1 else DataShard(0, 1)
+    rows = shard.round_rows(rows_per_process) * processes
+    return rows // batch_devices if batch_spec((rows,), mesh)[0] is not None else rows
+
+
 def shard_model_inputs(inputs, mesh: Mesh, *, spatial_merge_size: int | None = None):
     """Places `ModelInputs` on the mesh: token arrays split by sample, image arrays split by image row.
 

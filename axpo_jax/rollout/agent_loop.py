@@ -30,6 +30,26 @@ from axpo_jax.tools.protocol import extract_answer, observation_messages, parse_
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 END_OF_TURN = "<|im_end|>"
 ANSWER_CLOSE = "</answer>"
+# What an answer's closing tag follows: the boxed answer's brace, a space, a line break, punctuation
+ANSWER_CLOSE_AFTER = ("", "}", " ", "\n", ".", ")", "]", "$", "*", "`", '"', "'")
+
+
+def stop_sequences_for(tokenizer, text: str, after=ANSWER_CLOSE_AFTER) -> list[list[int]]:
+    """Every token sequence that ends `text` as the tokenizer writes it after each string in `after`.
+
+    A byte-level BPE may merge the tag's first characters with what precedes them ("}</" as one token after
+    `\boxed{...}`), so `text` encoded alone is not how a policy writes it there and a stop on that alone would
+    never fire: the row would run on to the end of its turn. Each sequence is the fewest last tokens whose
+    text ends with `text`, so it may start with a piece of the preceding string."""
+    sequences = []
+    for prefix in after:
+        ids = tokenizer.encode(prefix + text, add_special_tokens=False)
+        for count in range(1, len(ids) + 1):
+            if tokenizer.decode(ids[-count:]).endswith(text):
+                if ids[-count:] not in sequences:
+                    sequences.append(ids[-count:])
+                break
+    return sequences
 
 
 @dataclasses.dataclass
@@ -134,7 +154,7 @@ class AgentLoop:
         self.tool_call_close_id = vocab[TOOL_CALL_CLOSE]
         self.end_of_turn_id = vocab[END_OF_TURN]
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._answer_close_ids = self.tokenizer.encode(ANSWER_CLOSE, add_special_tokens=False)
+        self._answer_close_sequences = stop_sequences_for(self.tokenizer, ANSWER_CLOSE)
         self._special_tokens = list(self.tokenizer.get_added_vocab())  # tool output may not spell them (plain_text)
         self._samplers: dict[int, Sampler] = {}
         self.tool_wait_s = 0.0  # seconds the rollouts waited for tool calls (`_run_groups`); a trainer resets it
@@ -155,7 +175,7 @@ class AgentLoop:
             self._samplers[batch_size] = Sampler(
                 self.model, batch_size=batch_size, capacity=self.capacity, pad_id=self.pad_id, mesh=self.mesh,
                 stop_token_ids=[self.tool_call_close_id, self.end_of_turn_id],
-                stop_sequences=[self._answer_close_ids], min_decode_segment=self.decode_segment_tokens,
+                stop_sequences=self._answer_close_sequences, min_decode_segment=self.decode_segment_tokens,
                 prompt_images=self.prompt_images, observation_images=self.observation_images,
             )
         return self._samplers[batch_size]
@@ -336,7 +356,7 @@ class AgentLoop:
             budget_b = np.clip(np.minimum(self.max_new_tokens_per_turn - written_b,
                                           self.capacity - sampler.rows(cache.length_b)), 0, None)
             max_new = int(budget_b[active].max()) if active.any() else 0
-            if sampler.shard.count > 1:  # every process decodes the same number of steps
+            if jax.process_count() > 1:  # every process decodes the same number of steps
                 max_new = int(distributed.max_across_processes(np.int64(max_new)))
             rng, key = jax.random.split(rng)
             result, logits, cache = sampler.decode(logits, cache, key, params, max_new, active_b=active,

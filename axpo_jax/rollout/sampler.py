@@ -263,7 +263,7 @@ class Sampler:
         if rows_b is not None:
             length_b = length_b[np.asarray(rows_b, bool)]
         most = int(length_b.max()) if length_b.size else 0
-        return int(distributed.max_across_processes(np.int64(most))) if self.shard.count > 1 else most
+        return int(distributed.max_across_processes(np.int64(most))) if jax.process_count() > 1 else most
 
     # ------------------------------------------------------------------------------------------------ cache
     def empty_cache(self) -> KVCache:
@@ -297,13 +297,13 @@ class Sampler:
         grids = batch.get("image_grid_thw")
         buckets = image_buckets(self.config, grids, min_patches=1)
         width, longest = bucket(int(lengths.max()), self.min_chunk), int(used.max())
-        if self.shard.count > 1:
+        if jax.process_count() > 1:
             width, rows, patches, longest = (int(v) for v in distributed.max_across_processes(
                 np.array([width, buckets["num_image_rows"], buckets["patches_per_image"], longest], np.int64)))
             buckets = {"num_image_rows": rows, "patches_per_image": patches}
         # after the processes agree, so every process's floor rises the same way
         buckets = (self.prompt_images if prompt else self.observation_images).fit(buckets)
-        if self.shard.count > 1:
+        if jax.process_count() > 1:
             buckets["num_image_rows"] = self.shard.round_rows(buckets["num_image_rows"])
         right_ids = np.full((self.batch_size, width), self.pad_id, np.int64)
         right_mask = np.zeros_like(right_ids)

@@ -169,7 +169,7 @@ class RLTrainer:
         num_tokens = sum(int(np.sum(t.policy_mask)) for t in everything)
         # what the sampler produced this step: a forked continuation's copy of its source's prefix was not sampled
         copied = 0 if from_scratch else sum(int(np.sum(t.policy_mask[: t.prefix_end])) for t in resamples)
-        # counts of every process's rows (one process per data shard: processes of a shard hold the same rows)
+        # counts of every process's rows (each process holds its own: parallel/distributed.py data_shards)
         positions = sum(len(t.token_ids) for t in everything)  # every position the update reads, prompts included
         calls, failures, num_tokens, copied, positions, rows = distributed.concat_shards(np.array([[
             tool_stats["calls"], sum(tool_stats["failures_per_status"].values()), num_tokens, copied, positions,

@@ -121,23 +121,30 @@ def evaluate_checkpoint(config, folder: str, executor) -> dict:
                     batch_size=config.eval_batch_size)
 
 
-def memory_settings(config, batch_devices: int):
-    """What one RL step of this config holds (axpo_jax/bench/memory.py's RLMemorySettings)."""
+def memory_settings(config, batch_devices: int, processes: int | None = None):
+    """What one RL step of this config holds (axpo_jax/bench/memory.py's RLMemorySettings) on `batch_devices`
+    (data x fsdp) devices of `processes` processes (default: this run's; a pod's host count plans it from here)."""
     import jax
 
     from axpo_jax.algo.axpo import AXPOConfig, resample_budget
     from axpo_jax.bench.memory import RLMemorySettings
+    from axpo_jax.parallel.distributed import DataShard
+    from axpo_jax.parallel.sharding import rows_per_device
 
     extra = resample_budget(config.questions_per_step, config.num_samples, AXPOConfig(**config.axpo.to_dict()))[0] \
         if config.algo == "axpo" else 0
     half = config.dtype == "bfloat16"
     rows = config.questions_per_step * config.num_samples + extra
-    processes = jax.process_count()  # micro_batch_size counts each process's rows
+    processes = jax.process_count() if processes is None else processes
+    # micro_batch_size counts each process's rows, which the update rounds up to the process's batch devices
+    # (RLTrainer._update); a micro-batch the batch devices cannot divide is replicated: each device holds all of it
+    micro = (DataShard(0, processes, batch_devices // processes) if processes > 1 else DataShard(0, 1)).round_rows(
+        config.micro_batch_size)
     rows_per_update = -(-rows // (processes * config.updates_per_step))
     return RLMemorySettings(
         seq_len=config.capacity, kv_cache_tokens=config.capacity,
-        micro_batch_per_device=-(-config.micro_batch_size * processes // batch_devices),
-        micro_batches=-(-rows_per_update // config.micro_batch_size), rollout_rows=rows,
+        micro_batch_per_device=rows_per_device(config.micro_batch_size, {"fsdp": batch_devices}, processes),
+        micro_batches=-(-rows_per_update // micro), rollout_rows=rows,
         param_bytes=2 if half else 4, grad_bytes=2 if half else 4, compute_bytes=2 if half else 4,
         reference_model=bool(config.kl_coef), remat=config.remat, logprob_chunk=config.logprob_chunk)
 
@@ -255,7 +262,7 @@ def _run(config, stop) -> dict:
 
     from axpo_jax.data.processor import load_processor
     from axpo_jax.data.synthetic import task_dataset
-    from axpo_jax.data.tasks import task_source
+    from axpo_jax.data.tasks import check_same_records, task_source
     from axpo_jax.models import qwen3_vl
     from axpo_jax.parallel import distributed
     from axpo_jax.parallel.distributed import data_shard
@@ -266,7 +273,7 @@ def _run(config, stop) -> dict:
     from axpo_jax.modes import config_fields
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
-    from axpo_jax.train.checkpoints import Checkpointer, check_resume_settings, export_folder
+    from axpo_jax.train.checkpoints import Checkpointer, check_resume_settings, check_shared_workdir, export_folder
     from axpo_jax.train.compiles import CompileClock
     from axpo_jax.train.learner import Learner
     from axpo_jax.train.metrics import MetricsLog
@@ -286,11 +293,13 @@ def _run(config, stop) -> dict:
                                   python_options={"max_sessions": python_sessions(config, estimator)})
     with config_fields("tasks"):
         source = task_source(config.tasks, seed=config.seed + 1)
+        check_same_records(f"tasks {config.tasks}", source)
     with config_fields("mesh"):
         mesh = mesh_from_config(config.mesh.to_dict())
     stop.install()
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
+    check_shared_workdir(workdir)  # before any process writes checkpoints there, or reads them to resume
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     check_resume_settings(config, workdir, checkpointer, primary=primary)
@@ -315,6 +324,9 @@ def _run(config, stop) -> dict:
         _log(f"{len(source)} training tasks from {config.tasks}")
     dataset = iter(task_dataset(source, seed=config.seed, batch_size=config.questions_per_step))
     evaluations = eval_items(config) if config.eval_every else {}
+    for name, items in evaluations.items():  # every process asks its share of the same questions
+        check_same_records(f"evaluation questions of {name} "
+                           f"({config.eval_tasks if name == 'heldout' else config.eval_data_dir})", items)
     # its own samplers (the evaluation's limits), the same policy object: it evaluates the weights being trained
     eval_agent = make_agent(model, processor, executor, settings, mesh=mesh) if evaluations else None
 

@@ -202,8 +202,8 @@ def _run(config, stop) -> dict:
                     _log(f"skipped a conversation: {reason}")
                     continue
                 examples.append(example)
-            # the global batch's count (one process per data shard: processes of a shard skip the same rows), so the
-            # metric and the checkpointed counter are the same on every process
+            # the global batch's count (each process its own rows), so the metric and the checkpointed counter are the
+            # same on every process
             skipped_examples += int(distributed.concat_shards(np.array([skipped_here]), mesh).sum())
             compile_clock.take()
             step_started = time.perf_counter()

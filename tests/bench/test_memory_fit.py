@@ -130,3 +130,21 @@ def test_smallest_fitting_slice_grows_with_the_model():
     assert small["accelerator_type"] == "v5p-8" and small["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
     huge = dataclass_replace(SMALL, seq_len=1 << 17, remat=False)  # 4 heads x (128k)^2 scores x 6 bytes: 384 GiB
     assert memory.smallest_fitting_slice(MICRO, "v5e", huge) is None
+
+
+def test_chips_per_host_of_each_slice():
+    """One host is one jax process: the slice's VM (4 chips on v4 / v5p, and on v5e / v6e above 8 chips)."""
+    assert [memory.chips_per_host(t) for t in ("v5p-8", "v5p-16", "v5p-128", "v4-8", "v4-32")] == [4] * 5
+    assert [memory.chips_per_host(t) for t in ("v6e-1", "v6e-4", "v6e-8", "v6e-16", "v6e-256")] == [1, 4, 8, 4, 4]
+    assert [memory.chips_per_host(t) for t in ("v5litepod-4", "v5litepod-8", "v5litepod-16",
+                                               "v5litepod-128")] == [4, 8, 4, 4]
+
+
+def test_smallest_fitting_slice_keeps_tensor_within_a_host():
+    """A tensor axis wider than a host's chips would make processes share batch rows (refused at start), so the
+    search does not offer it even where it would fit: v5litepod-128 with tensor=8 on 4-chip hosts was offered."""
+    found = [memory.smallest_fitting_slice(MICRO, generation, SMALL, tensor_sizes=(8,))
+             for generation in ("v5p", "v6e", "v5e")]
+    assert found[0] is None  # v5p hosts hold 4 chips (v5p-16 has 8, on 2 hosts)
+    assert found[1]["accelerator_type"] == "v6e-8" and found[1]["mesh"]["tensor"] == 8  # the one 8-chip v6e host
+    assert found[2]["accelerator_type"] == "v5litepod-8"

@@ -356,3 +356,31 @@ def test_image_bucket_state_round_trips_into_every_sampler(loop):
         assert (sampler.observation_images.num_image_rows, sampler.observation_images.patches_per_image) == (2, 128)
     finally:
         loop.load_image_bucket_state(saved)
+
+
+class _MergingTokenizer:
+    """Greedy longest-match over a few pieces, one of which ("}</") merges the boxed answer's brace with the tag,
+    as a byte-level BPE may."""
+
+    pieces = ["}</", "</", "answer", ">", "}", " ", "\n", "a", "b", "."]
+
+    def encode(self, text, add_special_tokens=False):
+        ids = []
+        while text:
+            piece = max((p for p in self.pieces if text.startswith(p)), key=len)
+            ids.append(self.pieces.index(piece))
+            text = text[len(piece):]
+        return ids
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_answer_close_stops_also_after_a_merged_brace():
+    from axpo_jax.rollout.agent_loop import stop_sequences_for
+
+    tokenizer = _MergingTokenizer()
+    sequences = stop_sequences_for(tokenizer, "</answer>", after=("", "}", " ", "a"))
+    merged, alone = tokenizer.encode("}</answer>"), tokenizer.encode("</answer>")
+    assert merged == [0, 2, 3] and alone == [1, 2, 3]  # after the brace the tag is not its own tokens
+    assert sorted(sequences) == sorted([alone, merged])  # " " and "a" end the same way as the tag alone
