@@ -94,9 +94,16 @@ def prepare_sft_policy(config, sft, *, before_sft=None) -> dict | None:
 
 
 def demo_settings(config) -> dict:
-    """The demo's own fields that what it builds in its workdir depends on."""
-    return {key: config[key].to_dict() if hasattr(config[key], "to_dict") else config[key]
-            for key in ("seed", "model", "task", "eval_tasks", "sft_examples", "sft_tool_fraction")}
+    """The fields that what the demo keeps in its workdir depends on: its own, the SFT stage's (skipped once its
+    export exists) and those of the evaluations (kept per stage in evals.json), which RL's resume check leaves to
+    the demo."""
+    from axpo_jax.train.checkpoints import RESUMABLE_FIELDS
+
+    settings = {key: config[key].to_dict() if hasattr(config[key], "to_dict") else config[key]
+                for key in ("seed", "model", "task", "eval_tasks", "sft_examples", "sft_tool_fraction")}
+    settings["sft"] = {k: v for k, v in config.sft.to_dict().items() if k not in RESUMABLE_FIELDS}
+    settings["rl_eval"] = {k: v for k, v in config.rl.to_dict().items() if k.startswith("eval_") or k == "tools"}
+    return settings
 
 
 def run(config) -> dict:
@@ -112,8 +119,8 @@ def run(config) -> dict:
     sft, rl = stage_configs(config)
     sft_run.checked_settings(sft)  # both stages' fields, before minutes of SFT
     rl_run.checked_settings(rl)
-    # What the workdir's model, SFT data and evaluations are made of (the stages check their own fields): a rerun
-    # with another task or model would train on the old data and report the old evaluations.
+    # What the workdir's model, SFT data, SFT policy and evaluations are made of: a rerun with another task, model
+    # or SFT recipe would reuse the old ones and report the old evaluations (RL checks its own training fields).
     check_run_settings(os.path.join(workdir, "demo_config.json"), demo_settings(config), write=True,
                        holds="the tiny model, SFT data and evaluations", option="workdir")
     executor = ToolExecutor(build_registry(list(rl.tools)), timeout_s=rl.tool_timeout_s)

@@ -34,7 +34,7 @@ def get_config(arg=None):
     # The synthetic task's options (axpo_jax/data/synthetic.py: make_synthetic_task) for the SFT data, RL and eval:
     # kind="mark": four red boxes on a 2x2 grid, each with a small mark of another colour; the question names a box
     # and asks for its mark's colour, which the zoom tool's crop shows large (the full image: ~3 px, from which the
-    # tiny model does not learn it; a hand-written pixel reader does, see make_mark_task). ask="place"
+    # tiny model does not learn it; a hand-written pixel reader does: README, Results). ask="place"
     # names the box in words ("the bottom left box"): with row and column numbers (ask="cell") this model zooms on
     # the named box no more often than chance after 400 SFT steps, with words on every held-out task (README,
     # Results). `configs/demo.py:digit`: the "digit" task (read the digit in the one red box), the demo before;

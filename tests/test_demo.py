@@ -28,4 +28,10 @@ def test_a_workdir_built_with_another_task_is_refused_before_anything_runs(tmp_p
         json.dump(recorded, f)
     with pytest.raises(ModeError, match=r"other settings \(task: .*'ask': 'cell'.* -> .*'ask': 'place'"):
         demo.run(config)
+    recorded = demo.demo_settings(config)
+    recorded["sft"]["steps"] += 1  # the SFT policy of another recipe, which a rerun would not retrain
+    with open(os.path.join(config.workdir, "demo_config.json"), "w") as f:
+        json.dump(recorded, f)
+    with pytest.raises(ModeError, match=r"other settings \(sft: "):
+        demo.run(config)
     assert os.listdir(config.workdir) == ["demo_config.json"]  # nothing was built, evaluated or trained

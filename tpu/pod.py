@@ -143,7 +143,8 @@ def check_workdir_for_slice(workdir: str, accelerator_type: str) -> None:
     if hosts != 1:
         raise PodError(f"workdir {workdir} is on each TPU VM's own disk but {accelerator_type} has "
                        f"{f'{hosts} hosts' if hosts else 'an unknown number of hosts'}, which must share it: use "
-                       f"--workdir gs://BUCKET/PATH")
+                       f"--workdir gs://BUCKET/PATH (the one shared folder pod.py sets up: it mounts the bucket on "
+                       f"every VM)")
 
 
 def workdir_field(config: str, root: str = REPO_ROOT) -> str:
@@ -498,7 +499,7 @@ def _run_name(args) -> str:
 
 
 def step_launch(g: Gcloud, t: Target, args) -> None:
-    workdir_field(args.config)  # a config without a folder field fails here, not on every host
+    workdir_field(args.config)  # a config with no folder field at all fails here, not on every host
     if not args.workdir.startswith("gs://"):
         accelerator_type = getattr(args, "accelerator_type", None)  # up / watch know it; launch alone asks
         if accelerator_type is None and g.dry_run:

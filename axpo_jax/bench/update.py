@@ -282,7 +282,8 @@ def run(config) -> dict[str, Any]:
         train_flops_per_token=int(flops_per_token),
         peak_bf16_flops=peak,
         jax_mfu=_round(mfu(flops_per_token, tokens / jax_median, 1, peak)),
-        torch_mfu=_round(mfu(flops_per_token, tokens / torch_median, 1, peak)),
+        # only when torch runs on the device the peak is of (torch_device="cpu" on a GPU host has another peak)
+        torch_mfu=_round(mfu(flops_per_token, tokens / torch_median, 1, peak)) if str(device) != "cpu" else None,
         first_loss_jax=j_first["loss"],
         first_loss_torch=t_first["loss"],
         loss_rel_diff=loss_rel,

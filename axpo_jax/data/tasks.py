@@ -139,6 +139,32 @@ def check_same_records(name: str, records) -> None:
                             f"error on one host, or another file under that path; every process must read the same")
 
 
+def read_on_every_process(name: str, read, *, compare: bool = True):
+    """`read()`, then (`compare`: it is a source or a list of records) `check_same_records`. With several processes
+    every process
+    learns whether any failed to read it (a file missing on one host, images unreadable there) and all fail
+    together: one process raising alone would leave the others waiting in the next collective."""
+    import jax
+
+    if jax.process_count() == 1:
+        return read()
+    from axpo_jax.parallel import distributed
+
+    try:
+        records, error = read(), None
+    except Exception as caught:  # noqa: BLE001 - re-raised below, after every process has heard of it
+        records, error = None, caught
+    errors = distributed.allgather_json(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [i for i, e in enumerate(errors) if e]
+    if failed:
+        raise DataFileError(f"{name}: process {failed[0]} could not read it ({errors[failed[0]]})")
+    if compare:
+        check_same_records(name, records)
+    return records
+
+
 def write_task_jsonl(path: str | os.PathLike, tasks: list[Task]) -> None:
     """Writes tasks in the format TaskFileSource reads, images as PNGs in `<stem>_images/` beside the file."""
     path = os.fspath(path)
@@ -162,14 +188,21 @@ def synthetic_spec(num_tasks: int, options: dict | None = None) -> str:
     options = dict(sorted((options or {}).items()))
     if not options:
         return f"synthetic:{num_tasks}"
-    if all(_option_value(_option_text(value)) == value and type(_option_value(_option_text(value))) is type(value)
-           for value in options.values()):
+    if all(_reads_back(value) for value in options.values()):
         return f"synthetic:{num_tasks}:" + ",".join(f"{key}={_option_text(value)}" for key, value in options.items())
     return f"synthetic:{num_tasks}:" + json.dumps(options, separators=(",", ":"))
 
 
 def _option_text(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _reads_back(value) -> bool:
+    """Whether `value` written as key=value text is read back by `_option_value` as itself."""
+    if isinstance(value, str) and (any(separator in value for separator in ",=") or value.startswith("{")):
+        return False
+    parsed = _option_value(_option_text(value))
+    return type(parsed) is type(value) and parsed == value
 
 
 def _option_value(text: str):
@@ -180,15 +213,14 @@ def _option_value(text: str):
             return kind(text)
         except ValueError:
             pass
-    if any(separator in text for separator in ",="):
-        return None  # cannot be one value of key=value pairs: synthetic_spec writes such options as JSON
     return text
 
 
 def task_source(spec: str, *, seed: int = 0):
     """"synthetic:N" (N zoom tasks of the given seed), "synthetic:N:key=value,..." (the same with
-    `synthetic.make_task` options, numbers parsed as int or float, e.g. "synthetic:16:grid=3"), or the path of a
-    task JSONL file."""
+    `synthetic.make_task` options: numbers parsed as int or float, true/false as booleans, e.g.
+    "synthetic:16:grid=3"), "synthetic:N:{...}" (the options as a JSON object, for lists), or the path of a task
+    JSONL file."""
     if spec.startswith("synthetic:"):
         from axpo_jax.data.synthetic import SyntheticTaskSource
 

@@ -89,7 +89,7 @@ def run(config) -> dict:
     import jax
     from tqdm.auto import tqdm
 
-    from axpo_jax.data.tasks import check_same_records
+    from axpo_jax.data.tasks import check_same_records, read_on_every_process
     from axpo_jax.eval.benchmarks import BENCHMARKS, BenchmarkDataError
     from axpo_jax.eval.metrics import average_metrics, benchmark_metrics, flat_metrics
     from axpo_jax.eval.policy import load_policy
@@ -113,7 +113,10 @@ def run(config) -> dict:
         if unknown or not names:
             raise ModeError(f"config.benchmarks={config.benchmarks!r}: unknown {unknown or '(none given)'}; "
                             f"the benchmarks are {','.join(BENCHMARKS)}")
-        data = {name: _load_items(config, name) for name in names}  # data problems surface before the model loads
+        # data problems surface before the model loads, on every process at once
+        data = {name: read_on_every_process(f"benchmark {name}", lambda name=name: _load_items(config, name),
+                                            compare=False)
+                for name in names}
         for name, (path, items) in data.items():  # every process asks its share of the same questions
             check_same_records(f"benchmark {name} ({path})", items)
     except (BenchmarkDataError, ValueError) as error:

@@ -12,6 +12,7 @@ tag and the policy's confidence on its tool-call tokens.
 from __future__ import annotations
 
 import dataclasses
+import string
 import sys
 import time
 import uuid
@@ -30,8 +31,9 @@ from axpo_jax.tools.protocol import extract_answer, observation_messages, parse_
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 END_OF_TURN = "<|im_end|>"
 ANSWER_CLOSE = "</answer>"
-# What an answer's closing tag follows: the boxed answer's brace, a space, a line break, punctuation
-ANSWER_CLOSE_AFTER = ("", "}", " ", "\n", ".", ")", "]", "$", "*", "`", '"', "'")
+# What an answer's closing tag may follow: nothing, a space, a line break, any ASCII punctuation (a byte-level BPE's
+# pre-tokenizer keeps a run of punctuation together, "}</" or "%</", and merges may join it), a boxed brace twice
+ANSWER_CLOSE_AFTER = ("", " ", "\n", *string.punctuation, "}}")
 
 
 def stop_sequences_for(tokenizer, text: str, after=ANSWER_CLOSE_AFTER) -> list[list[int]]:

@@ -23,7 +23,7 @@ class NonFiniteUpdates(ModeError):
     def __init__(self, step: int, streak: int, limit: int):
         super().__init__(f"step {step}: the last {streak} optimizer updates had non-finite gradients and were skipped "
                          f"(max_consecutive_skipped_updates={limit}); stopped without saving this step: the last "
-                         f"checkpoint holds the weights of the last finite update (check the data, lower "
+                         f"checkpoint holds weights no newer than the last finite update (check the data, lower "
                          f"learning_rate)")
 
 

@@ -262,7 +262,7 @@ def _run(config, stop) -> dict:
 
     from axpo_jax.data.processor import load_processor
     from axpo_jax.data.synthetic import task_dataset
-    from axpo_jax.data.tasks import check_same_records, task_source
+    from axpo_jax.data.tasks import check_same_records, read_on_every_process, task_source
     from axpo_jax.models import qwen3_vl
     from axpo_jax.parallel import distributed
     from axpo_jax.parallel.distributed import data_shard
@@ -292,8 +292,7 @@ def _run(config, stop) -> dict:
         registry = build_registry(list(config.tools), search_backend=search,
                                   python_options={"max_sessions": python_sessions(config, estimator)})
     with config_fields("tasks"):
-        source = task_source(config.tasks, seed=config.seed + 1)
-        check_same_records(f"tasks {config.tasks}", source)
+        source = read_on_every_process(f"tasks {config.tasks}", lambda: task_source(config.tasks, seed=config.seed + 1))
     with config_fields("mesh"):
         mesh = mesh_from_config(config.mesh.to_dict())
     stop.install()
@@ -323,7 +322,8 @@ def _run(config, stop) -> dict:
     if primary:
         _log(f"{len(source)} training tasks from {config.tasks}")
     dataset = iter(task_dataset(source, seed=config.seed, batch_size=config.questions_per_step))
-    evaluations = eval_items(config) if config.eval_every else {}
+    evaluations = (read_on_every_process("evaluation questions", lambda: eval_items(config), compare=False)
+                   if config.eval_every else {})
     for name, items in evaluations.items():  # every process asks its share of the same questions
         check_same_records(f"evaluation questions of {name} "
                            f"({config.eval_tasks if name == 'heldout' else config.eval_data_dir})", items)
@@ -391,10 +391,13 @@ def _run(config, stop) -> dict:
     record = bench_record(config, records, model.config.text) if records else None
     if primary:
         plot_rl_run(plot, records)
-        if record is not None and first_step < config.steps:  # a rerun of a finished run adds no second record
+        records_path = os.path.join(workdir, "bench_records.jsonl")
+        # one record per run: a rerun of a finished run adds no second one, but a run stopped (or failed) after its
+        # last checkpoint and before its record still gets it
+        if record is not None and not (os.path.isfile(records_path) and os.path.getsize(records_path)):
             from axpo_jax.bench.record import append_jsonl
 
-            append_jsonl(record, os.path.join(workdir, "bench_records.jsonl"))
+            append_jsonl(record, records_path)
     distributed.sync("rl outputs written")  # no process reports paths to files still being written
     return {
         "algo": config.algo,

@@ -137,7 +137,7 @@ def _run(config, stop) -> dict:
 
     from axpo_jax.data.processor import load_processor
     from axpo_jax.data.synthetic import SFTSource, task_dataset
-    from axpo_jax.data.tasks import DataFileError, check_same_records
+    from axpo_jax.data.tasks import DataFileError, read_on_every_process
     from axpo_jax.models import qwen3_vl
     from axpo_jax.modes import config_fields
     from axpo_jax.parallel import distributed
@@ -152,8 +152,7 @@ def _run(config, stop) -> dict:
     started = time.perf_counter()
     dtype, schemas = checked_settings(config)
     with config_fields("data"):  # read before anything loads: a file with no usable line is one line, not a traceback
-        source = SFTSource(config.data)
-        check_same_records(f"data file {config.data}", source)
+        source = read_on_every_process(f"data file {config.data}", lambda: SFTSource(config.data))
     with config_fields("mesh"):
         mesh = mesh_from_config(config.mesh.to_dict())
     # before the weights and the workdir: a folder without tokenizer, image settings or chat template is one line

@@ -49,6 +49,12 @@ try:
     out["flaky_source"] = "passed"
 except tasks.DataFileError as error:
     out["flaky_source"] = str(error)
+missing = tasks_file if me == 0 else tasks_file + ".not-on-this-host"  # a file one host does not have
+try:
+    tasks.read_on_every_process("tasks", lambda: tasks.TaskFileSource(missing))
+    out["missing_on_one"] = "passed"
+except (tasks.DataFileError, OSError) as error:
+    out["missing_on_one"] = type(error).__name__  # process 1 raises its own error, process 0 names process 1's
 print(json.dumps(out), flush=True)
 '''
 
@@ -80,6 +86,7 @@ def test_an_unshared_workdir_and_a_differing_source_fail_on_every_process(tmp_pa
     for w, (out, err) in zip(workers, outputs):
         assert w.returncode == 0, err[-3000:]
         results.append(json.loads(out.strip().splitlines()[-1]))
+    assert [r.pop("missing_on_one") for r in results] == ["DataFileError", "FileNotFoundError"]  # neither waits
     assert results[0] == results[1]  # the same verdicts on both processes
     result = results[0]
     assert result["shared_left"] == [] and result["same_source"] == "passed"

@@ -201,7 +201,10 @@ def save_pretrained(model: Qwen3VL, path: str | os.PathLike, *, max_shard_bytes:
     for name in os.listdir(path):
         if _WEIGHT_FILE.fullmatch(name) and os.path.isfile(os.path.join(path, name)):
             os.remove(os.path.join(path, name))
-    if model.config.generation_config is not None:
+    if model.config.generation_config is None:  # nor an earlier save's: the folder is this save's alone
+        if os.path.isfile(os.path.join(path, _GENERATION_FILE)):
+            os.remove(os.path.join(path, _GENERATION_FILE))
+    else:
         # the source checkpoint's stop ids and sampling defaults, which transformers' generate reads from here
         with open(os.path.join(path, _GENERATION_FILE), "w") as f:
             json.dump(model.config.generation_config, f, indent=2, sort_keys=True)

@@ -268,6 +268,8 @@ def test_export_keeps_the_generation_config(reference, tmp_path):
     os.remove(source / "generation_config.json")
     qwen3_vl.save_pretrained(qwen3_vl.from_pretrained(source), tmp_path / "plain")
     assert not os.path.exists(tmp_path / "plain" / "generation_config.json")
+    qwen3_vl.save_pretrained(qwen3_vl.from_pretrained(source), tmp_path / "out")  # a second save into "out"
+    assert not os.path.exists(tmp_path / "out" / "generation_config.json")  # not the first save's
 
 
 def test_token_ids_outside_the_vocabulary(reference):
