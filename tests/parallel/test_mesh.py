@@ -130,25 +130,11 @@ def test_two_processes_refuse_a_tensor_axis_across_them():
     """The refusal on real devices of two jax.distributed processes: a run's mesh (a config error, one line) and a
     DataShard asked of such a mesh; the same two devices on fsdp give each process its own shard."""
     import json
-    import os
-    import subprocess
     import sys
 
-    from tests.parallel.test_multihost import ROOT, _free_port
+    from tests.parallel.test_multihost import two_processes
 
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
-               PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
-    workers = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env={**env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-    try:
-        outputs = [w.communicate(timeout=120) for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-    for i, (w, (out, err)) in enumerate(zip(workers, outputs)):
-        assert w.returncode == 0, err[-3000:]
+    for i, (out, _) in enumerate(two_processes([sys.executable, "-c", TWO_PROCESSES])):
         got = json.loads(out.strip().splitlines()[-1])
         assert got["fsdp"] == i
         for message in (got["config"], got["shard"]):

@@ -55,6 +55,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_processes(argv: list[str], timeout: float = 120) -> list[tuple[str, str]]:
+    """Runs `argv` from the repo root as jax.distributed processes 0 and 1 of one cluster on the CPU (gloo, a free
+    port on 127.0.0.1); each one's (stdout, stderr), after asserting it exited with 0."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2",
+               PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    workers = [subprocess.Popen(argv, cwd=ROOT, text=True, env={**env, "JAX_PROCESS_ID": str(i)},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+    try:
+        outputs = [w.communicate(timeout=timeout) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+    for w, (_, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+    return outputs
+
+
 class Run:
     """`processes` processes of one run started now (a run goes on while the test starts another); `records()` waits
     for them and, on a failure or timeout, kills them and fails with their output.
@@ -233,19 +253,7 @@ def test_launch_joins_the_cluster_from_the_environment(tmp_path):
     config = tmp_path / "config.py"
     config.write_text("import ml_collections\n\ndef get_config():\n    return ml_collections.ConfigDict("
                       "dict(mode='where_am_i', jax_platforms='cpu', xla_host_device_count=2))\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2")
-    workers = [subprocess.Popen([sys.executable, "-c", LAUNCHED_MODE, str(config)], cwd=ROOT, text=True,
-                                env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE) for i in range(2)]
-    try:
-        outputs = [w.communicate(timeout=120) for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-    for i, (w, (out, err)) in enumerate(zip(workers, outputs)):
-        assert w.returncode == 0, err[-3000:]
+    for i, (out, err) in enumerate(two_processes([sys.executable, "-c", LAUNCHED_MODE, str(config)])):
         assert json.loads(out.strip().splitlines()[-1]) == {"process": i, "processes": 2, "devices": 4,
                                                             "sum": 6.0, "shard": i}
         assert f"jax.distributed: process {i}/2, 2 of 4 devices" in err

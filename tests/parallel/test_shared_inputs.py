@@ -3,14 +3,12 @@ model): the workdir (one folder for all hosts, or orbax's first save hangs) and 
 drops makes every batch differ). Each check must fail on every process alike, so none is left waiting."""
 
 import json
-import os
-import subprocess
 import sys
 
 import numpy as np
 from PIL import Image
 
-from tests.parallel.test_multihost import ROOT, _free_port
+from tests.parallel.test_multihost import two_processes
 
 WORKER = r'''
 import json, os, sys
@@ -69,23 +67,8 @@ def test_an_unshared_workdir_and_a_differing_source_fail_on_every_process(tmp_pa
     folders = [tmp_path / name for name in ("shared", "own0", "own1")]
     for folder in folders:
         folder.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu",
-               JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", JAX_NUM_PROCESSES="2")
-    workers = [subprocess.Popen([sys.executable, "-c", WORKER, str(folders[0]), str(tasks_file), str(folders[1]),
-                                 str(folders[2])], cwd=ROOT, text=True, env={**env, "JAX_PROCESS_ID": str(i)},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
-    try:
-        outputs = [w.communicate(timeout=120) for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
-    results = []
-    for w, (out, err) in zip(workers, outputs):
-        assert w.returncode == 0, err[-3000:]
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in two_processes(
+        [sys.executable, "-c", WORKER, str(folders[0]), str(tasks_file), str(folders[1]), str(folders[2])])]
     assert [r.pop("missing_on_one") for r in results] == ["DataFileError", "FileNotFoundError"]  # neither waits
     assert results[0] == results[1]  # the same verdicts on both processes
     result = results[0]
