@@ -136,7 +136,7 @@ class HTTPSearchBackend:
         self,
         endpoint: str,
         api_key_env: str | None = None,
-        excluded_domains: tuple[str, ...] = ("huggingface.co",),
+        excluded_domains: tuple[str, ...] = ("huggingface.co", "hf.co"),  # hf.co: the same site's short name
         timeout_s: float = 10.0,
         *,
         method: str = "POST",

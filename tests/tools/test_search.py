@@ -77,6 +77,7 @@ WEB_RESULTS = [
     {"title": "Lookalike", "link": "https://nothuggingface.co/a", "snippet": "kept"},
     {"title": "Paper", "link": "https://arxiv.org/abs/1", "snippet": "the paper"},
     {"title": "Bare", "link": "huggingface.co/x", "snippet": "no scheme"},
+    {"title": "Short name", "link": "https://hf.co/datasets/x", "snippet": "the same site"},
 ]
 
 AWKWARD_RESULTS = [
