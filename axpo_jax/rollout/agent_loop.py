@@ -443,6 +443,13 @@ class AgentLoop:
         trajectory.policy_mask.extend([int(policy)] * len(ids))
         trajectory.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
 
+    def can_continue(self, trajectory: Trajectory) -> bool:
+        """Whether a fork of `trajectory` at its branch point could write a token: its first turn's budget left after
+        the prefix (a forked row's first turn counts the prefix, as the source's did) and room in the cache."""
+        end = trajectory.prefix_end
+        return (end is not None and end - trajectory.prompt_length < self.max_new_tokens_per_turn
+                and end < self.capacity)
+
     def _branch_point(self, first_turn_ids: list[int], turn_start: int) -> int | None:
         """AXPO's prefix end (AXPO.md §4.2): the index just past the `<tool_call>` token that opens the first tool
         call, or None when the rollout has no prefix to branch from. The first call is always in the first turn (a

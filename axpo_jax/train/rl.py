@@ -123,9 +123,10 @@ class RLTrainer:
 
         # the paper's ablations "resample from scratch" and "resample no-tool rollouts" (which have no tool call to
         # branch at) draw K fresh responses to the question instead of forking a prefix; otherwise only a rollout
-        # whose first call opens with the <tool_call> token can be forked (`AgentLoop._branch_point`)
+        # whose first call opens with the <tool_call> token can be forked (`AgentLoop._branch_point`), and only
+        # where its continuations have room to write (a turn cut by its budget right at the tag leaves none)
         from_scratch = self._resamples_from_scratch()
-        branchable_qn = None if from_scratch else everywhere([t.prefix_end is not None for t in trajectories])
+        branchable_qn = None if from_scratch else everywhere([self.agent.can_continue(t) for t in trajectories])
         selections = self.estimator.select(rewards_qn, used_qn, confidence_qn, seed=step, include_qn=include_qn,
                                            branchable_qn=branchable_qn)
         k = self.estimator.k

@@ -384,3 +384,18 @@ def test_answer_close_stops_also_after_a_merged_brace():
     merged, alone = tokenizer.encode("}</answer>"), tokenizer.encode("</answer>")
     assert merged == [0, 2, 3] and alone == [1, 2, 3]  # after the brace the tag is not its own tokens
     assert sorted(sequences) == sorted([alone, merged])  # " " and "a" end the same way as the tag alone
+
+
+def test_a_prefix_that_used_its_turn_budget_is_no_fork_source():
+    """A first turn cut by its budget right at the <tool_call> tag: a fork of it could write nothing (a forked
+    row's first turn counts the prefix), so AXPO must not spend continuations on it."""
+    from types import SimpleNamespace
+
+    agent = SimpleNamespace(max_new_tokens_per_turn=12, capacity=600)
+    def row(prefix_end, prompt_length=482):
+        return SimpleNamespace(prefix_end=prefix_end, prompt_length=prompt_length)
+
+    assert AgentLoop.can_continue(agent, row(493))  # 11 of 12 tokens used: one left
+    assert not AgentLoop.can_continue(agent, row(494))  # the whole budget used at the tag
+    assert not AgentLoop.can_continue(agent, row(None))  # no tool call to branch at
+    assert not AgentLoop.can_continue(agent, row(600, prompt_length=590))  # the cache is full
