@@ -7,6 +7,7 @@ from typing import Any
 
 from PIL import Image
 
+from axpo_jax.data.images import to_rgb
 from axpo_jax.tools import schemas
 from axpo_jax.tools.base import BAD_ARGUMENTS, Observation, ToolContext, ToolFailure
 
@@ -42,7 +43,9 @@ class ImageZoomIn:
         source = context.images[image_index]
         box = _pixel_box(arguments.get("bbox_2d"), source.size)
         box = self._grown_to_minimum(box, source.size)
-        crop = source.crop(box)
+        # RGB before resizing: a 16-bit, float, CMYK or LAB source would otherwise give a crop the processor
+        # misreads (and PIL cannot resize some of these modes at all)
+        crop = to_rgb(source.crop(box))
         crop = crop.resize(self._output_size(crop.size), Image.Resampling.BICUBIC)
         width, height = source.size
         region = [round(box[0] * RELATIVE_SCALE / width), round(box[1] * RELATIVE_SCALE / height),
@@ -60,7 +63,16 @@ class ImageZoomIn:
         width, height = size
         scale = max(1.0, self.upscale_to / min(width, height))
         scale = min(scale, math.sqrt(self.max_output_pixels / (width * height)))
-        return max(1, round(width * scale)), max(1, round(height * scale))
+        cap = self.max_output_pixels
+        out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+        if out_w * out_h > cap:  # both sides rounded up: rounding down keeps the product under the cap
+            out_w, out_h = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+        if out_w * out_h > cap:  # a side held at 1 pixel: the other takes what the cap leaves
+            if out_w <= out_h:
+                out_h = max(1, cap // out_w)
+            else:
+                out_w = max(1, cap // out_h)
+        return out_w, out_h
 
     def close_session(self, session_id: str) -> None:
         """Stateless: nothing to free."""
@@ -79,7 +91,7 @@ def _pixel_box(bbox: Any, size: tuple[int, int]) -> tuple[int, int, int, int]:
     """The smallest pixel box covering bbox_2d (validated, clipped to 0..1000), as PIL's (left, top, right,
     bottom)."""
     if (not isinstance(bbox, list) or len(bbox) != 4
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)):
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in bbox)):
         raise ToolFailure(BAD_ARGUMENTS, f"bbox_2d must be a list of 4 numbers [x1, y1, x2, y2], got {bbox!r}")
     x1, y1, x2, y2 = bbox
     if not (x1 < x2 and y1 < y2):
@@ -91,6 +103,13 @@ def _pixel_box(bbox: Any, size: tuple[int, int]) -> tuple[int, int, int, int]:
     width, height = size
     return (math.floor(x1 * width / RELATIVE_SCALE), math.floor(y1 * height / RELATIVE_SCALE),
             math.ceil(x2 * width / RELATIVE_SCALE), math.ceil(y2 * height / RELATIVE_SCALE))
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _grown_span(low: int, high: int, minimum: int, limit: int) -> tuple[int, int]:

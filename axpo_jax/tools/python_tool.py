@@ -7,9 +7,13 @@ the OS, not by trusting the code:
 
 - its own process in a new session / process group (`start_new_session`), so the whole group can be killed;
 - resource limits (`setrlimit`): CPU seconds, address space, processes/threads, file size, open files, no cores;
+- a cgroup of its own where the trainer can create one (v2, or v1 memory/pids hierarchies), joined before the
+  launcher forks: the memory limit (swap included) and the process limit then bound the kernel and everything it
+  starts together; elsewhere only the per-process rlimits bound memory (a few children could each use it all);
 - an unprivileged uid of its own (when the trainer is root: one uid per kernel slot, no passwd entry needed),
   `setgroups([])`, and `PR_SET_NO_NEW_PRIVS` (setuid binaries cannot raise it back);
 - a new network namespace: no interface but a down loopback, so no TCP/UDP/DNS at all, not even to the host;
+- a new IPC namespace: SysV shared memory / semaphores / message queues are private and die with the kernel;
 - a new PID namespace: the kernel is pid 1 of its own namespace with a private /proc, so it cannot see or signal
   the trainer or other kernels, and when it dies every process it started dies with it;
 - a new mount namespace: every mount is remounted read-only except the kernel's scratch dir and its socket dir;
@@ -49,6 +53,7 @@ from typing import Any
 
 from PIL import Image
 
+from axpo_jax.data.images import to_rgb
 from axpo_jax.tools import schemas
 from axpo_jax.tools.base import OK, OUTPUT_TOO_LARGE, TIMEOUT, TOOL_ERROR, BAD_ARGUMENTS, Observation, ToolContext
 from axpo_jax.tools.base import ToolFailure
@@ -79,6 +84,7 @@ libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes
 libc.unshare.argtypes = [ctypes.c_int]
 libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+CLONE_NEWIPC = 0x08000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
@@ -118,6 +124,13 @@ def unshare(flags):
 def mount(src, tgt, fstype, flags, data):
     enc = lambda s: None if s is None else s.encode()
     check(libc.mount(enc(src), enc(tgt), enc(fstype), flags, enc(data)))
+
+
+def join_cgroup():
+    # Before any fork: every process of the sandbox inherits the cgroup, so its limits bound them all together.
+    for p in cfg["cgroup_procs"]:
+        with open(p, "w") as f:
+            f.write(str(os.getpid()))
 
 
 def userns():
@@ -301,9 +314,11 @@ def seccomp():
     check(libc.prctl(22, 2, ctypes.addressof(fprog), 0, 0))  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
 
 
+step("cgroup", join_cgroup)
 if want.get("user_namespace"):
     step("user_namespace", userns)
 step("net_namespace", unshare, CLONE_NEWNET)
+step("ipc_namespace", unshare, CLONE_NEWIPC)
 mntns = step("mount_namespace", unshare, CLONE_NEWNS)
 pidns = step("pid_namespace", unshare, CLONE_NEWPID)
 
@@ -394,6 +409,117 @@ def _all_pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+def _cgroup_parents(root: str = CGROUP_ROOT) -> tuple[int, dict[str, str]]:
+    """(cgroup version, {controller: dir to create kernel cgroups in}) where this process may create cgroups with
+    a memory controller; raises OSError (with why) elsewhere."""
+    controllers = os.path.join(root, "cgroup.controllers")
+    if os.path.isfile(controllers):
+        with open(controllers) as f:
+            available = f.read().split()
+        if "memory" not in available:
+            raise OSError(f"no memory controller in {controllers}")
+        subtree = os.path.join(root, "cgroup.subtree_control")
+        with open(subtree) as f:
+            enabled = f.read().split()
+        for c in ("memory", "pids"):
+            if c in available and c not in enabled:
+                _write(subtree, f"+{c}")  # children get a controller only once their parent delegates it
+        if not os.access(root, os.W_OK):
+            raise OSError(f"{root} is not writable")
+        return 2, {"memory": root, **({"pids": root} if "pids" in available else {})}
+    memory, pids = os.path.join(root, "memory"), os.path.join(root, "pids")
+    if not os.path.isfile(os.path.join(memory, "memory.limit_in_bytes")):
+        raise OSError(f"no cgroup v2 or v1 memory controller under {root}")
+    if not os.access(memory, os.W_OK):
+        raise OSError(f"{memory} is not writable")
+    parents = {"memory": memory}
+    if os.path.isfile(os.path.join(pids, "cgroup.procs")) and os.access(pids, os.W_OK):
+        parents["pids"] = pids
+    return 1, parents
+
+
+class _Cgroup:
+    """A kernel's own cgroup (one per controller hierarchy on v1): memory (swap included) and pids bounded for the
+    kernel and everything it starts together, where rlimits bound each process alone."""
+
+    def __init__(self, version: int, parents: dict[str, str], name: str, memory_bytes: int, pids: int):
+        self.version = version
+        self.dirs: list[str] = []
+        try:
+            if version == 2:
+                d = self._mkdir(parents["memory"], name)
+                _write(os.path.join(d, "memory.max"), str(memory_bytes))
+                if os.path.exists(os.path.join(d, "memory.swap.max")):
+                    _write(os.path.join(d, "memory.swap.max"), "0")
+                if os.path.exists(os.path.join(d, "pids.max")):
+                    _write(os.path.join(d, "pids.max"), str(pids))
+            else:
+                d = self._mkdir(parents["memory"], name)
+                _write(os.path.join(d, "memory.limit_in_bytes"), str(memory_bytes))
+                if os.path.exists(os.path.join(d, "memory.memsw.limit_in_bytes")):  # else the excess goes to swap
+                    _write(os.path.join(d, "memory.memsw.limit_in_bytes"), str(memory_bytes))
+                if "pids" in parents:
+                    _write(os.path.join(self._mkdir(parents["pids"], name), "pids.max"), str(pids))
+        except BaseException:
+            self.remove()
+            raise
+
+    def _mkdir(self, parent: str, name: str) -> str:
+        d = os.path.join(parent, name)
+        os.mkdir(d)
+        self.dirs.append(d)
+        return d
+
+    @property
+    def procs(self) -> list[str]:
+        return [os.path.join(d, "cgroup.procs") for d in self.dirs]
+
+    def remove(self) -> bool:
+        """Kills what is left in it and deletes it; False if a dir could not be removed."""
+        ok = True
+        for d in reversed(self.dirs):
+            kill = os.path.join(d, "cgroup.kill")
+            for attempt in range(200):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # EBUSY: processes still in it (exiting, or not yet reaped)
+                    if attempt == 0:
+                        self._kill_members(d, kill)
+                    time.sleep(0.01)
+            else:
+                ok = False
+                log.warning("python tool: could not remove the kernel cgroup %s", d)
+        self.dirs = []
+        return ok
+
+    @staticmethod
+    def _kill_members(d: str, kill: str) -> None:
+        try:
+            if os.path.exists(kill):  # v2: the kernel kills them all at once, forks in flight included
+                _write(kill, "1")
+                return
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                pids = [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 @dataclasses.dataclass
 class _Result:
     text: list[str] = dataclasses.field(default_factory=list)
@@ -424,6 +550,7 @@ class _Kernel:
         self.images_dir = os.path.join(self.dir, "images")
         os.mkdir(self.images_dir, 0o755)  # written by the trainer, read-only to the kernel
         self.n_images = 0
+        self.cgroup: _Cgroup | None = None
         self.proc: subprocess.Popen | None = None
         self.kc = None
         self.poller = None
@@ -451,8 +578,11 @@ class _Kernel:
         argv = [tool.python, "-m", "ipykernel_launcher", "-f", conn, "--IPKernelApp.quiet=True",
                 "--HistoryManager.enabled=False", "--InteractiveShell.xmode=Plain",
                 "--InteractiveShell.colors=nocolor"]
+        if tool._want.get("cgroup"):
+            self.cgroup = tool._new_cgroup(os.path.basename(self.dir))
         cfg = tool._launch_config(argv=argv, uid=self.uid, work=self.work, rw=[self.ipc], ro=[self.images_dir],
-                                  seed=seed, env=tool._kernel_env(self.work), probe=False)
+                                  seed=seed, env=tool._kernel_env(self.work), probe=False,
+                                  cgroup=self.cgroup.procs if self.cgroup else [])
         self.log_path = os.path.join(self.dir, "kernel.log")
         with open(self.log_path, "wb") as logf:
             self.proc = subprocess.Popen([tool.python, "-I", "-S", "-c", _LAUNCHER, json.dumps(cfg)],
@@ -483,6 +613,13 @@ class _Kernel:
                 got_iopub = True
             if got_reply and not got_iopub and not events:
                 kc.kernel_info()  # its status messages were sent before we subscribed: ask again
+        if self.uid is not None:
+            # The socket dir is on the host's disk, outside the scratch tmpfs cap: once the kernel has bound its
+            # sockets (all of them, at startup) it must not create or grow files there. Connecting to its sockets
+            # needs no write permission on the dir, and a restarted kernel gets a new dir.
+            os.chown(conn, os.getuid(), os.getgid())
+            os.chown(self.ipc, os.getuid(), os.getgid())
+            os.chmod(self.ipc, 0o711)
 
     def log_tail(self, n: int = 2000) -> str:
         try:
@@ -533,6 +670,9 @@ class _Kernel:
         if self.tool._uid_isolation and self.uid is not None:
             # Without a PID namespace, forks may have left the process group: kill by uid too.
             self.clean = self.tool._kill_uid(self.uid)
+        if self.cgroup is not None:
+            self.clean &= self.cgroup.remove()
+            self.cgroup = None
         shutil.rmtree(self.dir, ignore_errors=True)
 
     # ----------------------------------------------------------------------------------------- processes
@@ -659,12 +799,14 @@ class _Kernel:
             return
         try:
             data = base64.b64decode("".join(b64) if isinstance(b64, list) else b64)
-            img = Image.open(io.BytesIO(data))
+            # Only the PNG decoder runs in the trainer on the code's bytes, whatever they claim to be.
+            img = Image.open(io.BytesIO(data), formats=["PNG"])
             w, h = img.size
             if w * h > tool.max_image_pixels:
                 res.notes.append(f"[a {w}x{h} figure is too large and was dropped]")
                 return
             img.load()
+            img = to_rgb(img)  # 16-bit, float, 1-bit, palette and alpha figures would reach the processor as-is
         except Exception as e:  # noqa: BLE001  (a malformed PNG is the code's problem, not the trainer's)
             res.notes.append(f"[a figure could not be decoded and was dropped: {type(e).__name__}]")
             return
@@ -742,6 +884,8 @@ class PythonTool:
         timeout_s: the most wall seconds one call may run (the `timeout` argument is capped by it).
         cpu_seconds / memory_bytes / max_processes / file_bytes / open_files: the kernel's rlimits (CPU seconds
             over the kernel's life; address space; processes+threads of its uid; largest file; open fds).
+            memory_bytes and max_processes also bound the kernel and all it starts together where it gets its own
+            cgroup (`isolation["cgroup"]`); elsewhere memory_bytes is per process.
         scratch_root: where the per-kernel dirs are made (default: the system temp dir).
         scratch_bytes: size of the kernel's scratch dir (a tmpfs, in memory) where a mount namespace is available;
             elsewhere the scratch dir is a host dir bounded only per file (file_bytes).
@@ -802,7 +946,8 @@ class PythonTool:
         self.isolation = self._describe()
         self._uid_isolation = bool(self._want.get("uid"))
         self._finish_font_cache(fonts)
-        missing = [k for k in ("uid", "net_namespace", "pid_namespace", "readonly_fs", "rlimits", "seccomp")
+        missing = [k for k in ("uid", "net_namespace", "ipc_namespace", "pid_namespace", "readonly_fs", "rlimits",
+                               "seccomp", "cgroup")
                    if not self.isolation.get(k)]
         if missing:
             log.warning("python tool: sandbox degraded on this machine, not enforced: %s (%s)", missing,
@@ -842,7 +987,7 @@ class PythonTool:
         paths |= {p for p in sys.path if p and os.path.isdir(p)}
         return sorted(os.path.realpath(p) for p in paths)
 
-    def _launch_config(self, *, argv, uid, work, rw, ro=(), seed=(), env, probe, want=None) -> dict:
+    def _launch_config(self, *, argv, uid, work, rw, ro=(), seed=(), env, probe, want=None, cgroup=()) -> dict:
         """The launcher's config. `work` is the kernel's cwd: with a mount namespace a fresh size-capped tmpfs
         (seeded with `seed`: [(file, dir relative to work)]), else the host dir itself (then it is in `rw`)."""
         want = want or self._want
@@ -852,15 +997,24 @@ class PythonTool:
                 "rw_paths": list(rw) + ([] if tmpfs else [work]), "ro_paths": self._python_paths() + list(ro),
                 "scratch": ({"path": work, "bytes": self.scratch_bytes, "uid": owner, "seed": [list(x) for x in seed]}
                             if tmpfs else None),
-                "hidden_paths": list(self.hidden_paths), "rlimits": self._rlimits(),
+                "hidden_paths": list(self.hidden_paths), "rlimits": self._rlimits(), "cgroup_procs": list(cgroup),
                 "allow_writable": getattr(self, "_probe_extra", {}).get("writable_mounts", [])}
 
     def _probe(self) -> dict:
         """Runs the launcher once asking for everything; keeps what this machine allows."""
-        want = {"user_namespace": not self._is_root, "net_namespace": True, "mount_namespace": True,
-                "pid_namespace": True, "readonly_fs": True, "rlimits": True, "uid": self._is_root,
-                "no_new_privs": True, "seccomp": True}
+        want = {"user_namespace": not self._is_root, "net_namespace": True, "ipc_namespace": True,
+                "mount_namespace": True, "pid_namespace": True, "readonly_fs": True, "rlimits": True,
+                "uid": self._is_root, "no_new_privs": True, "seccomp": True, "cgroup": True}
         want = {k: v and k not in self.disable for k, v in want.items()}
+        cgroup, cgroup_error = None, None
+        self._cgroup_layout = None
+        if want["cgroup"]:
+            try:
+                self._cgroup_layout = _cgroup_parents()
+                cgroup = self._new_cgroup("probe")
+            except OSError as e:
+                cgroup_error = f"{type(e).__name__}: {e}"
+                want["cgroup"] = False
         d = tempfile.mkdtemp(prefix="probe", dir=self.root_dir)
         os.chmod(d, 0o711)
         uid = self._free_uids[0] if self._is_root else None
@@ -871,12 +1025,13 @@ class PythonTool:
                  "try:\n    s.connect(('1.1.1.1', 53)); print('NET')\nexcept OSError: pass\n")
         # Everything first; if the kernel's python cannot even start that way (e.g. it lives under /root and there
         # is no mount namespace to re-expose it to another uid), without the uid change; then rlimits alone.
-        attempts = [want, {**want, "uid": False}, {"rlimits": True, "no_new_privs": True}]
+        attempts = [want, {**want, "uid": False}, {"rlimits": True, "no_new_privs": True, "cgroup": want["cgroup"]}]
         failures = []
         try:
             for attempt in attempts:
                 cfg = self._launch_config(argv=[self.python, "-I", "-S", "-c", check], uid=uid, work=d, rw=[],
-                                          env={"PATH": "/usr/bin:/bin"}, probe=True, want=attempt)
+                                          env={"PATH": "/usr/bin:/bin"}, probe=True, want=attempt,
+                                          cgroup=cgroup.procs if cgroup else [])
                 try:
                     out = subprocess.run([self.python, "-I", "-S", "-c", _LAUNCHER, json.dumps(cfg)],
                                          capture_output=True, text=True, timeout=30, start_new_session=True, cwd="/",
@@ -897,11 +1052,21 @@ class PythonTool:
                                    + " | ".join(failures))
         finally:
             shutil.rmtree(d, ignore_errors=True)
+            if cgroup is not None:
+                cgroup.remove()
         if failures:
             got.setdefault("errors", {})["probe"] = " | ".join(failures)
+        if cgroup_error:
+            got.setdefault("errors", {})["cgroup"] = cgroup_error
         self._probe_errors = got.pop("errors", {})
         self._probe_extra = {k: got.pop(k) for k in ("hidden_paths", "writable_mounts") if k in got}
         return {k: bool(v) for k, v in got.items() if v}
+
+    def _new_cgroup(self, name: str) -> _Cgroup:
+        version, parents = self._cgroup_layout
+        # +1: the launcher's reaper lives in it too
+        return _Cgroup(version, parents, f"axpo-{os.getpid()}-{os.path.basename(self.root_dir)}-{name}",
+                       self.memory_bytes, self.max_processes + 1)
 
     def _kernel_is_root(self) -> bool:
         return self._is_root and not self._want.get("uid") and not self._want.get("user_namespace")
@@ -918,6 +1083,11 @@ class PythonTool:
             "no_new_privs": bool(w.get("no_new_privs")),
             "seccomp": bool(w.get("seccomp")),  # no namespaces/mount/ptrace/bpf/keyring/module syscalls
             "net_namespace": bool(w.get("net_namespace")),
+            "ipc_namespace": bool(w.get("ipc_namespace")),  # SysV shm/semaphores/queues die with the kernel
+            # memory_bytes / max_processes for the kernel and all it starts together, not only per process
+            "cgroup": ({"version": self._cgroup_layout[0], "memory": self.memory_bytes,
+                        "pids": self.max_processes + 1 if "pids" in self._cgroup_layout[1] else None}
+                       if w.get("cgroup") else None),
             "pid_namespace": bool(w.get("pid_namespace")),
             "private_proc": bool(w.get("pid_namespace") and w.get("readonly_fs")),  # /proc shows only the sandbox
             "mount_namespace": bool(w.get("mount_namespace")),
@@ -1070,6 +1240,11 @@ class PythonTool:
         code = arguments.get("code")
         if not isinstance(code, str):
             raise ToolFailure(BAD_ARGUMENTS, "python needs `code`, a string")
+        try:
+            code.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ToolFailure(BAD_ARGUMENTS, f"`code` is not valid text: {e.reason} at character {e.start} "
+                                             f"({code[e.start:e.end]!r})") from None
         timeout = arguments.get("timeout", 12)
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ToolFailure(BAD_ARGUMENTS, "`timeout` must be a positive number of seconds")

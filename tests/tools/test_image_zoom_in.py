@@ -53,7 +53,36 @@ def test_output_is_capped_in_area_keeping_aspect():
     image = Image.new("RGB", (400, 100))
     [crop] = ImageZoomIn(upscale_to=200, max_output_pixels=20_000)(
         {"bbox_2d": [0, 0, 1000, 1000], "label": "all"}, context(image)).images
-    assert crop.size == (283, 71)  # 400x100 * sqrt(20000 / 40000): the cap wins over upscaling to 800x200
+    # 400x100 * sqrt(20000 / 40000) = 282.8x70.7: the cap wins over upscaling to 800x200, rounded down since
+    # 283x71 would be 20,093 pixels
+    assert crop.size == (282, 70)
+
+
+def test_output_never_exceeds_the_cap_by_rounding():
+    # 1000x800 scaled by sqrt(2**20 / 800_000) rounds both sides up (1145x916 = 1,048,820 > 2**20)
+    image = Image.new("RGB", (1000, 800))
+    [crop] = ImageZoomIn()({"bbox_2d": [999.9999, 0, 1000, 1000], "label": "x"}, context(image)).images
+    assert crop.width * crop.height <= 1024 * 1024
+    # a sliver held at 1 pixel wide must not make the other side exceed the cap either
+    zoom = ImageZoomIn(min_crop_pixels=1, upscale_to=1, max_output_pixels=100)
+    [sliver] = zoom({"bbox_2d": [0, 0, 1, 1000], "label": "x"}, context(Image.new("RGB", (1000, 1000)))).images
+    assert sliver.width * sliver.height <= 100
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F", "CMYK", "LAB", "LA", "P", "1"])
+def test_crop_comes_back_rgb_whatever_the_source_mode(mode):
+    ramp = np.linspace(0, 1, 64 * 64, dtype=np.float64).reshape(64, 64)
+    if mode in ("I;16", "I", "F"):
+        scale = {"I;16": 4095, "I": 70_000, "F": 1.0}[mode]  # ranges the processor would read as nearly black
+        dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+        image = Image.fromarray((ramp * scale).astype(dtype), mode if mode != "I;16" else None)
+        assert image.mode == mode
+    else:
+        image = Image.fromarray((ramp * 255).astype(np.uint8), "L").convert(mode)
+    [crop] = no_resize()({"bbox_2d": [0, 0, 1000, 1000], "label": "x"}, context(image)).images
+    assert crop.mode == "RGB" and crop.size == (64, 64)
+    if mode in ("I;16", "I", "F"):
+        assert crop.getextrema()[0] == (0, 255)  # the source's own range spread over 8 bits
 
 
 def test_small_box_grows_around_its_centre_and_stays_inside():
@@ -86,6 +115,7 @@ def test_crop_of_a_crop():
     ({"bbox_2d": [0, 0, "10", 10], "label": "x"}, "list of 4 numbers"),
     ({"bbox_2d": [0, 0, True, 10], "label": "x"}, "list of 4 numbers"),
     ({"bbox_2d": [0, 0, float("nan"), 10], "label": "x"}, "list of 4 numbers"),
+    ({"bbox_2d": [0, 0, 10**400, 10], "label": "x"}, "list of 4 numbers"),  # too large for a float
     ({"bbox_2d": "0 0 10 10", "label": "x"}, "list of 4 numbers"),
     ({"bbox_2d": [10, 0, 10, 10], "label": "x"}, "x1 < x2 and y1 < y2"),
     ({"bbox_2d": [0, 20, 10, 10], "label": "x"}, "x1 < x2 and y1 < y2"),

@@ -50,6 +50,29 @@ def tool():
         assert left == []
 
 
+def _machine_has_cgroup_memory():
+    """Whether this process can give a kernel a memory cgroup of its own (checked apart from the tool's probe)."""
+    root = "/sys/fs/cgroup"
+    if os.path.isfile(f"{root}/cgroup.controllers"):  # v2: the tool enables memory for children if it may
+        with open(f"{root}/cgroup.subtree_control") as f:
+            return "memory" in f.read().split() and os.access(root, os.W_OK)
+    d = f"{root}/memory/axpo-test-{uuid.uuid4().hex}"
+    try:
+        os.mkdir(d)
+    except OSError:
+        return False
+    try:
+        return os.path.isfile(f"{d}/memory.limit_in_bytes")
+    finally:
+        os.rmdir(d)
+
+
+def _host_sysv_keys():
+    """Keys of the SysV shared memory segments the host's IPC namespace holds."""
+    with open("/proc/sysvipc/shm") as f:
+        return {int(line.split()[0]): int(line.split()[1]) for line in list(f)[1:]}
+
+
 def run(tool, code, session="main", images=(), timeout=None):
     args = {"code": code} if timeout is None else {"code": code, "timeout": timeout}
     return tool(args, ToolContext(images=list(images), session_id=session, timeout_s=max(12.0, timeout or 0)))
@@ -78,11 +101,15 @@ def test_isolation_matches_this_machine(tool):
     if shutil.which("unshare") and os.geteuid() == 0:
         if subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode == 0:
             assert iso["net_namespace"]
+        if subprocess.run(["unshare", "--ipc", "true"], capture_output=True).returncode == 0:
+            assert iso["ipc_namespace"]
         if subprocess.run(["unshare", "--mount", "--pid", "--fork", "true"], capture_output=True).returncode == 0:
             assert iso["pid_namespace"] and iso["mount_namespace"] and iso["readonly_fs"]
             assert iso["writable_mounts"] == [] and iso["scratch_bytes"] == SCRATCH_BYTES
     if os.uname().machine in ("x86_64", "aarch64"):
         assert iso["seccomp"] and iso["no_new_privs"]
+    if _machine_has_cgroup_memory():
+        assert iso["cgroup"] and iso["cgroup"]["memory"] == 1 << 30, tool._probe_errors
 
 
 def test_state_persists_and_outputs_come_back(tool):
@@ -124,6 +151,31 @@ def test_matplotlib_figure_comes_back_as_an_image(tool):
     assert isinstance(img, Image.Image) and img.size[0] > 100 and img.size[1] > 100
 
 
+def test_figures_are_decoded_as_png_only_and_come_back_rgb(tool):
+    code = (
+        "import base64, io\n"
+        "import numpy as np\n"
+        "from PIL import Image\n"
+        "from IPython.display import display\n"
+        "def show(im, fmt='PNG'):\n"
+        "    b = io.BytesIO(); im.save(b, format=fmt)\n"
+        "    display({'image/png': base64.b64encode(b.getvalue()).decode()}, raw=True)\n"
+        "show(Image.fromarray((np.arange(64 * 64).reshape(64, 64) % 4096).astype(np.uint16)))\n"  # 16-bit gray
+        "show(Image.new('RGB', (8, 8), (255, 0, 0)).convert('P'))\n"
+        "show(Image.new('1', (8, 8), 0))\n"
+        "show(Image.new('RGBA', (8, 8), (0, 0, 0, 0)))\n"
+        "show(Image.new('RGB', (8, 8)), 'GIF')\n"  # not a PNG, whatever the code calls it
+    )
+    out = run(tool, code)
+    assert out.status == OK, out.text
+    assert [im.mode for im in out.images] == ["RGB"] * 4
+    assert out.images[0].getextrema()[0] == (0, 255)  # 12 bits in 16 spread over 8, not near-black or white
+    assert out.images[1].getpixel((0, 0)) == (255, 0, 0)
+    assert out.images[2].getpixel((0, 0)) == (0, 0, 0)
+    assert out.images[3].getpixel((0, 0)) == (255, 255, 255)  # transparency over white
+    assert "[a figure could not be decoded and was dropped: UnidentifiedImageError]" in out.text
+
+
 def test_exception_is_a_tool_error_with_the_user_traceback(tool):
     out = run(tool, "def f(a):\n    return a / 0\n\nprint('before')\nf(3)")
     assert out.status == TOOL_ERROR
@@ -135,10 +187,11 @@ def test_exception_is_a_tool_error_with_the_user_traceback(tool):
 
 def test_bad_arguments(tool):
     for args in ({}, {"code": 3}, {"code": "1", "timeout": -1}, {"code": "1", "timeout": "5"},
-                 {"code": "1", "extra": 1}):
+                 {"code": "1", "extra": 1}, {"code": "print('\ud800')"}):
         with pytest.raises(ToolFailure) as e:
             tool(args, ToolContext(images=[], session_id="main"))
         assert e.value.status == BAD_ARGUMENTS
+    assert "not valid text" in str(e.value) and "surrogate" in str(e.value)  # a lone UTF-16 surrogate
 
 
 def test_output_is_truncated(tool):
@@ -232,6 +285,62 @@ def test_fork_bomb_is_bounded_and_cleaned_up(tool):
         assert len(_uid_processes(k.uid)) == 1  # the kernel alone
     assert run(tool, "print('alive')", session="fork").text == "alive"
     tool.close_session("fork")
+
+
+def test_children_share_the_kernel_memory_limit(tool):
+    # Three fresh interpreters of 400 MB each: every one is within the 1 GiB per-process limit, together they are
+    # over it. Where the kernel has a cgroup of its own, the kernel's limit bounds them together.
+    code = (
+        "import subprocess, sys\n"
+        "hog = 'b = bytearray(b\"\\\\x01\") * (400 << 20); import time; time.sleep(3)'\n"
+        "ps = [subprocess.Popen([sys.executable, '-c', hog]) for _ in range(3)]\n"
+        "print('exits', [p.wait() for p in ps])\n"
+    )
+    out = run(tool, code, session="mem", timeout=12)
+    print(out.text)
+    if tool.isolation["cgroup"]:
+        assert "exits" not in out.text or "-9" in out.text or "the python kernel died" in out.text, out.text
+    assert run(tool, "print('alive')", session="mem").text.endswith("alive")
+    tool.close_session("mem")
+
+
+def test_socket_dir_is_not_writable_by_the_kernel(tool):
+    # The socket dir is on the host's disk, not under the scratch dir's tmpfs cap.
+    code = (
+        "import os, sys\n"
+        "ipc = os.path.dirname(sys.argv[sys.argv.index('-f') + 1])\n"
+        "try:\n"
+        "    with open(os.path.join(ipc, 'fill'), 'wb') as f:\n"
+        "        f.write(b'0' * (1 << 20))\n"
+        "    print('wrote')\n"
+        "except OSError as e:\n"
+        "    print(type(e).__name__)\n"
+    )
+    out = run(tool, code, session="ipc")
+    k = _kernel(tool, "ipc")
+    if tool.isolation["uid"]:
+        assert out.text == "PermissionError", out.text
+        assert os.listdir(k.ipc) and "fill" not in os.listdir(k.ipc)
+    assert run(tool, "print('still talking')", session="ipc").text == "still talking"
+    tool.close_session("ipc")
+
+
+def test_sysv_shared_memory_dies_with_the_kernel(tool):
+    key = 0x41580000 + (os.getpid() % 0x10000)
+    code = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        f"print(libc.shmget({key}, 1 << 20, 0o1000 | 0o600))\n"  # IPC_CREAT
+    )
+    out = run(tool, code, session="sysv")
+    assert out.status == OK and int(out.text) >= 0, out.text
+    tool.close_session("sysv")
+    left = _host_sysv_keys()
+    if key in left and not tool.isolation["ipc_namespace"]:  # not contained here: do not leave it behind
+        import ctypes
+        ctypes.CDLL(None).shmctl(left[key], 0, None)  # IPC_RMID
+    if tool.isolation["ipc_namespace"]:
+        assert key not in left
 
 
 def test_file_size_limit(tool):
