@@ -40,7 +40,7 @@ def parse_args(argv=None):
     parser.add_argument("--rl-questions", type=int, default=4, help="questions per RL step (global)")
     # the sampling key of RL step s is key(rl_key + s); the test needs one whose AXPO selection is uneven over
     # the two processes (so one of them forks padding rows), which depends on the sampler's draws
-    parser.add_argument("--rl-key", type=int, default=102)
+    parser.add_argument("--rl-key", type=int, default=104)
     parser.add_argument("--layout-shards", type=int, default=0,
                         help="RLTrainer.layout_shards (a single-process reference takes the multi-process count)")
     parser.add_argument("--resume", action="store_true", help="restore the latest checkpoint first")
