@@ -17,8 +17,9 @@ the OS, not by trusting the code:
 - a new PID namespace: the kernel is pid 1 of its own namespace with a private /proc, so it cannot see or signal
   the trainer or other kernels, and when it dies every process it started dies with it;
 - a new mount namespace: every mount is remounted read-only except the kernel's scratch dir and its socket dir;
-  /tmp, /var/tmp, /dev/shm, /run and home directories are covered by empty tmpfs (so host unix sockets and temp
-  files are unreachable), with only the Python installation re-exposed read-only;
+  /tmp, /var/tmp, /dev/shm, /run, home directories and the trainer's working and script folders (its code, data
+  and checkpoints) are covered by empty tmpfs (so host unix sockets, temp files and the trainer's files are
+  unreachable), with only the Python installation re-exposed read-only;
 - a seccomp filter: no new namespaces (user namespaces above all), mount, ptrace, bpf, perf, keyrings, modules;
 - a minimal environment (nothing of the trainer's environment), cwd/HOME/TMPDIR = the scratch dir (mode 700);
 - a wall timeout per call: interrupt (SIGINT), then kill the kernel (and all it started) and start a new one;
@@ -64,6 +65,24 @@ log = logging.getLogger(__name__)
 # sockets of other programs (/run: dbus, databases...), and home directories. Paths the kernel needs (its scratch
 # dir, the Python installation) are re-exposed on top, at the same paths.
 DEFAULT_HIDDEN_PATHS = ("/tmp", "/var/tmp", "/dev/shm", "/run", "/var/run", "/root", "/home")
+# Never hidden as the trainer's folder: the system's own (hiding an ancestor of one would hide it too)
+_SYSTEM_DIRS = ("/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/etc", "/opt", "/var", "/proc", "/sys", "/dev")
+
+
+def _under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def trainer_dirs() -> tuple[str, ...]:
+    """The trainer's working folder and its entry script's: where its code, data and checkpoints usually lie, as
+    files any uid may read (the kernel's own uid alone does not keep it out of them)."""
+    found = set()
+    script = sys.argv[0] if sys.argv and sys.argv[0] not in ("", "-c", "-m") else ""
+    for d in (os.getcwd(), os.path.dirname(os.path.abspath(script)) if script else ""):
+        d = os.path.realpath(d) if d else ""
+        if d and d != "/" and not any(_under(d, s) or _under(s, d) for s in _SYSTEM_DIRS):
+            found.add(d)
+    return tuple(sorted(found))
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
@@ -917,7 +936,8 @@ class PythonTool:
         self.interrupt_grace_s = float(interrupt_grace_s)
         self.start_timeout_s = float(start_timeout_s)
         home = os.path.realpath(os.path.expanduser("~"))
-        self.hidden_paths = tuple(hidden_paths) + ((home,) if home != "/" and os.path.isdir(home) else ())
+        self.hidden_paths = (tuple(hidden_paths) + ((home,) if home != "/" and os.path.isdir(home) else ())
+                             + trainer_dirs())
         self.python = python or sys.executable
         self.disable = tuple(disable)
         self.root_dir = tempfile.mkdtemp(prefix="axpo-python-", dir=scratch_root)
@@ -984,7 +1004,8 @@ class PythonTool:
         """What the kernel's interpreter needs to read, re-exposed if it lies under a hidden dir."""
         paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
                  os.path.dirname(os.path.realpath(self.python)), os.path.dirname(os.path.abspath(self.python))}
-        paths |= {p for p in sys.path if p and os.path.isdir(p)}
+        # not the trainer's own folders on sys.path (its script's, its cwd): hidden, they stay hidden
+        paths |= {p for p in sys.path if p and os.path.isdir(p) and os.path.realpath(p) not in trainer_dirs()}
         return sorted(os.path.realpath(p) for p in paths)
 
     def _launch_config(self, *, argv, uid, work, rw, ro=(), seed=(), env, probe, want=None, cgroup=()) -> dict:

@@ -11,6 +11,7 @@ import signal
 import socket
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -450,6 +451,27 @@ def test_trainer_environment_and_root_files_are_not_readable(tool, monkeypatch, 
         assert "True" not in out.text.split("ENV False False", 1)[1], out.text  # no read returned the secret
         assert lines[str(beside)] == "DENIED" and lines[str(trainer_file)] == "DENIED", out.text
         assert lines["/etc/shadow"] == "DENIED"
+
+
+def test_the_trainer_folder_is_hidden_even_where_world_readable(tool):
+    """The trainer's working folder (here the repo, where pytest runs: its code, runs/ and data) holds files any uid
+    may read; the kernel sees an empty folder there, while the Python it runs on (a venv inside it) still works."""
+    assert pt.trainer_dirs() and os.path.realpath(os.getcwd()) in pt.trainer_dirs()
+    folder = tempfile.mkdtemp(prefix="trainer-file-", dir=os.getcwd())
+    try:
+        path = os.path.join(folder, "checkpoint.json")
+        with open(path, "w") as f:
+            f.write("weights")
+        os.chmod(folder, 0o755)
+        os.chmod(path, 0o644)
+        out = run(tool, f"try:\n    print('READ', open({path!r}).read())\n"
+                        f"except OSError as e:\n    print('DENIED', type(e).__name__)",
+                  session="trainer-folder")
+        assert out.status == OK, out.text
+        if tool.isolation["readonly_fs"]:  # the mount namespace that hides folders
+            assert "DENIED FileNotFoundError" in out.text and "READ" not in out.text, out.text
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_cannot_signal_the_trainer(tool):
