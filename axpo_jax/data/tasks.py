@@ -227,7 +227,6 @@ def task_source(spec: str, *, seed: int = 0):
         count, _, options = spec[len("synthetic:"):].partition(":")
         if not count.strip().isdigit() or int(count) < 1:
             raise ValueError(f"task spec {spec!r}: expected synthetic:N with N a positive number of tasks")
-        task_options = {}
         if options.startswith("{"):
             try:
                 task_options = json.loads(options)
@@ -235,11 +234,12 @@ def task_source(spec: str, *, seed: int = 0):
                 raise ValueError(f"task spec {spec!r}: the options are not a JSON object ({error})") from None
             if not isinstance(task_options, dict):
                 raise ValueError(f"task spec {spec!r}: the options are not a JSON object")
-            options = ""
-        for item in filter(None, options.split(",")):
-            key, equals, value = item.partition("=")
-            if not equals or not key.strip():
-                raise ValueError(f"task spec {spec!r}: options are key=value pairs separated by commas")
-            task_options[key.strip()] = _option_value(value.strip())
+        else:
+            task_options = {}
+            for item in filter(None, options.split(",")):
+                key, equals, value = item.partition("=")
+                if not equals or not key.strip():
+                    raise ValueError(f"task spec {spec!r}: options are key=value pairs separated by commas")
+                task_options[key.strip()] = _option_value(value.strip())
         return SyntheticTaskSource(int(count), seed, **task_options)
     return TaskFileSource(spec)
