@@ -58,19 +58,26 @@ class _AxisSizes:
         self.shape = {axis: int(shape.get(axis, 1)) for axis in ("data", "fsdp", "tensor")}
 
 
+def rounded_rows_per_process(rows_per_process: int, batch_devices: int, processes: int = 1) -> int:
+    """`rows_per_process` as every multi-process batch rounds it (`DataShard.round_rows`: a multiple of the
+    process's batch positions, its share of the `batch_devices`); one process rounds nothing."""
+    from axpo_jax.parallel.distributed import DataShard
+
+    if processes == 1:
+        return rows_per_process
+    if batch_devices % processes:
+        raise ValueError(f"{batch_devices} batch devices do not split over {processes} processes")
+    return DataShard(0, processes, batch_devices // processes).round_rows(rows_per_process)
+
+
 def rows_per_device(rows_per_process: int, mesh, processes: int = 1) -> int:
     """Rows each device holds of a global batch that `processes` processes build from `rows_per_process` rows each,
     rounded up as every multi-process batch is (`DataShard.round_rows`: a multiple of the process's batch
     positions) and laid out by `batch_spec`: a share over data x fsdp when they divide it, else all of it on every
     device (replicated). `mesh`: a Mesh or {axis: size}."""
-    from axpo_jax.parallel.distributed import DataShard
-
     mesh = mesh if isinstance(mesh, Mesh) else _AxisSizes(dict(mesh))
     batch_devices = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-    if processes > 1 and batch_devices % processes:
-        raise ValueError(f"{batch_devices} batch devices do not split over {processes} processes")
-    shard = DataShard(0, processes, batch_devices // processes) if processes > 1 else DataShard(0, 1)
-    rows = shard.round_rows(rows_per_process) * processes
+    rows = rounded_rows_per_process(rows_per_process, batch_devices, processes) * processes
     return rows // batch_devices if batch_spec((rows,), mesh)[0] is not None else rows
 
 

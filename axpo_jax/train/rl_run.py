@@ -128,8 +128,7 @@ def memory_settings(config, batch_devices: int, processes: int | None = None):
 
     from axpo_jax.algo.axpo import AXPOConfig, resample_budget
     from axpo_jax.bench.memory import RLMemorySettings
-    from axpo_jax.parallel.distributed import DataShard
-    from axpo_jax.parallel.sharding import rows_per_device
+    from axpo_jax.parallel.sharding import rounded_rows_per_process, rows_per_device
 
     extra = resample_budget(config.questions_per_step, config.num_samples, AXPOConfig(**config.axpo.to_dict()))[0] \
         if config.algo == "axpo" else 0
@@ -138,8 +137,7 @@ def memory_settings(config, batch_devices: int, processes: int | None = None):
     processes = jax.process_count() if processes is None else processes
     # micro_batch_size counts each process's rows, which the update rounds up to the process's batch devices
     # (RLTrainer._update); a micro-batch the batch devices cannot divide is replicated: each device holds all of it
-    micro = (DataShard(0, processes, batch_devices // processes) if processes > 1 else DataShard(0, 1)).round_rows(
-        config.micro_batch_size)
+    micro = rounded_rows_per_process(config.micro_batch_size, batch_devices, processes)
     rows_per_update = -(-rows // (processes * config.updates_per_step))
     return RLMemorySettings(
         seq_len=config.capacity, kv_cache_tokens=config.capacity,
