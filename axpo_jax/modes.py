@@ -146,6 +146,15 @@ def require_number(config, field: str, *, above: float | None = None, at_least: 
             raise ValueError(f"{field} must be {bound}, got {value!r}")
 
 
+def checked_attention(config, dtype) -> str | None:
+    """The config's `attention` as the model's fused-attention implementation (`qwen3_vl.fused_attention_for`),
+    a ModeError naming the field when it is unknown or cannot run here."""
+    from axpo_jax.models.qwen3_vl import fused_attention_for
+
+    with config_fields("attention"):
+        return fused_attention_for(config.attention, dtype)
+
+
 def require_optimizer_fields(config) -> None:
     """learning_rate > 0, warmup_fraction in [0, 1], weight_decay >= 0, max_grad_norm > 0 (the clip's norm:
     0 would zero every update)."""

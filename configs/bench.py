@@ -60,6 +60,7 @@ def get_config(arg=None):
         config.max_grad_norm_rel_diff = 1e-3
         config.dtype = "float32"  # "bfloat16" on accelerators (then loosen the three checks above)
         config.torch_device = "cpu"  # "auto": CUDA when JAX and torch both see a GPU; "cuda"
+        config.attention = "auto"  # the JAX update's attention (configs/rl.py): cuDNN on a GPU in bf16, else einsum
     elif arg == "sampler":
         config.preset = "tiny"  # see axpo_jax/bench/forward.py PRESETS
         config.batch = 8
@@ -75,6 +76,7 @@ def get_config(arg=None):
         config.min_identical_rows = 1.0  # fp32: every row must generate exactly transformers' tokens
         config.dtype = "float32"  # "bfloat16" on accelerators (then min_identical_rows=0: rounding differs)
         config.torch_device = "cpu"  # "auto": CUDA when JAX and torch both see a GPU; "cuda"
+        config.attention = "auto"  # the prompts' prefill attention (configs/rl.py): cuDNN on a GPU in bf16
     elif arg == "fork":
         config.preset = "tiny"
         config.prefixes = 2

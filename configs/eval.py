@@ -28,6 +28,9 @@ def get_config():
     config.orbax_dir = ""  # an orbax checkpoint directory (train.checkpoints.Checkpointer): its model parameters
     config.orbax_step = -1  # -1: the latest step
     config.dtype = "bfloat16"  # "bfloat16" | "float32"
+    # attention of whole sequences (update forwards, prompt prefills): "auto" = cuDNN flash attention on a GPU in
+    # bfloat16, the einsum attention elsewhere; "einsum" | "cudnn" | "xla" force one (models/qwen3_vl/model.py)
+    config.attention = "auto"
     # with several devices: parameters sharded over fsdp x tensor, trajectory rows over data x fsdp (-1: the rest)
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     config.model_name = ""  # the row label in the table; default: the folder's name (and orbax step)

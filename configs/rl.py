@@ -47,6 +47,9 @@ def get_config(arg=None):
     config.checkpoint = ""  # transformers folder of the starting policy (the SFT result)
     config.reference = ""  # the KL reference; "" = the starting checkpoint
     config.dtype = ""  # "" = float32; "bfloat16" on accelerators
+    # attention of whole sequences (update forwards, prompt prefills): "auto" = cuDNN flash attention on a GPU in
+    # bfloat16, the einsum attention elsewhere; "einsum" | "cudnn" | "xla" force one (models/qwen3_vl/model.py)
+    config.attention = "auto"
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: every remaining device
     config.device_memory_gib = 0.0  # > 0: refuse a plan above this per device; 0: the device's own size (if known)
 

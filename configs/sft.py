@@ -27,6 +27,9 @@ def get_config(arg=None):
     config.checkpoint = ""
     config.data = ""  # SFT JSONL (axpo_jax/data/synthetic.py:write_sft_jsonl)
     config.dtype = ""
+    # attention of whole sequences (update forwards, prompt prefills): "auto" = cuDNN flash attention on a GPU in
+    # bfloat16, the einsum attention elsewhere; "einsum" | "cudnn" | "xla" force one (models/qwen3_vl/model.py)
+    config.attention = "auto"
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     config.tools = ("image_zoom_in",)  # schemas shown in the system prompt: the same tools as RL
     config.steps = 120

@@ -133,6 +133,7 @@ def run_sampler(config) -> dict[str, Any]:
         raise BenchError(f"bench_sampler compares against transformers' generate; pip install -e '.[test]' ({e})")
     import jax
 
+    from axpo_jax.models.qwen3_vl import fused_attention_for
     from axpo_jax.models.qwen3_vl.inputs import bucket
     from axpo_jax.rollout.sampler import Sampler, SamplingParams
 
@@ -154,6 +155,8 @@ def run_sampler(config) -> dict[str, Any]:
     start = time.perf_counter()
     hf_model, flax_model, num_params = build_models(preset, seed, log=log, torch_device=device, dtype=dtype)
     setup_s = time.perf_counter() - start
+    attention = fused_attention_for(str(config.get("attention", "auto")), dtype)
+    flax_model.use_fused_attention_(attention)
 
     # generate: no end-of-sequence (every row runs new_tokens), vision tokens never produced, the same sampling
     # settings but the presence penalty, which transformers does not have (it only costs the sampler)
@@ -231,6 +234,7 @@ def run_sampler(config) -> dict[str, Any]:
         mode="bench_sampler",
         preset=preset,
         dtype=dtype,
+        attention=attention or "einsum",
         jax_device=_jax_device_kind(),
         torch_device=device,
         num_params=num_params,

@@ -136,6 +136,8 @@ def run(config) -> dict[str, Any]:
     t0 = time.perf_counter()
     hf_model, flax_model, num_params = build_models(preset, seed, log=_log, torch_device=device, dtype=dtype)
     setup_s = time.perf_counter() - t0
+    attention = qwen3_vl.fused_attention_for(str(config.get("attention", "auto")), dtype)
+    flax_model.use_fused_attention_(attention)  # before the reference copy below, which keeps it
 
     # ---- JAX: the real Learner
     loss_cfg = LossConfig(kind="rl", kl_coef=kl_coef)
@@ -251,6 +253,7 @@ def run(config) -> dict[str, Any]:
         mode=_MODE,
         preset=preset,
         dtype=dtype,
+        attention=attention or "einsum",
         jax_device=jax.devices()[0].device_kind,
         torch_device=device,
         num_params=int(num_params),

@@ -26,7 +26,7 @@ import os
 import sys
 import time
 
-from axpo_jax.modes import ModeError, check_run_settings, config_fields, require_positive_ints
+from axpo_jax.modes import ModeError, check_run_settings, checked_attention, config_fields, require_positive_ints
 
 
 def _log(message: str) -> None:
@@ -124,6 +124,7 @@ def run(config) -> dict:
     judge = load_judge(config.judge)
     with config_fields("dtype"):
         dtype = dtype_named(config.dtype)
+    attention = checked_attention(config, dtype)
     base_tools = _split(config.tools)
     if "search" in base_tools:
         raise ModeError("config.tools must not list search: it is added to the benchmarks that need it "
@@ -134,6 +135,7 @@ def run(config) -> dict:
         model, processor, source = load_policy(config.checkpoint, orbax_dir=config.orbax_dir,
                                                orbax_step=None if config.orbax_step < 0 else config.orbax_step,
                                                dtype=dtype, mesh=mesh)
+        model.use_fused_attention_(attention)
     except (FileNotFoundError, ValueError) as error:
         raise ModeError(str(error)) from error
     model_name = config.model_name or os.path.basename(os.path.normpath(config.checkpoint)) + (

@@ -152,11 +152,11 @@ def check_shared_workdir(workdir: str) -> None:
 
 
 # Config fields a resumed run may change: where and how it runs, not what it computes (micro-batches accumulate
-# exactly, remat and the log-prob chunk give the same gradients; evaluation during RL trains nothing; the skip
-# streak that stops a run changes no update that is made).
+# exactly, remat and the log-prob chunk give the same gradients, the attention implementation the same function to
+# rounding; evaluation during RL trains nothing; the skip streak that stops a run changes no update that is made).
 RESUMABLE_FIELDS = frozenset({"workdir", "tensorboard", "checkpoint_every", "keep_checkpoints", "micro_batch_size",
-                              "mesh", "remat", "logprob_chunk", "distributed", "device_memory_gib", "tool_timeout_s",
-                              "max_consecutive_skipped_updates"})
+                              "mesh", "remat", "logprob_chunk", "attention", "distributed", "device_memory_gib",
+                              "tool_timeout_s", "max_consecutive_skipped_updates"})
 
 
 def check_resume_settings(config, workdir: str, checkpointer: Checkpointer, *, primary: bool) -> None:

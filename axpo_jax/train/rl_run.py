@@ -205,7 +205,7 @@ def checked_settings(config):
     import jax
 
     from axpo_jax.models.qwen3_vl import dtype_named
-    from axpo_jax.modes import (ModeError, config_fields, require_ints_at_least, require_number,
+    from axpo_jax.modes import (ModeError, checked_attention, config_fields, require_ints_at_least, require_number,
                                 require_optimizer_fields, require_positive_ints, require_workdir)
 
     with config_fields("steps, questions_per_step, num_samples, micro_batch_size"):
@@ -233,6 +233,7 @@ def checked_settings(config):
         loss_config(config, sampling)
     with config_fields("dtype"):
         dtype = dtype_named(config.dtype)
+    checked_attention(config, dtype)
     from axpo_jax.algo.rewards import KINDS
 
     rl_kinds = tuple(kind for kind in KINDS if kind != "judge")  # a judge model has no place in the RL step
@@ -268,7 +269,7 @@ def _run(config, stop) -> dict:
     from axpo_jax.rollout.agent_loop import AgentLoop
     from axpo_jax.eval.run import search_backend
     from axpo_jax.eval.runner import evaluate, make_agent
-    from axpo_jax.modes import config_fields
+    from axpo_jax.modes import checked_attention, config_fields
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
     from axpo_jax.train.checkpoints import Checkpointer, check_resume_settings, check_shared_workdir, export_folder
@@ -301,9 +302,10 @@ def _run(config, stop) -> dict:
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     check_resume_settings(config, workdir, checkpointer, primary=primary)
     check_memory(config, mesh)
-    model = qwen3_vl.from_pretrained(config.checkpoint, dtype=dtype, mesh=mesh)
+    attention = checked_attention(config, dtype)
+    model = qwen3_vl.from_pretrained(config.checkpoint, dtype=dtype, mesh=mesh).use_fused_attention_(attention)
     reference = (qwen3_vl.from_pretrained(config.reference or config.checkpoint, dtype=dtype, mesh=mesh)
-                 if config.kl_coef else None)
+                 .use_fused_attention_(attention) if config.kl_coef else None)
     processor = load_processor(config.checkpoint)
     executor = ToolExecutor(registry, timeout_s=config.tool_timeout_s)
     agent = AgentLoop(model, processor, executor, max_turns=config.max_turns,

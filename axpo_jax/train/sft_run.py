@@ -102,7 +102,7 @@ def checked_settings(config):
     """The parameter dtype and the tool schemas of the run, each field checked (ModeError, one line, naming the
     fields) before anything loads; the demo calls it before it starts."""
     from axpo_jax.models.qwen3_vl import dtype_named
-    from axpo_jax.modes import (config_fields, require_ints_at_least, require_optimizer_fields,
+    from axpo_jax.modes import (checked_attention, config_fields, require_ints_at_least, require_optimizer_fields,
                                 require_positive_ints, require_workdir)
     from axpo_jax.tools.registry import standard_schemas
 
@@ -119,6 +119,7 @@ def checked_settings(config):
         require_workdir(config.workdir)
     with config_fields("dtype"):
         dtype = dtype_named(config.dtype)
+    checked_attention(config, dtype)
     with config_fields("tools"):
         # the tool schemas the conversations were written against: they are part of the rendered system prompt
         schemas = standard_schemas(list(config.tools)) if config.tools else None
@@ -139,7 +140,7 @@ def _run(config, stop) -> dict:
     from axpo_jax.data.synthetic import SFTSource, task_dataset
     from axpo_jax.data.tasks import DataFileError, read_on_every_process
     from axpo_jax.models import qwen3_vl
-    from axpo_jax.modes import config_fields
+    from axpo_jax.modes import checked_attention, config_fields
     from axpo_jax.parallel import distributed
     from axpo_jax.parallel.distributed import data_shard
     from axpo_jax.parallel.mesh import mesh_from_config
@@ -164,7 +165,8 @@ def _run(config, stop) -> dict:
     check_shared_workdir(workdir)  # before any process writes checkpoints there, or reads them to resume
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     check_resume_settings(config, workdir, checkpointer, primary=primary)
-    model = qwen3_vl.from_pretrained(config.checkpoint, mesh=mesh, dtype=dtype)
+    model = qwen3_vl.from_pretrained(config.checkpoint, mesh=mesh, dtype=dtype).use_fused_attention_(
+        checked_attention(config, dtype))
     pad_id = processor.tokenizer.pad_token_id or 0
     if primary:
         _log(f"{len(source)} conversations in {config.data} ({source.skipped} skipped: {source.skip_reasons[:3]})")

@@ -30,6 +30,25 @@ def test_forward_bench_micro_matches_transformers():
     assert {"cpu_count", "jax_backend", "versions", "guest_halt_poll_ns"} <= set(record["host"])
 
 
+def test_bf16_reference_keeps_float32_rope_frequencies():
+    """The torch side of a bf16 benchmark is built as from_pretrained(dtype=bfloat16) builds it: weights in bf16,
+    rope frequencies in float32 (`.to(bfloat16)` alone rounds them, and the reference's angles drift with position),
+    and the Flax side gets the same weights."""
+    import numpy as np
+    import torch
+
+    hf_model, flax_model, _ = forward.build_models("micro", 0, log=lambda m: None, dtype="bfloat16")
+    rope = {name: buf for name, buf in hf_model.named_buffers() if name.endswith("inv_freq")}
+    assert len(rope) >= 2  # the text decoder's and the vision tower's
+    assert all(buf.dtype == torch.float32 for buf in rope.values())
+    text = rope["model.language_model.rotary_emb.inv_freq"]
+    dim = hf_model.config.text_config.head_dim
+    exact = 1.0 / hf_model.config.text_config.rope_parameters["rope_theta"] ** (np.arange(0, dim, 2) / dim)
+    np.testing.assert_allclose(text.numpy(), exact, rtol=1e-6)
+    assert next(hf_model.parameters()).dtype == torch.bfloat16
+    assert str(flax_model.model.language_model.embed_tokens.weight[...].dtype) == "bfloat16"
+
+
 def test_host_info_reads_the_vms_halt_polling(tmp_path, monkeypatch):
     # the decode's timings on a VM depend on it (README, Benchmarks): a record must say what the host had
     setting = tmp_path / "guest_halt_poll_ns"

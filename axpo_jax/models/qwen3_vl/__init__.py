@@ -4,9 +4,10 @@ from axpo_jax.models.qwen3_vl.checkpoint import (abstract_model, dtype_named, fr
                                                  save_pretrained)
 from axpo_jax.models.qwen3_vl.config import CheckpointError, Qwen3VLConfig, preset
 from axpo_jax.models.qwen3_vl.inputs import InputError, ModelInputs, prepare_inputs
-from axpo_jax.models.qwen3_vl.model import Qwen3VL
+from axpo_jax.models.qwen3_vl.model import ATTENTION_SETTINGS, Qwen3VL, fused_attention_for
 
 __all__ = [
+    "ATTENTION_SETTINGS",
     "CheckpointError",
     "InputError",
     "ModelInputs",
@@ -15,6 +16,7 @@ __all__ = [
     "abstract_model",
     "dtype_named",
     "from_pretrained",
+    "fused_attention_for",
     "named_parameters",
     "prepare_inputs",
     "preset",

@@ -178,6 +178,18 @@ def attention(q_bthe, k_bkes, v_bkse, mask_bts):
     return out_btkge.reshape(b, t, h * e)
 
 
+def fused_causal_attention(q_bthe, k_btke, v_btke, kv_len_b, implementation: str):
+    """Causal attention of right-padded rows over themselves by `jax.nn.dot_product_attention` ("cudnn": cuDNN's
+    flash attention, which never materialises the [T, S] scores and skips the masked half; "xla": XLA's own, the
+    form tests check the arguments with on the CPU). Query t sees keys s <= t with s < kv_len_b, the einsum path's
+    mask for every real token; a padding query (t >= kv_len_b) still sees its row's real keys, so it stays finite."""
+    b, t, h, e = q_bthe.shape
+    out_bthe = jax.nn.dot_product_attention(q_bthe, k_btke, v_btke, is_causal=True,
+                                            key_value_seq_lengths=jnp.maximum(kv_len_b, 1).astype(jnp.int32),
+                                            implementation=implementation)
+    return out_bthe.reshape(b, t, h * e)
+
+
 def causal_attention(q_bthe, k_bkes, v_bkse, mask_bts, query_block: int):
     """`attention` of a sequence over itself (key s is the token at query position s, and `mask_bts` is causal), in
     blocks of `query_block` queries, each against the keys up to its own end only: the same result (the keys it
@@ -217,6 +229,25 @@ def causal_query_block(t: int) -> int:
     if jax.default_backend() != "cpu":
         return 0
     return max(64, -(-t // 16))
+
+
+ATTENTION_SETTINGS = ("auto", "einsum", "cudnn", "xla")
+
+
+def fused_attention_for(setting: str, dtype) -> str | None:
+    """A config's `attention` as `use_fused_attention_`'s argument. "auto": cuDNN's flash attention on a GPU in
+    bf16/fp16 (cuDNN takes no fp32), else the einsum attention (XLA:CPU and TPU: not measured with a fused kernel
+    here); "einsum": always the einsum attention; "cudnn" / "xla": that `jax.nn.dot_product_attention`."""
+    if setting not in ATTENTION_SETTINGS:
+        raise ValueError(f"attention must be one of {ATTENTION_SETTINGS}, not {setting!r}")
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    on_gpu = jax.default_backend() == "gpu"
+    if setting == "auto":
+        return "cudnn" if on_gpu and half else None
+    if setting == "cudnn" and not (on_gpu and half):
+        raise ValueError(f"attention='cudnn' needs a GPU and bfloat16/float16 weights (backend "
+                         f"{jax.default_backend()!r}, dtype {jnp.dtype(dtype).name}); use 'auto' or 'einsum'")
+    return None if setting == "einsum" else setting
 
 
 # ----------------------------------------------------------------------------------------------- vision tower
@@ -379,10 +410,13 @@ class TextAttention(nnx.Module):
         kv_size = self.cfg.num_key_value_heads * self.cfg.head_dim
         return jnp.split(self.qkv_proj(x_btd), [q_size, q_size + kv_size], axis=-1)
 
-    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, kv=None, write_at_b=None, query_block: int = 0):
+    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, kv=None, write_at_b=None, query_block: int = 0,
+                 fused: tuple | None = None):
         """Without `kv`, attends within x. With `kv` = (keys, values) of a cache, writes x's keys and values at
         slots write_at_b + [0, T) and attends over all cache slots; returns the updated (keys, values) too.
-        `query_block` > 0: key slot s holds token s (no cache, or an empty one), so `causal_attention`'s blocks."""
+        `query_block` > 0: key slot s holds token s (no cache, or an empty one), so `causal_attention`'s blocks.
+        `fused` = (implementation, kv_len_b): x's right-padded rows attend over themselves only (no cache, or an
+        empty one) through `fused_causal_attention`; `mask_bts` is unused."""
         b, t, _ = x_btd.shape
         e = self.cfg.head_dim
         q_btd, k_btd, v_btd = self.project(x_btd)
@@ -391,12 +425,15 @@ class TextAttention(nnx.Module):
         v_btke = v_btd.reshape(b, t, -1, e)
         cos, sin = cos_bte[:, :, None], sin_bte[:, :, None]
         q_bthe = q_bthe * cos + rotate_half(q_bthe) * sin
-        k_bket = (k_btke * cos + rotate_half(k_btke) * sin).transpose(0, 2, 3, 1)
-        v_bkte = v_btke.swapaxes(1, 2)
+        k_btke = k_btke * cos + rotate_half(k_btke) * sin
+        k_bket, v_bkte = k_btke.transpose(0, 2, 3, 1), v_btke.swapaxes(1, 2)
         if kv is not None:
             k_bket = _write_rows(kv[0], k_bket.astype(kv[0].dtype), write_at_b, slot_axis=3)
             v_bkte = _write_rows(kv[1], v_bkte.astype(kv[1].dtype), write_at_b, slot_axis=2)
             kv = (k_bket, v_bkte)
+        if fused is not None:
+            implementation, kv_len_b = fused
+            return self.o_proj(fused_causal_attention(q_bthe, k_btke, v_btke, kv_len_b, implementation)), kv
         return self.o_proj(causal_attention(q_bthe, k_bket, v_bkte, mask_bts, query_block)), kv
 
 
@@ -426,15 +463,17 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, kv=None, write_at_b=None, query_block: int = 0):
+    def __call__(self, x_btd, cos_bte, sin_bte, mask_bts, kv=None, write_at_b=None, query_block: int = 0,
+                 fused: tuple | None = None):
         attn_btd, kv = self.self_attn(self.input_layernorm(x_btd), cos_bte, sin_bte, mask_bts, kv, write_at_b,
-                                      query_block)
+                                      query_block, fused)
         x_btd = x_btd + attn_btd
         return x_btd + self.mlp(self.post_attention_layernorm(x_btd)), kv
 
 
-def _run_layer(decoder_layer, x_btd, cos_bte, sin_bte, mask_bts, query_block: int):
-    return decoder_layer(x_btd, cos_bte, sin_bte, mask_bts, query_block=query_block)
+def _run_layer(decoder_layer, x_btd, cos_bte, sin_bte, mask_bts, query_block: int, implementation, kv_len_b):
+    fused = None if implementation is None else (implementation, kv_len_b)
+    return decoder_layer(x_btd, cos_bte, sin_bte, mask_bts, query_block=query_block, fused=fused)
 
 
 class TextModel(nnx.Module):
@@ -443,6 +482,9 @@ class TextModel(nnx.Module):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List([DecoderLayer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        # jax.nn.dot_product_attention's implementation for a whole-sequence forward of right-padded rows (training,
+        # scoring, a prompt into an empty cache); None: this file's einsum attention (`Qwen3VL.use_fused_attention_`)
+        self.fused_attention: str | None = None
 
     def __call__(self, x_btd, position_ids_3bt, attention_mask_bt, vision_index_bt, deepstack_rows_md,
                  cache: KVCache | None = None, remat: bool = False, empty_cache: bool = False):
@@ -457,7 +499,12 @@ class TextModel(nnx.Module):
         cos_bte, sin_bte = mrope_cos_sin(self.cfg, position_ids_3bt, x_btd.dtype)
         b, t, _ = x_btd.shape
         query_block = causal_query_block(t) if cache is None or empty_cache else 0
-        if cache is None:
+        fused_impl = self.fused_attention if cache is None or empty_cache else None
+        kv_len_b = attention_mask_bt.sum(axis=1, dtype=jnp.int32) if fused_impl else None
+        fused = None if fused_impl is None else (fused_impl, kv_len_b)
+        if fused is not None:
+            mask_bts, write_at_b = None, None if cache is None else cache.length_b
+        elif cache is None:
             causal_tt = jnp.tril(jnp.ones((t, t), bool))
             mask_bts = causal_tt[None] & (attention_mask_bt[:, None, :] > 0)
             write_at_b = None
@@ -471,11 +518,12 @@ class TextModel(nnx.Module):
         for layer, decoder_layer in enumerate(self.layers):
             kv = None if cache is None else (cache.keys[layer], cache.values[layer])
             if remat and cache is None:
-                x_btd, kv = nnx.remat(_run_layer, static_argnums=(5,))(decoder_layer, constrain_batch(x_btd), cos_bte,
-                                                                      sin_bte, mask_bts, query_block)
+                x_btd, kv = nnx.remat(_run_layer, static_argnums=(5, 6))(
+                    decoder_layer, constrain_batch(x_btd), cos_bte, sin_bte, mask_bts, query_block, fused_impl,
+                    kv_len_b)
             else:
                 x_btd, kv = decoder_layer(constrain_batch(x_btd), cos_bte, sin_bte, mask_bts, kv, write_at_b,
-                                          query_block)
+                                          query_block, fused)
             x_btd = constrain_batch(x_btd)
             if kv is not None:
                 keys.append(kv[0])
@@ -562,6 +610,15 @@ class Qwen3VL(nnx.Module):
         if copy.lm_head is not None and not copy.lm_head.in_out:
             copy.lm_head.transpose_()
         return copy
+
+    def use_fused_attention_(self, implementation: str | None):
+        """Whole-sequence forwards (training, scoring, prompts into an empty cache) attend through
+        `jax.nn.dot_product_attention(implementation=...)` from now on; None: this file's einsum attention. Their
+        rows must be right-padded, as the trainer's batches and the sampler's chunks are."""
+        if implementation not in (None, "xla", "cudnn"):
+            raise ValueError(f"fused attention implementation must be None, 'xla' or 'cudnn', not {implementation!r}")
+        self.model.language_model.fused_attention = implementation
+        return self
 
     def hidden_states(self, inputs: ModelInputs, remat: bool = False):
         """Final-norm hidden states [B, T, D] (`remat`: decoder layers recomputed in the backward pass)."""

@@ -187,3 +187,60 @@ def test_query_block_defaults_and_override():
             assert causal_query_block(4096) == 128
         assert causal_query_block(4096) == 0
     assert causal_query_block(4096) == 256
+
+
+def test_fused_attention_matches_transformers_and_the_einsum_path(hf_checkpoint):
+    """`use_fused_attention_` (jax.nn.dot_product_attention with is_causal + kv lengths; "xla" here, the form a GPU
+    runs as "cudnn") on right-padded rows: log-probs as transformers', gradients through remat as the einsum
+    attention's, and a prompt into an empty cache gives the same logits and cache."""
+    from axpo_jax.models.qwen3_vl.model import KVCache
+
+    hf, folder = hf_checkpoint
+    einsum_model = qwen3_vl.from_pretrained(folder)
+    fused_model = qwen3_vl.from_pretrained(folder).use_fused_attention_("xla")
+    batch = make_batch(hf.config, CASES["long"], padding="right")
+    real = batch["attention_mask"].astype(bool)
+    inputs = jax.tree.map(jnp.asarray, qwen3_vl.prepare_inputs(fused_model.config, **batch))
+    targets = np.roll(batch["input_ids"], -1, axis=1)
+    reference = hf_logits(hf, batch)
+    ref_logprobs = np.take_along_axis(jax.nn.log_softmax(reference, -1), targets[..., None], -1)[..., 0]
+    logprobs = np.asarray(_jitted_logprobs(fused_model, inputs, jnp.asarray(targets, jnp.int32)))
+    assert np.isfinite(logprobs).all()  # padding queries stay finite, so a masked loss cannot pick up a NaN
+    assert np.abs(logprobs - ref_logprobs)[real].max() <= TOL
+
+    weights_bt = jnp.asarray(real, jnp.float32)
+
+    @nnx.jit
+    def grads(model):
+        def loss(m):
+            return (m.token_logprobs(inputs, jnp.asarray(targets, jnp.int32), chunk_size=64, remat=True)
+                    * weights_bt).sum()
+        return nnx.grad(loss)(model)
+
+    for g_fused, g_einsum in zip(jax.tree.leaves(grads(fused_model)), jax.tree.leaves(grads(einsum_model))):
+        np.testing.assert_allclose(np.asarray(g_fused), np.asarray(g_einsum), atol=2e-4, rtol=1e-3)
+
+    empty = KVCache.empty(fused_model.config.text, 2, 512)
+    want_logits, want_cache = einsum_model.extend(inputs, empty, empty_cache=True)
+    got_logits, got_cache = fused_model.extend(inputs, empty, empty_cache=True)
+    np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=1e-4)
+    np.testing.assert_array_equal(got_cache.length_b, want_cache.length_b)
+    np.testing.assert_array_equal(got_cache.next_position_b, want_cache.next_position_b)
+    filled_bs = np.arange(empty.capacity)[None] < np.asarray(want_cache.length_b)[:, None]  # slots past a row's
+    for got, want in zip(got_cache.keys, want_cache.keys):  # length hold padding, never read, rewritten later
+        np.testing.assert_allclose(np.moveaxis(np.asarray(got), 3, 1)[filled_bs],
+                                   np.moveaxis(np.asarray(want), 3, 1)[filled_bs], atol=1e-4)
+    for got, want in zip(got_cache.values, want_cache.values):
+        np.testing.assert_allclose(np.moveaxis(np.asarray(got), 2, 1)[filled_bs],
+                                   np.moveaxis(np.asarray(want), 2, 1)[filled_bs], atol=1e-4)
+
+
+def test_attention_setting_resolves_per_backend_and_dtype():
+    assert jax.default_backend() == "cpu"
+    assert qwen3_vl.fused_attention_for("auto", jnp.bfloat16) is None  # cuDNN needs a GPU
+    assert qwen3_vl.fused_attention_for("einsum", jnp.bfloat16) is None
+    assert qwen3_vl.fused_attention_for("xla", jnp.float32) == "xla"
+    with pytest.raises(ValueError, match="needs a GPU"):
+        qwen3_vl.fused_attention_for("cudnn", jnp.bfloat16)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        qwen3_vl.fused_attention_for("flash", jnp.bfloat16)
