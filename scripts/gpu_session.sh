@@ -10,7 +10,9 @@
 #   bash scripts/gpu_session.sh decode_window  # the 2b bf16 growing decode windows only
 #   bash scripts/gpu_session.sh rl_2b   # the rl mode on a 2B-shaped policy only
 #   bash scripts/gpu_session.sh attention  # bench_update 2b bf16 with cuDNN flash attention vs the einsum
-#                                          # attention (4 x 1024 tokens each), then cuDNN at 4 x 4096
+#                                          # attention (4 x 1024 tokens each)
+#   bash scripts/gpu_session.sh long    # the same at 2 x 4096 tokens (the einsum form runs out of memory there),
+#                                       # then the log-probs of both against float32 (scripts/attention_agreement.py)
 #
 # Packages the machine lacks (grain, ml_collections, tensorboardX, ...) come as wheels in .whl/ (see README);
 # flax is taken at this project's tested version when it imports with the machine's jax, else the machine's.
@@ -84,16 +86,19 @@ b(\"/tmp/policy2b\", seed=0, via=\"transformers\", torch_device=\"cuda\", hidden
       --config.steps=${RL_2B_STEPS:-2} --config.learning_rate=1e-6 --config.checkpoint_every=100 --config.eval_tasks= \
       --config.workdir=/tmp/rl_2b && tail -1 /tmp/rl_2b/bench_records.jsonl'
 }
-update_2b_bf16() {  # update_2b_bf16 NAME ATTENTION SEQ_LEN
-  XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 step "$1" 170 \
+update_2b_bf16() {  # update_2b_bf16 NAME ATTENTION BATCH SEQ_LEN [JAX's memory share: torch takes the rest]
+  XLA_PYTHON_CLIENT_MEM_FRACTION=${5:-0.6} step "$1" 170 \
     python3 launch.py --config configs/bench.py:update --config.preset=2b --config.dtype=bfloat16 \
-      --config.torch_device=auto --config.batch=4 --config.seq_len="$3" --config.image_size=448 \
+      --config.torch_device=auto --config.batch="$3" --config.seq_len="$4" --config.image_size=448 \
       --config.attention="$2" $BF16_CHECKS
 }
 if [ "$MODE" = attention ]; then
-  update_2b_bf16 update_2b_bf16_cudnn cudnn 1024
-  update_2b_bf16 update_2b_bf16_einsum einsum 1024
-  update_2b_bf16 update_2b_bf16_cudnn_4096 cudnn 4096
+  update_2b_bf16 update_2b_bf16_cudnn cudnn 4 1024
+  update_2b_bf16 update_2b_bf16_einsum einsum 4 1024
+elif [ "$MODE" = long ]; then
+  update_2b_bf16 update_2b_bf16_cudnn_4096 cudnn 2 4096 0.4
+  update_2b_bf16 update_2b_bf16_einsum_4096 einsum 2 4096 0.4
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 step attention_agreement 200 python3 scripts/attention_agreement.py 2b 2 4096
 elif [ "$MODE" = rl_2b ]; then
   rl_2b_shape
 elif [ "$MODE" = decode_window ]; then
@@ -107,7 +112,7 @@ elif [ "$MODE" = quick ]; then
   step rl_tiny 130 bash -c 'python3 -c "from axpo_jax.demo import build_tiny_checkpoint as b; b(\"/tmp/tiny\", seed=0)" &&
     python3 launch.py --config configs/rl.py --config.checkpoint=/tmp/tiny --config.steps=4 \
       --config.workdir=/tmp/rl_tiny && tail -1 /tmp/rl_tiny/bench_records.jsonl'
-  update_2b_bf16 update_2b_bf16 auto 1024
+  update_2b_bf16 update_2b_bf16 auto 4 1024 0.45
 else
   sampler_2b_bf16
   rl_2b_shape
