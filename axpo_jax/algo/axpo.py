@@ -142,6 +142,8 @@ class AXPOConfig:
             raise ValueError(f"AXPOConfig.ratio must be a finite number ≥ 0, got {self.ratio}")
         if int(self.k) != self.k or self.k < 1:
             raise ValueError(f"AXPOConfig.k must be a positive integer, got {self.k}")
+        if not math.isfinite(self.correct_threshold):
+            raise ValueError(f"AXPOConfig.correct_threshold must be a finite number, got {self.correct_threshold}")
 
     @property
     def resamples_from_scratch(self) -> bool:

@@ -152,6 +152,18 @@ def test_selection_skips_excluded_and_config_validation():
         A.AXPOConfig(k=0)
     with pytest.raises(ValueError):
         A.select_resamples(rewards, used[:, :3], conf)
+    with pytest.raises(ValueError, match="correct_threshold must be a finite number"):
+        A.AXPOConfig(correct_threshold=float("nan"))
+
+
+def test_correct_threshold_decides_which_graded_rewards_count_as_failures():
+    """With a graded reward (f1), "every tool rollout failed" depends on the threshold: partial credit 0.6 is a
+    failure at the binary default (1.0), a success at 0.5, so that group is no longer a trigger."""
+    rewards = np.array([[0.6, 0.0, 0.0, 0.0]])
+    used = np.array([[True, True, False, False]])
+    conf = np.array([[0.3, 0.1, 0.2, 0.4]])
+    assert [s.rollout for s in A.select_resamples(rewards, used, conf, A.AXPOConfig(ratio=1.0, k=1))] == [1, 0]
+    assert A.select_resamples(rewards, used, conf, A.AXPOConfig(ratio=1.0, k=1, correct_threshold=0.5)) == []
 
 
 # ---------------------------------------------------------------------------------------------------------------
