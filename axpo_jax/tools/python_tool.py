@@ -465,6 +465,41 @@ def _cgroup_parents(root: str = CGROUP_ROOT) -> tuple[int, dict[str, str]]:
     return 1, parents
 
 
+_KERNEL_CGROUP = re.compile(r"axpo-(\d+)-")  # `_new_cgroup`'s names: the creating trainer's pid first
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_orphan_cgroups(parents: dict[str, str]) -> list[str]:
+    """Deletes the empty kernel cgroups of trainers that are gone (one killed before its `close()` leaves them
+    behind), returning their paths. Only empty ones: rmdir refuses a cgroup that still holds a process, so nothing
+    is killed here, not even in a cgroup whose pid belongs to another PID namespace's live trainer."""
+    removed = []
+    for parent in sorted(set(parents.values())):
+        try:
+            names = os.listdir(parent)
+        except OSError:
+            continue
+        for name in names:
+            m = _KERNEL_CGROUP.match(name)
+            if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+                continue
+            try:
+                os.rmdir(os.path.join(parent, name))
+                removed.append(os.path.join(parent, name))
+            except OSError:  # not empty, or not ours to remove
+                pass
+    return removed
+
+
 class _Cgroup:
     """A kernel's own cgroup (one per controller hierarchy on v1): memory (swap included) and pids bounded for the
     kernel and everything it starts together, where rlimits bound each process alone."""
@@ -1032,6 +1067,7 @@ class PythonTool:
         if want["cgroup"]:
             try:
                 self._cgroup_layout = _cgroup_parents()
+                remove_orphan_cgroups(self._cgroup_layout[1])
                 cgroup = self._new_cgroup("probe")
             except OSError as e:
                 cgroup_error = f"{type(e).__name__}: {e}"
