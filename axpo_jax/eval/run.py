@@ -29,6 +29,22 @@ import time
 from axpo_jax.modes import ModeError, check_run_settings, checked_attention, config_fields, require_positive_ints
 
 
+def cut_short_note(display_name: str, finish_reasons: dict[str, int], max_total_tokens: int) -> str | None:
+    """A note for the log and the report when samples ended before the policy could answer for a reason of the
+    run's making rather than the policy's (the agent loop's own log is silent in eval): prompts longer than a row's
+    cache, or tool observations the processor refused. Such samples are scored wrong."""
+    parts = []
+    if finish_reasons.get("prompt_too_long"):
+        parts.append(f"{finish_reasons['prompt_too_long']} did not fit the {max_total_tokens}-token cache "
+                     f"(config.max_total_tokens)")
+    if finish_reasons.get("bad_observation"):
+        parts.append(f"{finish_reasons['bad_observation']} ended on a tool observation the processor refused")
+    if not parts:
+        return None
+    total = sum(finish_reasons.values())
+    return f"{display_name}: of {total} samples, " + "; ".join(parts) + " (scored wrong)"
+
+
 def _log(message: str) -> None:
     from axpo_jax.parallel import distributed
 
@@ -174,6 +190,10 @@ def run(config) -> dict:
                                          batch_size=config.batch_size, store=store, prompt_suffix=config.prompt_suffix,
                                          save_responses=config.save_responses, progress=progress)
         metrics[name] = benchmark_metrics(records, settings.pass_k)
+        cut_short = cut_short_note(spec.display_name, metrics[name]["finish_reasons"], settings.max_total_tokens)
+        if cut_short:
+            notes.append(cut_short)
+            _log(cut_short)
         scorers = sorted({describe_scorer(item, judge) for item in items})
         if any("none configured" in s for s in scorers):
             notes.append(f"{spec.display_name}: its authors graded with an LLM judge; none is configured "

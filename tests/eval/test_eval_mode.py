@@ -197,3 +197,20 @@ def test_orbax_checkpoint(tiny_checkpoint, data_dir, tmp_path):
     results = json.load(open(result["results"]))
     assert results["source"]["orbax_step"] == 7 and results["model"].endswith("(orbax step 7)")
     assert results["benchmarks"]["vstar"]["metrics"]["questions"] == 2
+
+
+def test_prompts_longer_than_the_cache_are_reported(tiny_checkpoint, data_dir, tmp_path):
+    """Samples the run itself cut short (here every prompt is longer than a 64-token cache) are named in the log and
+    the report's notes, since they are scored wrong without the policy having answered."""
+    from axpo_jax.eval.run import cut_short_note
+
+    result = run(_config(benchmarks="vstar", checkpoint=tiny_checkpoint, data_dir=data_dir, max_total_tokens=64,
+                         output_dir=str(tmp_path / "short")))
+    results = json.load(open(result["results"]))
+    assert results["benchmarks"]["vstar"]["metrics"]["finish_reasons"] == {"prompt_too_long": 6}
+    assert "V*: of 6 samples, 6 did not fit the 64-token cache (config.max_total_tokens) (scored wrong)" \
+        in results["notes"]
+    assert "did not fit the 64-token cache" in open(result["report"]).read()
+    assert cut_short_note("X", {"answer": 3, "bad_observation": 1}, 1024) == (
+        "X: of 4 samples, 1 ended on a tool observation the processor refused (scored wrong)")
+    assert cut_short_note("X", {"answer": 3, "turn_limit": 2, "length": 1}, 1024) is None  # the policy's own doing
