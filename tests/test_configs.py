@@ -33,7 +33,9 @@ def _check(size: str, hardware: str):
     assert mesh["data"] * mesh["fsdp"] * mesh["tensor"] == (8 if hardware.startswith("8x") else
                                                             devices.chips_of(hardware))
     processes = mesh["data"] * mesh["fsdp"] * mesh["tensor"] // _host_devices(hardware)
-    settings = memory_settings(config, mesh["data"] * mesh["fsdp"], processes)
+    settings = memory_settings(config, mesh["data"] * mesh["fsdp"], processes,
+                               backend="gpu" if hardware.startswith("8x") else "tpu")
+    assert settings.fused_attention == hardware.startswith("8x")  # cuDNN's flash attention on the GPUs (bf16)
     spec = MEMORY[hardware.split("-")[0]]
     return check_fits(rl_memory_plan(preset(size), mesh, settings), spec.memory_bytes, settings.headroom)
 

@@ -121,10 +121,13 @@ def evaluate_checkpoint(config, folder: str, executor) -> dict:
                     batch_size=config.eval_batch_size)
 
 
-def memory_settings(config, batch_devices: int, processes: int | None = None):
+def memory_settings(config, batch_devices: int, processes: int | None = None, backend: str | None = None):
     """What one RL step of this config holds (axpo_jax/bench/memory.py's RLMemorySettings) on `batch_devices`
-    (data x fsdp) devices of `processes` processes (default: this run's; a pod's host count plans it from here)."""
+    (data x fsdp) devices of `processes` processes (default: this run's; a pod's host count plans it from here) of
+    `backend` (default: this run's)."""
     import jax
+
+    from axpo_jax.models.qwen3_vl import dtype_named, fused_attention_for
 
     from axpo_jax.algo.axpo import AXPOConfig, resample_budget
     from axpo_jax.bench.memory import RLMemorySettings
@@ -144,7 +147,8 @@ def memory_settings(config, batch_devices: int, processes: int | None = None):
         micro_batch_per_device=rows_per_device(config.micro_batch_size, {"fsdp": batch_devices}, processes),
         micro_batches=-(-rows_per_update // micro), rollout_rows=rows,
         param_bytes=2 if half else 4, grad_bytes=2 if half else 4, compute_bytes=2 if half else 4,
-        reference_model=bool(config.kl_coef), remat=config.remat, logprob_chunk=config.logprob_chunk)
+        reference_model=bool(config.kl_coef), remat=config.remat, logprob_chunk=config.logprob_chunk,
+        fused_attention=fused_attention_for(config.attention, dtype_named(config.dtype), backend) is not None)
 
 
 def check_memory(config, mesh) -> None:

@@ -56,6 +56,9 @@ def test_rl_plan_components_by_hand():
     # an update of several micro-batches holds the gradients' running sum beside each micro-batch's
     accumulating = memory.rl_memory_plan(MICRO, {"fsdp": 1}, dataclass_replace(SMALL, micro_batches=3)).components
     assert accumulating["grads"] == 2 * c["grads"]
+    # a fused (flash) attention keeps no 32 x 32 scores, only each query's logsumexp: 4 heads x 32 x 4 bytes
+    fused = memory.rl_memory_plan(MICRO, {"fsdp": 1}, dataclass_replace(SMALL, fused_attention=True)).components
+    assert fused["activations"] == c["activations"] - 4 * 32**2 * 6 + 4 * 32 * 4
 
 
 def dataclass_replace(settings, **changes):

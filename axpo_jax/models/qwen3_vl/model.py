@@ -234,19 +234,21 @@ def causal_query_block(t: int) -> int:
 ATTENTION_SETTINGS = ("auto", "einsum", "cudnn", "xla")
 
 
-def fused_attention_for(setting: str, dtype) -> str | None:
+def fused_attention_for(setting: str, dtype, backend: str | None = None) -> str | None:
     """A config's `attention` as `use_fused_attention_`'s argument. "auto": cuDNN's flash attention on a GPU in
     bf16/fp16 (cuDNN takes no fp32), else the einsum attention (XLA:CPU and TPU: not measured with a fused kernel
-    here); "einsum": always the einsum attention; "cudnn" / "xla": that `jax.nn.dot_product_attention`."""
+    here); "einsum": always the einsum attention; "cudnn" / "xla": that `jax.nn.dot_product_attention`. `backend`:
+    where it will run (default: here; the memory plan asks for a machine it plans from elsewhere)."""
     if setting not in ATTENTION_SETTINGS:
         raise ValueError(f"attention must be one of {ATTENTION_SETTINGS}, not {setting!r}")
+    backend = backend or jax.default_backend()
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    on_gpu = jax.default_backend() == "gpu"
+    on_gpu = backend == "gpu"
     if setting == "auto":
         return "cudnn" if on_gpu and half else None
     if setting == "cudnn" and not (on_gpu and half):
         raise ValueError(f"attention='cudnn' needs a GPU and bfloat16/float16 weights (backend "
-                         f"{jax.default_backend()!r}, dtype {jnp.dtype(dtype).name}); use 'auto' or 'einsum'")
+                         f"{backend!r}, dtype {jnp.dtype(dtype).name}); use 'auto' or 'einsum'")
     return None if setting == "einsum" else setting
 
 
