@@ -12,12 +12,12 @@ strings, any of which counts):
 - "exact":   equality after `normalize_text` (whitespace collapsed, case folded, trailing periods dropped,
              `\\text{…}`-style wrappers unwrapped, `$` removed).
 - "numeric": both sides parsed by `parse_number` (ints, floats, scientific notation, thousands separators,
-             `a/b`, `\\frac{a}{b}`, percentages) and compared with a tolerance; when either side is not a
-             number, falls back to "exact".
+             `a/b`, `\\frac{a}{b}`, percentages; a trailing unit is read off) and compared with a tolerance; when
+             either side is not a number, falls back to "exact".
 - "choice":  multiple-choice letters: `(B)`, `B.`, `b`, `option B`, `B) text` → "B".
 - "math":    a small safe expression evaluator (numbers, + - * / ^, sqrt, pi, parentheses/braces, `\\frac`,
-             implicit multiplication) compared numerically; non-numeric expressions fall back to exact match
-             with all whitespace removed. Model text is never passed to `eval`.
+             implicit multiplication; a trailing unit is read off) compared numerically; non-numeric expressions
+             fall back to exact match with all whitespace removed. Model text is never passed to `eval`.
 - "f1":      SQuAD-style token F1 ≥ a threshold (search answers).
 - "judge":   a caller-provided `Judge` (e.g. an LLM) scores ≥ a threshold.
 
@@ -26,6 +26,11 @@ Unstated in the paper (it only says "binary answer correctness"), chosen here an
   that float round-off and 4-significant-digit answers match.
 - percentages: "50%" is accepted as 50 or 0.5 (graders disagree on whether the % is part of the value; datasets
   write both). A side without % is taken literally.
+- units ("numeric" and "math"): references often omit units that answers write ("12 cm" for "12"), and the other
+  way round. A trailing unit is read off when what remains is a number/expression; a unit on one side only is
+  ignored; units on both sides must agree after normalization ("12 meters" = "12 m", "12 cm" ≠ "12 m"; nothing is
+  converted). One- and two-letter units come from a fixed list (so "2x" stays algebra); longer words count as units
+  ("12 apples") unless they change the value ("million", "squared", "percent"). See `numeric_match`.
 - f1 threshold: 0.5 (the usual "F1 > 0.5 means answered" cut for open-domain QA; binary as AXPO requires).
 - judge threshold: 0.5; a judge's exception propagates (a silent 0 would corrupt the reward signal).
 """
@@ -210,7 +215,7 @@ def parse_number(text: str) -> float | None:
     Accepts ints, floats, scientific notation, thousands separators (`1,234.5`, LaTeX `1{,}234`), fractions `a/b`
     and `\\frac{a}{b}` (also `\\dfrac`, `\\tfrac`, a leading sign), percentages (`12.5%`, `12.5\\%` → 0.125),
     `$…$`, `\\text{…}` wrappers and degree marks. Anything else (units, words, expressions) → None; see
-    `evaluate_math` for expressions.
+    `evaluate_math` for expressions. `numeric_match` and `math_match` read a trailing unit off before calling it.
     """
     parsed = _parse_number_ex(text)
     if parsed is None:
@@ -231,18 +236,181 @@ def _close(a: float, b: float, rel_tol: float, abs_tol: float) -> bool:
     return math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Trailing units ("12 cm", "12\\text{ cm}^2", "5 km/h", "45^\\circ"): read as the number, never converted
+
+# Unit symbols recognised as written (case matters: "mg" is not "Mg"), mapped to one spelling for comparison.
+# One- and two-letter words are accepted as units only from this table, because short letter runs after a number
+# are far more often variables ("2x", "3ab") than units.
+_UNIT_SYMBOLS = {
+    "mm": "mm", "cm": "cm", "m": "m", "km": "km", "in": "in", "ft": "ft", "yd": "yd", "mi": "mi",
+    "g": "g", "kg": "kg", "mg": "mg", "lb": "lb", "lbs": "lb", "oz": "oz",
+    "s": "s", "sec": "s", "ms": "ms", "min": "min", "h": "h", "hr": "h", "hrs": "h",
+    "l": "L", "L": "L", "ml": "mL", "mL": "mL", "cc": "cc", "deg": "deg", "rad": "rad", "kph": "km/h", "mph": "mi/h",
+}
+# Spelled-out unit names (lower case, singular) → the symbol above, so "12 meters" and "12 m" name the same unit.
+_UNIT_NAMES = {
+    "millimeter": "mm", "millimetre": "mm", "centimeter": "cm", "centimetre": "cm", "meter": "m", "metre": "m",
+    "kilometer": "km", "kilometre": "km", "inch": "in", "foot": "ft", "feet": "ft", "yard": "yd", "mile": "mi",
+    "gram": "g", "kilogram": "kg", "milligram": "mg", "pound": "lb", "ounce": "oz", "second": "s",
+    "millisecond": "ms", "minute": "min", "hour": "h", "liter": "L", "litre": "L", "milliliter": "mL",
+    "millilitre": "mL", "degree": "deg", "radian": "rad", "dollar": "dollar", "usd": "dollar",
+}
+# Words of three or more letters are otherwise accepted as a unit ("12 apples", "3 people", "5 units", "7 dollars":
+# counting answers write the counted noun, and a whitelist of nouns can never be complete), except these, which
+# change the value ("1.2 million" is not 1.2, "3 squared" is 9) or are mathematics rather than a unit ("2 sin").
+_VALUE_CHANGING_WORDS = frozenset({
+    "hundred", "thousand", "million", "billion", "trillion", "lakh", "crore", "dozen", "score", "mil",
+    "percent", "percentage", "pct", "permille", "squared", "cubed", "half", "halves", "third", "quarter",
+    "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth", "hundredth", "thousandth",
+    "sqrt", "root", "sin", "cos", "tan", "cot", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
+    "log", "exp", "mod", "factorial", "inf", "infinity",
+})
+# "square cm", "sq units", "cubic meters" raise the following word to a power; "per" divides by it.
+_POWER_PREFIXES = {"square": "2", "sq": "2", "cubic": "3"}
+_SUPERSCRIPT_POWERS = {"\u00b2": "^2", "\u00b3": "^3"}
+
+_UNIT_FACTOR = r"[A-Za-z]+(?:\s*\^\s*(?:\{\s*[23]\s*\}|[23]))?"
+# at most four factors ("square meters per second"); not started inside a word or a LaTeX command ("3\pi")
+_TRAILING_UNIT = re.compile(
+    rf"(?<![A-Za-z\\^_]){_UNIT_FACTOR}(?:(?:\s*/\s*|\s+){_UNIT_FACTOR}){{0,3}}$")
+_UNIT_TOKEN = re.compile(r"(?P<sep>\s*/\s*|\s*)(?P<word>[A-Za-z]+)(?:\s*\^\s*\{?\s*(?P<power>[23])\s*\}?)?")
+_TRAILING_DEGREES = re.compile(rf"(?:{_DEGREES.pattern})\s*(?P<scale>[CF])?$")
+_ESCAPED_DOLLAR = "\\$"
+_MAX_UNIT_TEXT_CHARS = 400  # answers with a unit are short; longer text is not searched for one
+
+
+def _singular(word: str) -> str:
+    """"meters" → "meter", "inches" → "inch"; words ending in -ss/-us/-is are left alone ("celsius")."""
+    if len(word) > 3 and word.endswith("es") and word[:-2].endswith(("ch", "sh", "x")):
+        return word[:-2]
+    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+def _canonical_unit(unit_text: str, *, separated: bool) -> str | None:
+    """One spelling for a unit expression ("square meters" → "m^2", "km per hour" → "km/h"), or None when the
+    words are not unit-like (see `_UNIT_SYMBOLS`, `_VALUE_CHANGING_WORDS`).
+
+    `separated`: a space (or a `\\text{}`-style wrapper) stands between the number and the unit. Without one only
+    known units are taken, and never a lone one-letter unit: "12cm" and "5m/s" are units, "2m" and "2m^2" stay
+    algebra (as "2x" does)."""
+    parts: list[str] = []
+    words: list[str] = []
+    pending_power: str | None = None
+    divide_next = False
+    all_known = True
+    for token in _UNIT_TOKEN.finditer(unit_text):
+        word, power = token.group("word"), token.group("power")
+        if token.group("sep").strip() == "/":
+            divide_next = True
+        lower = word.lower()
+        if lower == "per":
+            if not parts:  # "12 per" names no unit
+                return None
+            divide_next = True
+            continue
+        if lower in _POWER_PREFIXES and power is None:
+            pending_power = _POWER_PREFIXES[lower]
+            continue
+        if lower in ("squared", "cubed") and parts and pending_power is None:
+            # "cm squared" = cm^2 (a "squared" right after the number is arithmetic and is rejected below)
+            parts[-1] = parts[-1].split("^")[0] + ("^2" if lower == "squared" else "^3")
+            continue
+        if word in _UNIT_SYMBOLS:
+            name = _UNIT_SYMBOLS[word]
+        elif lower in _VALUE_CHANGING_WORDS or len(word) <= 2:
+            return None
+        else:
+            singular = _singular(lower)
+            all_known = all_known and singular in _UNIT_NAMES
+            if singular in _VALUE_CHANGING_WORDS:
+                return None
+            name = _UNIT_NAMES.get(singular, singular)
+        power = power or pending_power
+        pending_power = None
+        words.append(word)
+        parts.append(("/" if divide_next else "") + name + (f"^{power}" if power else ""))
+        divide_next = False
+    if not parts or pending_power is not None or divide_next:
+        return None
+    if not separated and (not all_known or (len(words) == 1 and len(words[0]) == 1)):
+        return None
+    return "*".join(parts).replace("*/", "/")
+
+
+def _split_unit(text: str) -> tuple[str, str | None] | None:
+    """`text` (cleaned as `normalize_text` does, case kept) without a trailing unit or currency sign, and the unit's
+    canonical spelling; None when there is neither (the caller then reads `text` as it did before units).
+
+    "12\\text{ cm}^2" → ("12", "cm^2"), "5 km/h" → ("5", "km/h"), "45^\\circ" → ("45", "deg"), "\\$12" →
+    ("12", "dollar"), "12 dollars" → ("12", "dollar"), "2x" → None. A bare `$` is a math delimiter (removed
+    everywhere, as `normalize_text` does, so "$12$" stays a plain 12); only the escaped `\\$` is a currency sign,
+    read as the unit "dollar" when no unit word follows the number."""
+    if len(text) > _MAX_UNIT_TEXT_CHARS:
+        return None
+    s = text
+    had_currency = _ESCAPED_DOLLAR in s
+    s = s.replace(_ESCAPED_DOLLAR, " ")
+    for superscript, power in _SUPERSCRIPT_POWERS.items():
+        s = s.replace(superscript, power)
+    # a wrapper separates like a space: "2\text{m}" is 2 metres, "2m" may be algebra
+    s = _WRAPPER_RE.sub(lambda m: " " + m.group(0), s)
+    s = _basic_clean(s).strip().rstrip(".").rstrip()
+    degrees = _TRAILING_DEGREES.search(s)
+    if degrees is not None:
+        scale = degrees.group("scale")
+        return s[:degrees.start()].strip(), "deg" + (scale or "")
+    unit_match = _TRAILING_UNIT.search(s)
+    if unit_match is not None:
+        separated = unit_match.start() > 0 and s[unit_match.start() - 1].isspace()
+        unit = _canonical_unit(unit_match.group(0), separated=separated)
+        if unit is not None:
+            return s[:unit_match.start()].strip(), unit
+    return (s.strip(), "dollar") if had_currency else None
+
+
+def _units_conflict(unit_a: str | None, unit_b: str | None) -> bool:
+    """Both sides name a unit and not the same one ("12 cm" vs "12 m"): no conversion is attempted, so the pair is
+    not compared as numbers. A unit on one side only is dropped (references often omit it, answers often add it)."""
+    return unit_a is not None and unit_b is not None and unit_a != unit_b
+
+
+def _readings_with_unit(text: str, read: Callable[[str], list[float] | None]) -> tuple[list[float], str | None] | None:
+    """`read(text without its unit)` and the unit, when a unit splits off and what remains reads as a value;
+    otherwise `read(text)` with no unit (exactly the reading from before units were handled), or None."""
+    split = _split_unit(text)
+    if split is not None and split[0]:
+        value_text, unit = split
+        readings = read(value_text)
+        if readings is not None:
+            return readings, unit
+    readings = read(text)
+    return (readings, None) if readings is not None else None
+
+
 def numeric_match(prediction: str, reference: Reference, *, rel_tol: float = 1e-4, abs_tol: float = 1e-9) -> bool:
     """Numbers compared with `math.isclose(rel_tol, abs_tol)`; a percentage may be read as written or divided by
     100 ("50%" matches "50" and "0.5"). When either side does not parse as a number, falls back to `exact_match`
-    (so a non-numeric reference still works)."""
-    pred = _number_readings(prediction)
+    (so a non-numeric reference still works).
+
+    Units: a trailing unit is read off (`_split_unit`) when what remains parses as a number: "12 cm",
+    "12\\text{ cm}^2", "5 km/h", "45^\\circ", "12 meters", "7 apples" (any word of 3+ letters except ones that
+    change the value, "million", "squared", "percent", ...; 1-2 letter units only from a known list, so "2x" is
+    not 2). A unit on one side only is ignored ("12 cm" matches "12"); units on both sides must be the same after
+    normalization ("12 meters" = "12 m", but "12 cm" ≠ "12 m": nothing is converted). A pair that is not
+    compared as numbers falls back to `exact_match`, as before. A leading `\\$` is a currency sign; a bare `$`
+    is a math delimiter and was always ignored."""
+    pred = _readings_with_unit(prediction, _number_readings)
     for ref in _references(reference):
-        refv = _number_readings(ref)
-        if pred is None or refv is None:
-            if exact_match(prediction, ref):
+        refv = _readings_with_unit(ref, _number_readings)
+        if pred is not None and refv is not None and not _units_conflict(pred[1], refv[1]):
+            if any(_close(a, b, rel_tol, abs_tol) for a in pred[0] for b in refv[0]):
                 return True
-            continue
-        if any(_close(a, b, rel_tol, abs_tol) for a in pred for b in refv):
+            if pred[1] is None and refv[1] is None:
+                continue  # two plain numbers that differ: no text fallback (as before units were read)
+        if exact_match(prediction, ref):
             return True
     return False
 
@@ -519,22 +687,37 @@ def _strip_assignment(s: str) -> str:
     return m.group("rhs") if m else s
 
 
+def _math_readings(text: str) -> list[float] | None:
+    """The values `math_match` compares, after dropping a leading `x =`: `parse_number`'s readings (both for a
+    percentage), else `evaluate_math`."""
+    text = _strip_assignment(text)
+    readings = _number_readings(text)
+    if readings is not None:
+        return readings
+    value = evaluate_math(text)
+    return [value] if value is not None else None
+
+
 def math_match(prediction: str, reference: Reference, *, rel_tol: float = 1e-4, abs_tol: float = 1e-9) -> bool:
     """Expression equivalence by value: `evaluate_math` on both sides (after dropping a leading `x =`), compared with
     `math.isclose`; `\\frac{1}{2}`, `0.5`, `1/2` and `2^{-1}` all match. When either side does not evaluate (a
     variable, an interval, a set), the whitespace-free `normalize_text` forms must be equal. A percentage is read as
-    written or /100, as in `numeric_match`."""
+    written or /100, as in `numeric_match`.
+
+    Units follow `numeric_match`'s rules, with an expression before the unit: "36\\pi \\text{ cm}^2" is 36π,
+    "x = 5 m" is 5. A unit is only taken off when the rest evaluates, and never out of a LaTeX command or a letter
+    run ("3\\pi" is still 3π; "2x", "2m" and "2m^2" are still algebra, not 2)."""
+    # the unit is split off the raw text (before `_strip_assignment` cleans away a currency `\\$`): "x = 5 m" → 5
     p_text = _strip_assignment(prediction)
-    p_val = evaluate_math(p_text)
-    p_readings = _number_readings(p_text) or ([p_val] if p_val is not None else None)
+    p_readings = _readings_with_unit(prediction, _math_readings)
     for ref in _references(reference):
         r_text = _strip_assignment(ref)
-        r_val = evaluate_math(r_text)
-        r_readings = _number_readings(r_text) or ([r_val] if r_val is not None else None)
-        if p_readings is not None and r_readings is not None:
-            if any(_close(a, b, rel_tol, abs_tol) for a in p_readings for b in r_readings):
+        r_readings = _readings_with_unit(ref, _math_readings)
+        if p_readings is not None and r_readings is not None and not _units_conflict(p_readings[1], r_readings[1]):
+            if any(_close(a, b, rel_tol, abs_tol) for a in p_readings[0] for b in r_readings[0]):
                 return True
-            continue
+            if p_readings[1] is None and r_readings[1] is None:
+                continue  # two values that differ: no text fallback (as before units were read)
         if "".join(normalize_text(p_text).split()) == "".join(normalize_text(r_text).split()):
             return True
     return False

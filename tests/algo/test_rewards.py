@@ -270,3 +270,53 @@ def test_an_empty_answer_is_never_correct(kind):
     assert not R.score_answer("", "", kind) and not R.score_answer("  ", [" ", ""], kind)
     with pytest.raises(ValueError, match="unknown reward kind"):
         R.score_answer("", "", "fuzzy")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# units (numeric and math): a trailing unit is read off; one-sided units are ignored, differing units never match
+
+
+@pytest.mark.parametrize("pred, ref, ok", [
+    ("12 cm", "12", True), ("12", "12 cm", True), ("12cm", "12", True), ("12\\text{ cm}", "12", True),
+    ("12\\text{ cm}^2", "12", True), ("12 \\mathrm{cm}^2", "12", True), ("12\\,\\text{cm}", "12", True),
+    ("12 cm²", "12 cm^2", True), ("$12$ cm", "12", True), ("12 meters", "12", True), ("12 cm.", "12", True),
+    ("3.5 km/h", "3.5", True), ("5 km/h", "5", True), ("5 m/s^2", "5", True), ("5m/s", "5", True),
+    ("-\\frac{1}{2} m", "-0.5", True), ("1,000 kg", "1000", True),
+    ("45^\\circ", "45", True), ("45 degrees", "45°", True),
+    ("12 meters", "12 m", True), ("5 km per hour", "5 km/h", True), ("5 kph", "5 km/h", True),    # same unit
+    ("12 square units", "12 units^2", True), ("12 cm squared", "12 cm^2", True), ("3 hours", "3 h", True),
+    ("12 apples", "12", True), ("12 units", "12", True),          # a word of 3+ letters counts as a unit
+    ("\\$12", "12", True), ("\\$10", "10 dollars", True),        # an escaped dollar sign is the unit "dollar"
+    ("12 cm", "12 m", False), ("12 cm", "12 cm^2", False), ("2 h", "2 s", False),    # no unit conversion
+    ("12 apples", "12 oranges", False), ("\\$10", "10 cents", False), ("45°C", "45°F", False),
+    ("12 apples", "13", False), ("12 cm", "13", False), ("12 cm", ["13", "12 m"], False),
+    ("2x", "2", False), ("2m", "2", False), ("2m^2", "2", False), ("2ab", "2", False), ("3xyz", "3", False),
+    ("12 CM", "12", False),                                      # short letter runs only from the known units
+    ("12 million", "12", False), ("1.2 million dollars", "1.2", False), ("3 squared", "3", False),
+    ("50 percent", "50", False), ("5 sin x", "5", False),       # words that change the value are not units
+    ("12 per", "12", False), ("12 square", "12", False), ("cm", "12", False), ("5 m or 6 m", "5", False),
+    ("12 cm", "12 cm", True), ("x \\text{ cm}", "x cm", True),   # text fallback as before
+])
+@pytest.mark.parametrize("kind", ["numeric", "math"])
+def test_units_are_read_off_the_number(kind, pred, ref, ok):
+    assert R.score_answer(pred, ref, kind) is ok
+
+
+@pytest.mark.parametrize("pred, ref, ok", [
+    ("3\\pi", "9.42477796", True), ("36\\pi \\text{ cm}^2", "113.097336", True),   # \pi is no unit
+    ("2\\sqrt{3} m", "3.4641016", True), ("x = 5 cm", "5", True), ("x = 5", "5 km/h", True),
+    ("2x", "2", False), ("2 x", "2", False), ("y = 2x", "2", False), ("3 pi", "3", False),
+])
+def test_math_units_leave_expressions_alone(pred, ref, ok):
+    assert R.math_match(pred, ref) is ok
+
+
+@pytest.mark.parametrize("kind", ["exact", "choice"])
+def test_units_do_not_change_the_other_kinds(kind):
+    assert not R.score_answer("12 cm", "12", kind)
+    assert R.score_answer("12 cm", "12 cm", kind)
+
+
+def test_parse_number_still_rejects_units():
+    # units are read off by the matchers; parse_number keeps its contract (a number, nothing else)
+    assert R.parse_number("12 cm") is None and R.parse_number("12\\text{ cm}") is None
