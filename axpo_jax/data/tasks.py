@@ -141,25 +141,11 @@ def check_same_records(name: str, records) -> None:
 
 def read_on_every_process(name: str, read, *, compare: bool = True):
     """`read()`, then (`compare`: it is a source or a list of records) `check_same_records`. With several processes
-    every process
-    learns whether any failed to read it (a file missing on one host, images unreadable there) and all fail
-    together: one process raising alone would leave the others waiting in the next collective."""
-    import jax
-
-    if jax.process_count() == 1:
-        return read()
+    every process learns whether any failed to read it (a file missing on one host, images unreadable there) and all
+    fail together: one process raising alone would leave the others waiting in the next collective."""
     from axpo_jax.parallel import distributed
 
-    try:
-        records, error = read(), None
-    except Exception as caught:  # noqa: BLE001 - re-raised below, after every process has heard of it
-        records, error = None, caught
-    errors = distributed.allgather_json(None if error is None else f"{type(error).__name__}: {error}")
-    if error is not None:
-        raise error
-    failed = [i for i, e in enumerate(errors) if e]
-    if failed:
-        raise DataFileError(f"{name}: process {failed[0]} could not read it ({errors[failed[0]]})")
+    records = distributed.fail_together(f"reading {name}", read, DataFileError)
     if compare:
         check_same_records(name, records)
     return records

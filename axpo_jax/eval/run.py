@@ -159,12 +159,14 @@ def run(config) -> dict:
 
     primary = distributed.is_primary()
     output_dir = os.path.abspath(config.output_dir)
-    check_run_settings(os.path.join(output_dir, "run_config.json"), write=primary, holds="results",
-                       option="output_dir", settings={
-                           **source, "dtype": config.dtype, "settings": dataclasses.asdict(settings),
-                           "seed": config.seed, "batch_size": config.batch_size, "tools": base_tools,
-                           "search": search_text, "system_prompt": config.system_prompt,
-                           "prompt_suffix": config.prompt_suffix, "judge": config.judge})
+    # every process reads the folder's record (an output_dir on each host's own disk can hold another run's on one
+    # host only), and all of them refuse together
+    distributed.fail_together("output_dir", lambda: check_run_settings(
+        os.path.join(output_dir, "run_config.json"), write=primary, holds="results", option="output_dir", settings={
+            **source, "dtype": config.dtype, "settings": dataclasses.asdict(settings), "seed": config.seed,
+            "batch_size": config.batch_size, "tools": base_tools, "search": search_text,
+            "system_prompt": config.system_prompt, "prompt_suffix": config.prompt_suffix, "judge": config.judge}),
+        ModeError)
     _log(f"evaluating {model_name} on {', '.join(names)} ({settings.describe()}); writing to {output_dir}")
 
     notes = []

@@ -184,6 +184,27 @@ def allgather_json(obj) -> list:
     return [json.loads(row[:n].tobytes().decode()) for row, n in zip(gathered, lengths)]
 
 
+def fail_together(what: str, fn, error_type: type[Exception] = RuntimeError):
+    """`fn()` on every process; when it raises on any, every process raises (the one that failed its own error,
+    the others `error_type` naming it), so none is left waiting alone in the next collective: a check that reads a
+    host's own disk (a file missing there, a folder of another run) can fail on one host only."""
+    import jax
+
+    if jax.process_count() == 1:
+        return fn()
+    try:
+        result, error = fn(), None
+    except Exception as caught:  # noqa: BLE001 - re-raised below, after every process has heard of it
+        result, error = None, caught
+    errors = allgather_json(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [i for i, e in enumerate(errors) if e]
+    if failed:
+        raise error_type(f"{what}: failed on process {failed[0]} ({errors[failed[0]]})")
+    return result
+
+
 def max_across_processes(values) -> np.ndarray:
     """Element-wise max of a small int/float array over processes (shapes every process must agree on)."""
     return allgather(np.asarray(values)).max(axis=0)

@@ -53,6 +53,17 @@ try:
     out["missing_on_one"] = "passed"
 except (tasks.DataFileError, OSError) as error:
     out["missing_on_one"] = type(error).__name__  # process 1 raises its own error, process 0 names process 1's
+from axpo_jax.modes import check_run_settings
+if me == 0:  # an output folder on each host's own disk; host 0's holds another run's results
+    check_run_settings(os.path.join(own, "run_config.json"), {"seed": 1}, write=True, holds="results",
+                       option="output_dir")
+try:
+    distributed.fail_together("output_dir", lambda: check_run_settings(
+        os.path.join(own, "run_config.json"), {"seed": 2}, write=False, holds="results", option="output_dir"),
+        ModeError)
+    out["other_run_on_one"] = "passed"
+except ModeError as error:
+    out["other_run_on_one"] = str(error).replace(sys.argv[3], "<own0>")
 print(json.dumps(out), flush=True)
 '''
 
@@ -70,6 +81,10 @@ def test_an_unshared_workdir_and_a_differing_source_fail_on_every_process(tmp_pa
     results = [json.loads(out.strip().splitlines()[-1]) for out, _ in two_processes(
         [sys.executable, "-c", WORKER, str(folders[0]), str(tasks_file), str(folders[1]), str(folders[2])])]
     assert [r.pop("missing_on_one") for r in results] == ["DataFileError", "FileNotFoundError"]  # neither waits
+    refused = "<own0> holds results of a run with other settings (seed: 1 -> 2); use a new --config.output_dir"
+    assert [r.pop("other_run_on_one") for r in results] == [
+        refused + ", or delete that one to start over",
+        f"output_dir: failed on process 0 (ModeError: {refused}, or delete that one to start over)"]
     assert results[0] == results[1]  # the same verdicts on both processes
     result = results[0]
     assert result["shared_left"] == [] and result["same_source"] == "passed"
