@@ -34,7 +34,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from axpo_jax.data.tasks import images_dir, load_image, scan_jsonl
+from axpo_jax.data.tasks import images_dir, load_image, read_retrying, scan_jsonl
 from axpo_jax.rollout.agent_loop import Task, prompt_messages
 from axpo_jax.tools.base import ToolContext
 from axpo_jax.tools.image_zoom_in import RELATIVE_SCALE, ImageZoomIn
@@ -582,7 +582,7 @@ class SFTSource(grain.sources.RandomAccessDataSource):
             f.seek(self._offsets[index])
             record = json.loads(f.readline())
         try:
-            return self._decode(record, load=True)
+            return read_retrying(lambda: self._decode(record, load=True))
         except Exception as error:  # noqa: BLE001
             self._skip(f"record {index}: {type(error).__name__}: {error}")
             return None

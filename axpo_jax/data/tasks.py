@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 
 import grain
 
@@ -62,6 +63,52 @@ def _answer_text(answer):
     return str(answer) if isinstance(answer, (int, float)) and not isinstance(answer, bool) else answer
 
 
+def read_retrying(read, *, attempts: int = 3, wait_s: float = 0.5):
+    """`read()`, tried again after an OSError (waiting `wait_s`, then twice that): a record read mid-run from a
+    network filesystem (gcsfuse, NFS) can fail once and succeed the next time; a file that is really gone fails
+    all `attempts` and raises."""
+    for attempt in range(attempts):
+        try:
+            return read()
+        except OSError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(wait_s * 2**attempt)
+
+
+def batch_digest(batch) -> bytes:
+    """What identifies a batch's records (tasks: their ids and questions; conversations: their text), not their
+    pixels: what every process must agree on before it takes its share of the rows."""
+    def shown(obj):
+        return type(obj).__name__  # an image: its bytes were read from the same line of the same file
+
+    digest = hashlib.sha256()
+    for record in batch:
+        fields = record if isinstance(record, dict) else vars(record)
+        digest.update(json.dumps(fields, default=shown, sort_keys=True).encode() + b"\n")
+    return digest.digest()
+
+
+def next_batch_on_every_process(batches, name: str) -> list:
+    """The next batch of a dataset every process iterates alike, reading the whole batch before taking its rows.
+    A read that still fails on one host after `read_retrying`, or a record one host could not read and skipped
+    (its batch then holds the next one), stops every process together (DataFileError naming the process) instead
+    of leaving the others waiting, or training on batches that differ; the run resumes from its last checkpoint."""
+    import jax
+    import numpy as np
+
+    from axpo_jax.parallel import distributed
+
+    batch = distributed.fail_together(f"reading {name}", lambda: next(batches), DataFileError)
+    if jax.process_count() > 1:
+        digests = distributed.allgather(np.frombuffer(batch_digest(batch), np.uint8))
+        differ = [i for i in range(1, len(digests)) if not np.array_equal(digests[i], digests[0])]
+        if differ:
+            raise DataFileError(f"{name}: processes {differ} read a different batch than process 0 (a record one "
+                                f"host could not read: see its log); resume once every host reads the data")
+    return batch
+
+
 class TaskFileSource(grain.sources.RandomAccessDataSource):
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -92,6 +139,9 @@ class TaskFileSource(grain.sources.RandomAccessDataSource):
         return len(self._offsets)
 
     def __getitem__(self, index: int) -> Task:
+        return read_retrying(lambda: self._read(index))
+
+    def _read(self, index: int) -> Task:
         with open(self.path, "rb") as f:
             f.seek(self._offsets[index])
             return self._decode(json.loads(f.readline()), index)

@@ -265,7 +265,8 @@ def _run(config, stop) -> dict:
 
     from axpo_jax.data.processor import load_processor
     from axpo_jax.data.synthetic import task_dataset
-    from axpo_jax.data.tasks import check_same_records, read_on_every_process, task_source
+    from axpo_jax.data.tasks import (check_same_records, next_batch_on_every_process, read_on_every_process,
+                                     task_source)
     from axpo_jax.models import qwen3_vl
     from axpo_jax.parallel import distributed
     from axpo_jax.parallel.distributed import data_shard
@@ -355,7 +356,8 @@ def _run(config, stop) -> dict:
             rng, key = jax.random.split(rng)
             compile_clock.take()  # the last step's evaluation and checkpoint are not this step's
             step_started = time.perf_counter()
-            questions = next(dataset)  # every process reads the same batch and runs its own share of the questions
+            # every process reads the same batch and runs its own share of the questions
+            questions = next_batch_on_every_process(dataset, "the step's questions")
             out = trainer.step(questions[shard.rows(len(questions))], key, step)
             record = {k: v for k, v in out.metrics.items() if np.isscalar(v)}
             record["step_s"] = time.perf_counter() - step_started

@@ -138,7 +138,7 @@ def _run(config, stop) -> dict:
 
     from axpo_jax.data.processor import load_processor
     from axpo_jax.data.synthetic import SFTSource, task_dataset
-    from axpo_jax.data.tasks import DataFileError, read_on_every_process
+    from axpo_jax.data.tasks import DataFileError, next_batch_on_every_process, read_on_every_process
     from axpo_jax.models import qwen3_vl
     from axpo_jax.modes import checked_attention, config_fields
     from axpo_jax.parallel import distributed
@@ -193,7 +193,8 @@ def _run(config, stop) -> dict:
     with checkpointer.landing_saves_on_failure():
         for step in progress:
             examples, skipped_here = [], 0
-            records = next(dataset)  # every process reads the same batch and trains on its own share of the rows
+            # every process reads the same batch and trains on its own share of the rows
+            records = next_batch_on_every_process(dataset, "the step's conversations")
             for record in records[shard.rows(len(records))]:
                 example, reason = trainable_example(record, processor, schemas, config.max_length)
                 if example is None:

@@ -124,3 +124,64 @@ def test_a_record_one_host_drops_is_caught_before_it_shuffles_differently(tmp_pa
         check_same_records("heldout", other)
     assert task_source("synthetic:4", seed=1).fingerprint == task_source("synthetic:4", seed=1).fingerprint
     assert task_source("synthetic:4", seed=1).fingerprint != task_source("synthetic:4", seed=2).fingerprint
+
+
+def test_a_record_read_mid_run_is_tried_again_after_a_transient_error(tmp_path, monkeypatch):
+    """Mid-run reads (TaskFileSource, SFTSource) try an OSError again (a network filesystem's hiccup) before
+    failing: one failure is read through; a file that stays unreadable raises (tasks) or is skipped (SFT) after
+    three tries; other errors are not retried."""
+    from axpo_jax.data import synthetic
+    from axpo_jax.data import tasks as tasks_module
+    from axpo_jax.data.tasks import read_retrying
+
+    calls = []
+
+    def fails(times, error):
+        def read():
+            calls.append(1)
+            if len(calls) <= times:
+                raise error
+            return "read"
+        return read
+
+    assert read_retrying(fails(1, OSError(5, "EIO")), wait_s=0) == "read" and len(calls) == 2
+    calls.clear()
+    with pytest.raises(OSError):
+        read_retrying(fails(5, OSError(5, "EIO")), wait_s=0)
+    assert len(calls) == 3
+    calls.clear()
+    with pytest.raises(ValueError):
+        read_retrying(fails(1, ValueError("bad")), wait_s=0)
+    assert len(calls) == 1
+
+    path = tmp_path / "tasks.jsonl"
+    write_task_jsonl(path, [Task(f"q{i}", [_image(i)], str(i), f"t{i}") for i in range(2)])
+    source = TaskFileSource(path)
+    real, failures = tasks_module.load_image, []
+
+    def flaky(image_path, times):
+        if len(failures) < times:
+            failures.append(image_path)
+            raise OSError(5, "Input/output error")
+        return real(image_path)
+
+    monkeypatch.setattr(tasks_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(tasks_module, "load_image", lambda p: flaky(p, 1))
+    assert source[1].question == "q1" and len(failures) == 1
+    failures.clear()
+    monkeypatch.setattr(tasks_module, "load_image", lambda p: flaky(p, 3))
+    with pytest.raises(OSError):
+        source[1]
+
+    conversations = tmp_path / "sft.jsonl"
+    _image(0).save(tmp_path / "a.png")
+    conversations.write_text(json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "colour?"}]},
+        {"role": "assistant", "content": "red"}]}) + "\n")
+    sft = synthetic.SFTSource(conversations)
+    failures.clear()
+    monkeypatch.setattr(synthetic, "load_image", lambda p: flaky(p, 2))
+    assert sft[0] is not None and sft.skipped == 0  # read on the third try
+    failures.clear()
+    monkeypatch.setattr(synthetic, "load_image", lambda p: flaky(p, 3))
+    assert sft[0] is None and sft.skipped == 1

@@ -64,6 +64,23 @@ try:
     out["other_run_on_one"] = "passed"
 except ModeError as error:
     out["other_run_on_one"] = str(error).replace(sys.argv[3], "<own0>")
+
+
+def batch_verdict(batches):
+    try:
+        return tasks.next_batch_on_every_process(batches, "the step's questions")
+    except (tasks.DataFileError, OSError) as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def failing_read():
+    raise OSError(5, "Input/output error")
+    yield
+
+
+out["same_batch"] = batch_verdict(iter([[{"q": 1}, {"q": 2}]]))
+out["shifted_batch"] = batch_verdict(iter([[{"q": 1}, {"q": 2 if me == 0 else 3}]]))  # host 1 skipped record 2
+out["unreadable_batch"] = batch_verdict(iter([[{"q": 1}]]) if me == 0 else failing_read())
 print(json.dumps(out), flush=True)
 '''
 
@@ -85,7 +102,14 @@ def test_an_unshared_workdir_and_a_differing_source_fail_on_every_process(tmp_pa
     assert [r.pop("other_run_on_one") for r in results] == [
         refused + ", or delete that one to start over",
         f"output_dir: failed on process 0 (ModeError: {refused}, or delete that one to start over)"]
+    assert [r.pop("unreadable_batch") for r in results] == [
+        "DataFileError: reading the step's questions: failed on process 1 (OSError: [Errno 5] Input/output error)",
+        "OSError: [Errno 5] Input/output error"]  # mid-run: neither host waits for the other
     assert results[0] == results[1]  # the same verdicts on both processes
+    assert results[0].pop("same_batch") == [{"q": 1}, {"q": 2}]
+    assert results[0].pop("shifted_batch") == ("DataFileError: the step's questions: processes [1] read a different "
+                                               "batch than process 0 (a record one host could not read: see its "
+                                               "log); resume once every host reads the data")
     result = results[0]
     assert result["shared_left"] == [] and result["same_source"] == "passed"
     assert result["own"] == ("workdir <own> is not shared between hosts (processes [1] do not see the file process 0 "
