@@ -85,10 +85,7 @@ def get_config(arg=None):
     config.axpo = ml_collections.ConfigDict(dict(
         ratio=0.5, k=2, ranking="confidence", resample_from="first_tool_call", candidates="failed_tool",
         prefix_credit=True, merge_into_source_group=False, renormalize_whole_group=False,
-        budget_unit="continuations",
-        # a rollout counts as correct (for "every tool rollout failed" and the recovery rate) at reward >= this:
-        # 1.0 for the paper's binary rewards; lower it for a graded reward_kind such as f1
-        correct_threshold=1.0))
+        budget_unit="continuations"))
     # True: AXPO's continuations always run as a batch of the budget's most prefixes x K rows (unused rows start
     # finished), so steps that select different numbers of prefixes share one compiled fork sampler; cheap on a
     # memory-bound accelerator, on the CPU the unused rows are decoded too. False: only the selected rows

@@ -49,6 +49,17 @@ def test_paper_recipe_fits(size, hardware):
     _check(size, hardware)
 
 
+def test_only_cudnn_attention_is_planned_without_its_scores():
+    """XLA's dot_product_attention materializes the S x S scores as the einsum attention does: only cuDNN's flash
+    kernel is planned without them."""
+    config = _config("rl", "8b,8xh100")
+    for attention, fused in (("auto", True), ("cudnn", True), ("xla", False), ("einsum", False)):
+        config.attention = attention
+        assert memory_settings(config, 8, 1, backend="gpu").fused_attention == fused
+    config.attention = "auto"
+    assert not memory_settings(config, 8, 1, backend="tpu").fused_attention
+
+
 @pytest.mark.parametrize("size,hardware", TOO_SMALL)
 def test_plans_that_do_not_fit_are_refused(size, hardware):
     with pytest.raises(PlanDoesNotFit, match="does not fit"):

@@ -262,9 +262,14 @@ _UNIT_NAMES = {
 _VALUE_CHANGING_WORDS = frozenset({
     "hundred", "thousand", "million", "billion", "trillion", "lakh", "crore", "dozen", "score", "mil",
     "percent", "percentage", "pct", "permille", "squared", "cubed", "half", "halves", "third", "quarter",
-    "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth", "hundredth", "thousandth",
-    "sqrt", "root", "sin", "cos", "tan", "cot", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
+    "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth", "eleventh", "twelfth", "thirteenth",
+    "fourteenth", "fifteenth", "sixteenth", "seventeenth", "eighteenth", "nineteenth", "twentieth", "thirtieth",
+    "fortieth", "fiftieth", "sixtieth", "hundredth", "thousandth", "millionth", "grand", "gross", "pair", "basis",
+    "bps", "sqrt", "root", "sin", "cos", "tan", "cot", "csc", "arcsin", "arccos", "arctan", "sinh", "cosh", "tanh",
     "log", "exp", "mod", "factorial", "inf", "infinity",
+    # words that qualify or negate the number rather than name what it counts ("12 not", "5 negative", "1 over")
+    "not", "wrong", "incorrect", "negative", "minus", "plus", "over", "times", "less", "more", "than", "and",
+    "approx", "approximately", "about", "around", "nearly", "roughly", "almost", "least", "most",
 })
 # "square cm", "sq units", "cubic meters" raise the following word to a power; "per" divides by it.
 _POWER_PREFIXES = {"square": "2", "sq": "2", "cubic": "3"}

@@ -335,7 +335,7 @@ class RLMemorySettings:
     optimizer_bytes_per_param: int = 8  # AdamW m and v in fp32
     reference_model: bool = True
     remat: bool = True  # assumption: per-layer rematerialization in the update (see the class docstring)
-    fused_attention: bool = False  # the update attends through a fused kernel (config `attention` on a GPU)
+    fused_attention: bool = False  # the update attends through cuDNN's flash attention (config `attention` on a GPU)
     logprob_chunk: int = 256
     headroom: float = 0.10  # share of device memory kept free for XLA's own buffers, fragmentation, collectives
 

@@ -578,11 +578,13 @@ class SFTSource(grain.sources.RandomAccessDataSource):
         return len(self._offsets)
 
     def __getitem__(self, index: int) -> dict | None:
-        with open(self.path, "rb") as f:
-            f.seek(self._offsets[index])
-            record = json.loads(f.readline())
+        def read():
+            with open(self.path, "rb") as f:
+                f.seek(self._offsets[index])
+                return self._decode(json.loads(f.readline()), load=True)
+
         try:
-            return read_retrying(lambda: self._decode(record, load=True))
+            return read_retrying(read)
         except Exception as error:  # noqa: BLE001
             self._skip(f"record {index}: {type(error).__name__}: {error}")
             return None

@@ -66,10 +66,14 @@ def _answer_text(answer):
 def read_retrying(read, *, attempts: int = 3, wait_s: float = 0.5):
     """`read()`, tried again after an OSError (waiting `wait_s`, then twice that): a record read mid-run from a
     network filesystem (gcsfuse, NFS) can fail once and succeed the next time; a file that is really gone fails
-    all `attempts` and raises."""
+    all `attempts` and raises. An image PIL cannot identify (an OSError too) is bad data, raised at once."""
+    from PIL import UnidentifiedImageError
+
     for attempt in range(attempts):
         try:
             return read()
+        except UnidentifiedImageError:
+            raise
         except OSError:
             if attempt == attempts - 1:
                 raise

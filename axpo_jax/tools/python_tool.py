@@ -465,7 +465,16 @@ def _cgroup_parents(root: str = CGROUP_ROOT) -> tuple[int, dict[str, str]]:
     return 1, parents
 
 
-_KERNEL_CGROUP = re.compile(r"axpo-(\d+)-")  # `_new_cgroup`'s names: the creating trainer's pid first
+# `_new_cgroup`'s names: the creating trainer's PID namespace and pid first. The cgroup hierarchy can be shared by
+# trainers in other PID namespaces (containers), whose pids mean nothing here: only our namespace's are judged.
+_KERNEL_CGROUP = re.compile(r"axpo-(\d+)-(\d+)-")
+
+
+def _pid_namespace() -> int:
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
 
 
 def _pid_alive(pid: int) -> bool:
@@ -479,10 +488,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_orphan_cgroups(parents: dict[str, str]) -> list[str]:
-    """Deletes the empty kernel cgroups of trainers that are gone (one killed before its `close()` leaves them
-    behind), returning their paths. Only empty ones: rmdir refuses a cgroup that still holds a process, so nothing
-    is killed here, not even in a cgroup whose pid belongs to another PID namespace's live trainer."""
-    removed = []
+    """Deletes the empty kernel cgroups of trainers of this PID namespace that are gone (one killed before its
+    `close()` leaves them behind), returning their paths. Only empty ones: rmdir refuses a cgroup that still holds
+    a process, so nothing is killed here."""
+    removed, namespace = [], _pid_namespace()
     for parent in sorted(set(parents.values())):
         try:
             names = os.listdir(parent)
@@ -490,7 +499,10 @@ def remove_orphan_cgroups(parents: dict[str, str]) -> list[str]:
             continue
         for name in names:
             m = _KERNEL_CGROUP.match(name)
-            if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            if not m or int(m.group(1)) != namespace:
+                continue
+            pid = int(m.group(2))
+            if pid == os.getpid() or _pid_alive(pid):
                 continue
             try:
                 os.rmdir(os.path.join(parent, name))
@@ -1122,7 +1134,8 @@ class PythonTool:
     def _new_cgroup(self, name: str) -> _Cgroup:
         version, parents = self._cgroup_layout
         # +1: the launcher's reaper lives in it too
-        return _Cgroup(version, parents, f"axpo-{os.getpid()}-{os.path.basename(self.root_dir)}-{name}",
+        return _Cgroup(version, parents,
+                       f"axpo-{_pid_namespace()}-{os.getpid()}-{os.path.basename(self.root_dir)}-{name}",
                        self.memory_bytes, self.max_processes + 1)
 
     def _kernel_is_root(self) -> bool:

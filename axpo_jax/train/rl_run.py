@@ -114,9 +114,12 @@ def evaluate_checkpoint(config, folder: str, executor) -> dict:
     from axpo_jax.data.processor import load_processor
     from axpo_jax.eval.runner import evaluate, make_agent
     from axpo_jax.models import qwen3_vl
+    from axpo_jax.modes import checked_attention
 
     settings = eval_settings(config)
-    agent = make_agent(qwen3_vl.from_pretrained(folder), load_processor(folder), executor, settings)
+    dtype = qwen3_vl.dtype_named(config.dtype)  # as the run's own model, so its evaluations compare
+    model = qwen3_vl.from_pretrained(folder, dtype=dtype).use_fused_attention_(checked_attention(config, dtype))
+    agent = make_agent(model, load_processor(folder), executor, settings)
     return evaluate(agent, eval_items(config), jax.random.key(config.seed + 2), settings,
                     batch_size=config.eval_batch_size)
 
@@ -148,7 +151,8 @@ def memory_settings(config, batch_devices: int, processes: int | None = None, ba
         micro_batches=-(-rows_per_update // micro), rollout_rows=rows,
         param_bytes=2 if half else 4, grad_bytes=2 if half else 4, compute_bytes=2 if half else 4,
         reference_model=bool(config.kl_coef), remat=config.remat, logprob_chunk=config.logprob_chunk,
-        fused_attention=fused_attention_for(config.attention, dtype_named(config.dtype), backend) is not None)
+        # only cuDNN's kernel keeps no S x S scores: XLA's dot_product_attention materializes them as einsum does
+        fused_attention=fused_attention_for(config.attention, dtype_named(config.dtype), backend) == "cudnn")
 
 
 def check_memory(config, mesh) -> None:

@@ -157,8 +157,9 @@ def test_selection_skips_excluded_and_config_validation():
 
 
 def test_correct_threshold_decides_which_graded_rewards_count_as_failures():
-    """With a graded reward (f1), "every tool rollout failed" depends on the threshold: partial credit 0.6 is a
-    failure at the binary default (1.0), a success at 0.5, so that group is no longer a trigger."""
+    """With graded rewards (a caller's own: every `reward_kind` of the trainer is 0/1), "every tool rollout failed"
+    depends on the threshold: partial credit 0.6 is a failure at the default (1.0), a success at 0.5, so that group
+    is no longer a trigger."""
     rewards = np.array([[0.6, 0.0, 0.0, 0.0]])
     used = np.array([[True, True, False, False]])
     conf = np.array([[0.3, 0.1, 0.2, 0.4]])

@@ -296,6 +296,10 @@ def test_an_empty_answer_is_never_correct(kind):
     ("50 percent", "50", False), ("5 sin x", "5", False),       # words that change the value are not units
     ("12 per", "12", False), ("12 square", "12", False), ("cm", "12", False), ("5 m or 6 m", "5", False),
     ("12 cm", "12 cm", True), ("x \\text{ cm}", "x cm", True),   # text fallback as before
+    # words that change, qualify or negate the value are no unit (a review's list of false positives)
+    ("3 elevenths", "3", False), ("12 bps", "12", False), ("12 basis points", "12", False), ("3 grand", "3", False),
+    ("2 pairs", "2", False), ("12 not", "12", False), ("5 negative", "5", False), ("1 over", "1", False),
+    ("5 and", "5", False), ("12 or 13", "12", False), ("12 to 15 cm", "12", False), ("12 cm 5 mm", "12", False),
 ])
 @pytest.mark.parametrize("kind", ["numeric", "math"])
 def test_units_are_read_off_the_number(kind, pred, ref, ok):

@@ -153,6 +153,11 @@ def test_a_record_read_mid_run_is_tried_again_after_a_transient_error(tmp_path, 
     with pytest.raises(ValueError):
         read_retrying(fails(1, ValueError("bad")), wait_s=0)
     assert len(calls) == 1
+    calls.clear()
+    from PIL import UnidentifiedImageError
+    with pytest.raises(UnidentifiedImageError):  # a corrupt image is bad data, not a hiccup: not read again
+        read_retrying(fails(1, UnidentifiedImageError("cannot identify image file")), wait_s=0)
+    assert len(calls) == 1
 
     path = tmp_path / "tasks.jsonl"
     write_task_jsonl(path, [Task(f"q{i}", [_image(i)], str(i), f"t{i}") for i in range(2)])

@@ -558,20 +558,27 @@ def test_least_recently_used_session_is_shut_down(tool, monkeypatch):
 
 
 def test_empty_cgroups_of_dead_trainers_are_removed(tmp_path):
-    """A trainer killed before `close()` leaves its kernels' `axpo-<pid>-...` cgroups behind; the next tool removes
-    the empty ones of pids that are gone, and leaves a live trainer's, a non-empty one and foreign names alone."""
+    """A trainer killed before `close()` leaves its kernels' `axpo-<pid namespace>-<pid>-...` cgroups behind; the
+    next tool removes the empty ones of this PID namespace's pids that are gone, and leaves alone a live trainer's,
+    a non-empty one, one of another PID namespace (a container sharing the hierarchy: its pids mean nothing here)
+    and foreign names."""
     dead = subprocess.Popen(["true"])
     dead.wait()  # reaped: its pid names no process now
+    ns = pt._pid_namespace()
+    assert ns > 0
     parent = tmp_path / "memory"
-    for name in (f"axpo-{dead.pid}-py1-k0", f"axpo-{os.getpid()}-py2-k0", f"axpo-{dead.pid}-py3-k1", "other-1"):
+    names = {"orphan": f"axpo-{ns}-{dead.pid}-py1-k0", "live": f"axpo-{ns}-{os.getpid()}-py2-k0",
+             "busy": f"axpo-{ns}-{dead.pid}-py3-k1", "other_namespace": f"axpo-{ns + 1}-{dead.pid}-py4-k0",
+             "foreign": "other-1"}
+    for name in names.values():
         (parent / name).mkdir(parents=True)
-    (parent / f"axpo-{dead.pid}-py3-k1" / "cgroup.procs").write_text("")  # rmdir refuses it, as a busy cgroup
+    (parent / names["busy"] / "cgroup.procs").write_text("")  # rmdir refuses it, as a busy cgroup
     removed = pt.remove_orphan_cgroups({"memory": str(parent), "pids": str(parent)})
-    assert removed == [str(parent / f"axpo-{dead.pid}-py1-k0")]
-    assert sorted(os.listdir(parent)) == sorted([f"axpo-{os.getpid()}-py2-k0", f"axpo-{dead.pid}-py3-k1", "other-1"])
+    assert removed == [str(parent / names["orphan"])]
+    assert sorted(os.listdir(parent)) == sorted(n for k, n in names.items() if k != "orphan")
     if _machine_has_cgroup_memory():  # and a real one, made as `_Cgroup` makes them
         version, parents = pt._cgroup_parents()
-        orphan = pt._Cgroup(version, parents, f"axpo-{dead.pid}-test-{uuid.uuid4().hex[:8]}", 1 << 28, 8)
+        orphan = pt._Cgroup(version, parents, f"axpo-{ns}-{dead.pid}-test-{uuid.uuid4().hex[:8]}", 1 << 28, 8)
         assert all(os.path.isdir(d) for d in orphan.dirs)
         assert set(orphan.dirs) <= set(pt.remove_orphan_cgroups(parents))
         assert not any(os.path.isdir(d) for d in orphan.dirs)

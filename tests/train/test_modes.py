@@ -243,7 +243,7 @@ def test_rl_mode_refuses_bad_sampling_and_update_fields_before_loading(tmp_path)
                                 ("kl_kind", "k4", r"\(eps_low, .*\): LossConfig.kl_kind must be one of"),
                                 ("dtype", "float33", r"\(dtype\): dtype 'float33': expected float32 or bfloat16"),
                                 ("attention", "flash", r"\(attention\): attention must be one of \('auto', "),
-                                ("attention", "cudnn", r"\(attention\): attention='cudnn' needs a GPU"),
+                                ("attention", "cudnn", r"\(attention\): attention='cudnn' needs an NVIDIA GPU"),
                                 ("tools", ("image_zoom_in", "zoom"), r"\(tools, search_.*\): unknown tool\(s\) \['zoom'\]"),
                                 ("tools", ("image_zoom_in", "search"), r"the search tool needs a backend: search_corpus"),
                                 ("tasks", "synthetic:many", r"\(tasks\): task spec 'synthetic:many': expected synthetic:N"),
@@ -261,7 +261,7 @@ def test_sft_mode_refuses_bad_fields_and_data_before_loading(tmp_path):
     bad_lines = tmp_path / "bad.jsonl"
     bad_lines.write_text('{not json\n{"task_id": "no messages"}\n')
     for field, value, match in (("dtype", "fp32", r"\(dtype\): dtype 'fp32'"),
-                                ("attention", "cudnn", r"\(attention\): attention='cudnn' needs a GPU"),
+                                ("attention", "cudnn", r"\(attention\): attention='cudnn' needs an NVIDIA GPU"),
                                 ("tools", ("image_zoom_in", "zoom"), r"\(tools\): unknown tool\(s\) \['zoom'\]"),
                                 ("data", str(tmp_path / "nope.jsonl"), r"\(data\): conversation file .* does not exist"),
                                 ("data", str(bad_lines), r"\(data\): .* has no usable conversation \(2 lines skipped"),

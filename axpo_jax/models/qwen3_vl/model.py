@@ -241,13 +241,16 @@ def fused_attention_for(setting: str, dtype, backend: str | None = None) -> str 
     where it will run (default: here; the memory plan asks for a machine it plans from elsewhere)."""
     if setting not in ATTENTION_SETTINGS:
         raise ValueError(f"attention must be one of {ATTENTION_SETTINGS}, not {setting!r}")
-    backend = backend or jax.default_backend()
+    if backend is None:  # here: a GPU counts when it is NVIDIA's (cuDNN); ROCm's is a "gpu" backend too
+        backend = jax.default_backend()
+        if backend == "gpu" and "nvidia" not in jax.devices()[0].device_kind.lower():
+            backend = "gpu (not NVIDIA)"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     on_gpu = backend == "gpu"
     if setting == "auto":
         return "cudnn" if on_gpu and half else None
     if setting == "cudnn" and not (on_gpu and half):
-        raise ValueError(f"attention='cudnn' needs a GPU and bfloat16/float16 weights (backend "
+        raise ValueError(f"attention='cudnn' needs an NVIDIA GPU and bfloat16/float16 weights (backend "
                          f"{backend!r}, dtype {jnp.dtype(dtype).name}); use 'auto' or 'einsum'")
     return None if setting == "einsum" else setting
 

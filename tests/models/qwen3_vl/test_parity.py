@@ -240,7 +240,11 @@ def test_attention_setting_resolves_per_backend_and_dtype():
     assert qwen3_vl.fused_attention_for("auto", jnp.bfloat16) is None  # cuDNN needs a GPU
     assert qwen3_vl.fused_attention_for("einsum", jnp.bfloat16) is None
     assert qwen3_vl.fused_attention_for("xla", jnp.float32) == "xla"
-    with pytest.raises(ValueError, match="needs a GPU"):
+    with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
         qwen3_vl.fused_attention_for("cudnn", jnp.bfloat16)
     with pytest.raises(ValueError, match="attention must be one of"):
         qwen3_vl.fused_attention_for("flash", jnp.bfloat16)
+    # planned for another machine (the memory plan): cuDNN on a GPU in bf16 only
+    assert qwen3_vl.fused_attention_for("auto", jnp.bfloat16, backend="gpu") == "cudnn"
+    assert qwen3_vl.fused_attention_for("auto", jnp.float32, backend="gpu") is None
+    assert qwen3_vl.fused_attention_for("auto", jnp.bfloat16, backend="tpu") is None
