@@ -13,6 +13,9 @@
 #                                          # attention (4 x 1024 tokens each)
 #   bash scripts/gpu_session.sh long    # the same at 2 x 4096 tokens (the einsum form runs out of memory there),
 #                                       # then the log-probs of both against float32 (scripts/attention_agreement.py)
+#   bash scripts/gpu_session.sh cudnn_paths  # what has not run with cuDNN attention on a GPU yet: the rl mode in
+#                                       # bf16 with remat (tiny policy, 3 steps), the 2 x 4096 update against the
+#                                       # fixed torch reference with a tighter log-prob check, the agreement script
 #
 # Packages the machine lacks (grain, ml_collections, tensorboardX, ...) come as wheels in .whl/ (see README);
 # flax is taken at this project's tested version when it imports with the machine's jax, else the machine's.
@@ -98,6 +101,13 @@ if [ "$MODE" = attention ]; then
 elif [ "$MODE" = long ]; then
   update_2b_bf16 update_2b_bf16_cudnn_4096 cudnn 2 4096 0.4
   update_2b_bf16 update_2b_bf16_einsum_4096 einsum 2 4096 0.4
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 step attention_agreement 200 python3 scripts/attention_agreement.py 2b 2 4096
+elif [ "$MODE" = cudnn_paths ]; then
+  step rl_tiny_bf16_remat 150 bash -c 'python3 -c "from axpo_jax.demo import build_tiny_checkpoint as b; b(\"/tmp/tiny\", seed=0)" &&
+    python3 launch.py --config configs/rl.py --config.checkpoint=/tmp/tiny --config.steps=3 --config.dtype=bfloat16 \
+      --config.remat=True --config.workdir=/tmp/rl_tiny_bf16 && tail -1 /tmp/rl_tiny_bf16/bench_records.jsonl'
+  BF16_CHECKS="--config.max_loss_rel_diff=0.05 --config.max_logprob_diff=0.5 --config.max_grad_norm_rel_diff=0.1" \
+    update_2b_bf16 update_2b_bf16_cudnn_4096 cudnn 2 4096 0.4
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 step attention_agreement 200 python3 scripts/attention_agreement.py 2b 2 4096
 elif [ "$MODE" = rl_2b ]; then
   rl_2b_shape
