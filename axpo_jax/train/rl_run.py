@@ -130,10 +130,9 @@ def memory_settings(config, batch_devices: int, processes: int | None = None, ba
     `backend` (default: this run's)."""
     import jax
 
-    from axpo_jax.models.qwen3_vl import dtype_named, fused_attention_for
-
     from axpo_jax.algo.axpo import AXPOConfig, resample_budget
     from axpo_jax.bench.memory import RLMemorySettings
+    from axpo_jax.models.qwen3_vl import dtype_named, fused_attention_for
     from axpo_jax.parallel.sharding import rounded_rows_per_process, rows_per_device
 
     extra = resample_budget(config.questions_per_step, config.num_samples, AXPOConfig(**config.axpo.to_dict()))[0] \

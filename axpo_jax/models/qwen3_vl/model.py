@@ -508,7 +508,8 @@ class TextModel(nnx.Module):
         kv_len_b = attention_mask_bt.sum(axis=1, dtype=jnp.int32) if fused_impl else None
         fused = None if fused_impl is None else (fused_impl, kv_len_b)
         if fused is not None:
-            mask_bts, write_at_b = None, None if cache is None else cache.length_b
+            mask_bts = None  # the fused kernel takes each row's length instead of a [T, S] mask
+            write_at_b = None if cache is None else cache.length_b
         elif cache is None:
             causal_tt = jnp.tril(jnp.ones((t, t), bool))
             mask_bts = causal_tt[None] & (attention_mask_bt[:, None, :] > 0)
