@@ -1,6 +1,7 @@
 """How far each attention's per-token log-probs are from the same weights run in float32 (a GPU check of the
-fused attention, `configs/*.py: attention`): a random `preset` model in bf16 (float32 on a CPU), the einsum attention and the fused
-one (cuDNN on a GPU, XLA's elsewhere) against transformers in float32 and in bf16. Prints one JSON line.
+fused attention, `configs/*.py: attention`): a random `preset` model in bf16 (float32 on a CPU), the einsum
+attention and the fused one (cuDNN on a GPU, XLA's elsewhere) against transformers in float32 and in bf16.
+Prints one JSON line.
 
     python scripts/attention_agreement.py [preset] [batch] [seq_len]     # e.g. 2b 2 4096 on a GPU
 """
@@ -43,7 +44,8 @@ def main(preset: str = "micro", batch: int = 2, seq_len: int = 256) -> dict:
     fused = "cudnn" if jax.default_backend() == "gpu" else "xla"
     for name, implementation in (("jax_einsum", None), (f"jax_{fused}", fused)):
         flax_model.use_fused_attention_(implementation)
-        logprobs = nnx.jit(lambda m, x, t: m.token_logprobs(x, t))(flax_model, prepared, jnp.asarray(targets, jnp.int32))
+        logprobs = nnx.jit(lambda m, x, t: m.token_logprobs(x, t))(flax_model, prepared,
+                                                                  jnp.asarray(targets, jnp.int32))
         results[name] = np.asarray(logprobs)
     reference = results["torch_fp32"]
     record = dict(preset=preset, dtype=dtype, batch=batch, seq_len=seq_len, device=jax.devices()[0].device_kind)

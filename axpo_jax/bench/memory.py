@@ -319,8 +319,9 @@ class RLMemorySettings:
     recomputed at a time during the backward pass; without it, every layer's. One layer holds its norms and
     residuals (4 x hidden), q/k/v and the attention output, the MLP's gate/up/product (3 x intermediate) per token,
     and the attention scores (fp32) and probabilities (bf16) of every head: the einsum attention materializes the
-    S x S matrix (with `fused_attention`, cuDNN's flash attention, only each query's softmax statistics). Heads and the MLP width split over `tensor`. Plus one chunk of `logprob_chunk` positions of fp32 logits
-    and their softmax. The vision tower's activations are not counted (one image row per sample is small next to
+    S x S matrix (with `fused_attention`, cuDNN's flash attention, only each query's softmax statistics). Heads
+    and the MLP width split over `tensor`. Plus one chunk of `logprob_chunk` positions of fp32 logits and their
+    softmax. The vision tower's activations are not counted (one image row per sample is small next to
     the decoder's).
     """
 
@@ -392,8 +393,9 @@ def activation_bytes(text, mesh_shape: Mapping[str, int], settings: RLMemorySett
     heads, kv_heads = _split(text.num_attention_heads, tensor), _split(text.num_key_value_heads, tensor)
     width = 4 * d + (2 * heads + 2 * kv_heads) * text.head_dim + 3 * _split(text.intermediate_size, tensor)
     cb = settings.compute_bytes
-    scores = b * heads * s * 4 if settings.fused_attention else b * heads * s * s * (4 + cb)  # (fused: logsumexp)
-    one_layer = tokens * width * cb + scores  # scores in fp32, probabilities in compute
+    # scores in fp32 and probabilities in compute; a fused kernel keeps one fp32 logsumexp per query instead
+    scores = b * heads * s * 4 if settings.fused_attention else b * heads * s * s * (4 + cb)
+    one_layer = tokens * width * cb + scores
     layers = text.num_hidden_layers
     kept = layers * tokens * d * cb + one_layer if settings.remat else layers * one_layer
     return kept + b * settings.logprob_chunk * text.vocab_size * 4 * 2
