@@ -15,7 +15,8 @@
 #                                       # then the log-probs of both against float32 (scripts/attention_agreement.py)
 #   bash scripts/gpu_session.sh cudnn_paths  # what has not run with cuDNN attention on a GPU yet: the rl mode in
 #                                       # bf16 with remat (tiny policy, 3 steps), the 2 x 4096 update against the
-#                                       # fixed torch reference with a tighter log-prob check, the agreement script
+#                                       # fixed torch reference with a tighter log-prob check, the agreement script;
+#                                       # each with the vision tower's cuDNN attention (its images' patch rows)
 #
 # Packages the machine lacks (grain, ml_collections, tensorboardX, ...) come as wheels in .whl/ (see README);
 # flax is taken at this project's tested version when it imports with the machine's jax, else the machine's.

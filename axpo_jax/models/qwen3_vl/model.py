@@ -283,7 +283,9 @@ class VisionAttention(nnx.Module):
         self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
         self.proj = Linear(cfg.hidden_size, cfg.hidden_size, bias=True, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_nld, cos_nle, sin_nle, valid_nl):
+    def __call__(self, x_nld, cos_nle, sin_nle, valid_nl, implementation: str | None = None):
+        """`implementation`: attend through `jax.nn.dot_product_attention` (each row's valid patches are a prefix,
+        so a length per row is its mask); None: the einsum attention, which holds every head's L x L scores."""
         n, l, d = x_nld.shape
         qkv = self.qkv(x_nld).reshape(n, l, 3, self.num_heads, d // self.num_heads)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -293,6 +295,12 @@ class VisionAttention(nnx.Module):
         q = (q32 * cos + rotate_half(q32) * sin).astype(q.dtype)
         k = (k32 * cos + rotate_half(k32) * sin).astype(k.dtype)
         # Each row is one image: attention never crosses images, and padding patches are never attended to.
+        if implementation is not None:
+            # a padding row (no image) keeps one key so that its output stays finite; it is never read
+            kv_len_n = jnp.maximum(valid_nl.sum(axis=1, dtype=jnp.int32), 1)
+            out_nlhe = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len_n,
+                                                    implementation=implementation)
+            return self.proj(out_nlhe.reshape(n, l, d))
         mask_nll = jnp.broadcast_to(valid_nl[:, None, :], (n, l, l))
         return self.proj(attention(q, k.transpose(0, 2, 3, 1), v.swapaxes(1, 2), mask_nll))
 
@@ -314,8 +322,8 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, dtype=dtype, rngs=rngs)
         self.mlp = VisionMLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_nld, cos_nle, sin_nle, valid_nl):
-        x_nld = x_nld + self.attn(self.norm1(x_nld), cos_nle, sin_nle, valid_nl)
+    def __call__(self, x_nld, cos_nle, sin_nle, valid_nl, implementation: str | None = None):
+        x_nld = x_nld + self.attn(self.norm1(x_nld), cos_nle, sin_nle, valid_nl, implementation)
         return x_nld + self.mlp(self.norm2(x_nld))
 
 
@@ -349,6 +357,9 @@ class VisionModel(nnx.Module):
         self.deepstack_merger_list = nnx.List(
             [PatchMerger(cfg, postshuffle_norm=True, dtype=dtype, rngs=rngs) for _ in cfg.deepstack_visual_indexes]
         )
+        # as TextModel.fused_attention: a high-resolution image's L x L scores per head (16k patches: 1 GiB each in
+        # fp32) are what a fused kernel never holds
+        self.fused_attention: str | None = None
 
     def rope(self, rope_hw_nl2):
         """Axial 2D rope: the first half of each head's frequencies follow the row, the second the column."""
@@ -368,7 +379,8 @@ class VisionModel(nnx.Module):
         cos_nle, sin_nle = self.rope(inputs.patch_rope_hw_nl2)
         deepstack = []
         for layer, block in enumerate(self.blocks):
-            x_nld = constrain_batch(block(constrain_batch(x_nld), cos_nle, sin_nle, inputs.patch_valid_nl))
+            x_nld = constrain_batch(block(constrain_batch(x_nld), cos_nle, sin_nle, inputs.patch_valid_nl,
+                                          self.fused_attention))
             if layer in self.cfg.deepstack_visual_indexes:
                 level = self.cfg.deepstack_visual_indexes.index(layer)
                 deepstack.append(self.deepstack_merger_list[level](x_nld))
@@ -618,12 +630,13 @@ class Qwen3VL(nnx.Module):
         return copy
 
     def use_fused_attention_(self, implementation: str | None):
-        """Whole-sequence forwards (training, scoring, prompts into an empty cache) attend through
-        `jax.nn.dot_product_attention(implementation=...)` from now on; None: this file's einsum attention. Their
-        rows must be right-padded, as the trainer's batches and the sampler's chunks are."""
+        """Whole-sequence forwards (training, scoring, prompts into an empty cache) and the vision tower (every
+        image) attend through `jax.nn.dot_product_attention(implementation=...)` from now on; None: this file's
+        einsum attention. Text rows must be right-padded, as the trainer's batches and the sampler's chunks are."""
         if implementation not in (None, "xla", "cudnn"):
             raise ValueError(f"fused attention implementation must be None, 'xla' or 'cudnn', not {implementation!r}")
         self.model.language_model.fused_attention = implementation
+        self.model.visual.fused_attention = implementation
         return self
 
     def hidden_states(self, inputs: ModelInputs, remat: bool = False):

@@ -64,7 +64,8 @@ def test_rope_positions_match_transformers(hf_checkpoint):
 
 
 def test_padded_image_buckets_do_not_change_logits(hf_checkpoint):
-    """Extra all-padding image rows and longer patch rows (static-shape buckets) leave the logits unchanged."""
+    """Extra all-padding image rows and longer patch rows (static-shape buckets) leave the logits unchanged, with
+    the einsum attention (a mask) and the fused one (each image row's length; "xla" here, "cudnn" on a GPU)."""
     hf, folder = hf_checkpoint
     model = qwen3_vl.from_pretrained(folder)
     batch = make_batch(hf.config, CASES["one_image"], padding="right")
@@ -74,6 +75,10 @@ def test_padded_image_buckets_do_not_change_logits(hf_checkpoint):
     a = np.asarray(model.forward(jax.tree.map(jnp.asarray, tight)))
     b = np.asarray(model.forward(jax.tree.map(jnp.asarray, roomy)))
     np.testing.assert_allclose(a, b, atol=1e-5)
+    fused = np.asarray(qwen3_vl.from_pretrained(folder).use_fused_attention_("xla").forward(
+        jax.tree.map(jnp.asarray, roomy)))
+    real = batch["attention_mask"].astype(bool)
+    np.testing.assert_allclose(fused[real], a[real], atol=1e-4)
 
 
 def test_processor_outputs_match_transformers(tmp_path):
