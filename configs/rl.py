@@ -121,7 +121,7 @@ def get_config(arg=None):
     # updates are off-policy and the clip limits them, as in verl / EasyR1 with a PPO mini-batch below the train batch
     config.updates_per_step = 1
     config.logprob_chunk = 256
-    config.remat = False  # recompute decoder layers in the backward pass (True on pods: activations of one layer)
+    config.remat = False  # recompute decoder layers and vision blocks in the backward pass (True on pods: one layer)
     # how the step's forked AXPO continuations are laid out: 0 = one block per data shard over processes (what a
     # multi-host run needs); a single process given a multi-host run's shard count builds that run's global
     # batches exactly (to check a multi-host run against one process, as tests/parallel does)

@@ -45,7 +45,7 @@ class LossConfig:
     # "seq-mean-token-sum". Over every micro-batch of an update, as if it were one batch.
     aggregation: str = "token-mean"
     logprob_chunk: int = 256
-    remat: bool = False  # recompute each decoder layer in the backward pass (activation memory: one layer's)
+    remat: bool = False  # recompute each decoder layer and vision block in the backward pass (memory: one layer's)
     # RL: the rollouts' sampling temperature. Every log-prob of the loss (π, π_old, the reference) is of
     # softmax(logits / temperature), the policy the rows were drawn from and whose log-probs the sampler reports;
     # at 1.0 it is the model's own. (verl scales the actor's and the reference's logits the same way.)

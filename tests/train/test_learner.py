@@ -192,7 +192,8 @@ def test_restore_continues_exactly(tmp_path):
 
 
 def test_remat_gives_the_same_gradients():
-    """Rematerialized decoder layers change memory, not math: the same loss and gradients."""
+    """Rematerialized decoder layers and vision blocks change memory, not math: the same loss and gradients
+    (the vision tower's included: the batch has images)."""
     from axpo_jax.train.learner import _grads
 
     batch = jax.tree.map(jnp.asarray, sft_batch(seed=2))
@@ -206,6 +207,10 @@ def test_remat_gives_the_same_gradients():
     assert len(grads[0]) == len(grads[1]) > 10
     for a, b in zip(*grads):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-7)
+    graphdef, state = nnx.split(model)
+    forward = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s).hidden_states(batch.inputs, remat=True))(state)
+    rematerialized = [e for e in forward.jaxpr.eqns if e.primitive.name.startswith(("remat", "checkpoint"))]
+    assert len(rematerialized) == CONFIG.text.num_hidden_layers + CONFIG.vision.depth
 
 
 def rl_batch(seed, length=32):

@@ -370,8 +370,9 @@ class VisionModel(nnx.Module):
         emb_nle = jnp.concatenate([freqs_nlf, freqs_nlf], axis=-1)
         return jnp.cos(emb_nle), jnp.sin(emb_nle)
 
-    def __call__(self, inputs: ModelInputs):
-        """Merged image tokens [N, M, D_text] and one [N, M, D_text] DeepStack feature per level."""
+    def __call__(self, inputs: ModelInputs, remat: bool = False):
+        """Merged image tokens [N, M, D_text] and one [N, M, D_text] DeepStack feature per level. `remat`: as the
+        decoder's, each block recomputed in the backward pass from its input."""
         x_nld = self.patch_embed(inputs.pixel_patches_nlp)
         taps_nl4d = self.pos_embed(inputs.patch_pos_index_nl4)
         pos_nld = jnp.sum(taps_nl4d * inputs.patch_pos_weight_nl4[..., None].astype(taps_nl4d.dtype), axis=2)
@@ -379,12 +380,17 @@ class VisionModel(nnx.Module):
         cos_nle, sin_nle = self.rope(inputs.patch_rope_hw_nl2)
         deepstack = []
         for layer, block in enumerate(self.blocks):
-            x_nld = constrain_batch(block(constrain_batch(x_nld), cos_nle, sin_nle, inputs.patch_valid_nl,
-                                          self.fused_attention))
+            run = nnx.remat(_run_vision_block, static_argnums=(5,)) if remat else _run_vision_block
+            x_nld = constrain_batch(run(block, constrain_batch(x_nld), cos_nle, sin_nle, inputs.patch_valid_nl,
+                                        self.fused_attention))
             if layer in self.cfg.deepstack_visual_indexes:
                 level = self.cfg.deepstack_visual_indexes.index(layer)
                 deepstack.append(self.deepstack_merger_list[level](x_nld))
         return self.merger(x_nld), deepstack
+
+
+def _run_vision_block(block, x_nld, cos_nle, sin_nle, valid_nl, implementation):
+    return block(x_nld, cos_nle, sin_nle, valid_nl, implementation)
 
 
 # ----------------------------------------------------------------------------------------------- text decoder
@@ -567,7 +573,7 @@ class Qwen3VLModel(nnx.Module):
 
     def __call__(self, inputs: ModelInputs, cache: KVCache | None = None, remat: bool = False,
                  empty_cache: bool = False):
-        merged_nmd, deepstack_nmd = self.visual(inputs)
+        merged_nmd, deepstack_nmd = self.visual(inputs, remat=remat)
         d = merged_nmd.shape[-1]
         vision_rows_md = merged_nmd.reshape(-1, d)
         x_btd = self.language_model.embed_tokens(inputs.input_ids_bt)
@@ -640,7 +646,8 @@ class Qwen3VL(nnx.Module):
         return self
 
     def hidden_states(self, inputs: ModelInputs, remat: bool = False):
-        """Final-norm hidden states [B, T, D] (`remat`: decoder layers recomputed in the backward pass)."""
+        """Final-norm hidden states [B, T, D] (`remat`: decoder layers and vision blocks recomputed in the backward
+        pass)."""
         return self.model(inputs, remat=remat)[0]
 
     def extend(self, inputs: ModelInputs, cache: KVCache, empty_cache: bool = False):
