@@ -28,9 +28,13 @@ def get_config():
     config.orbax_dir = ""  # an orbax checkpoint directory (train.checkpoints.Checkpointer): its model parameters
     config.orbax_step = -1  # -1: the latest step
     config.dtype = "bfloat16"  # "bfloat16" | "float32"
-    # attention of whole sequences (update forwards, prompt prefills): "auto" = cuDNN flash attention on a GPU in
-    # bfloat16, the einsum attention elsewhere; "einsum" | "cudnn" | "xla" force one (models/qwen3_vl/model.py)
+    # attention of whole sequences (update forwards, prompt prefills) and of each image in the vision tower: "auto" =
+    # cuDNN flash attention on a GPU in bfloat16, the einsum attention elsewhere; "einsum" | "cudnn" | "xla" force
+    # one (models/qwen3_vl/model.py)
     config.attention = "auto"
+    # > 0: the largest area (pixels) an image or crop is resized within; 0: the processor folder's own (Qwen3-VL's:
+    # 16,777,216 pixels = 16,384 image tokens; data/processor.py)
+    config.max_image_pixels = 0
     # with several devices: parameters sharded over fsdp x tensor, trajectory rows over data x fsdp (-1: the rest)
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     config.model_name = ""  # the row label in the table; default: the folder's name (and orbax step)

@@ -47,9 +47,13 @@ def get_config(arg=None):
     config.checkpoint = ""  # transformers folder of the starting policy (the SFT result)
     config.reference = ""  # the KL reference; "" = the starting checkpoint
     config.dtype = ""  # "" = float32; "bfloat16" on accelerators
-    # attention of whole sequences (update forwards, prompt prefills): "auto" = cuDNN flash attention on a GPU in
-    # bfloat16, the einsum attention elsewhere; "einsum" | "cudnn" | "xla" force one (models/qwen3_vl/model.py)
+    # attention of whole sequences (update forwards, prompt prefills) and of each image in the vision tower: "auto" =
+    # cuDNN flash attention on a GPU in bfloat16, the einsum attention elsewhere; "einsum" | "cudnn" | "xla" force
+    # one (models/qwen3_vl/model.py)
     config.attention = "auto"
+    # > 0: the largest area (pixels) an image or crop is resized within; 0: the processor folder's own (Qwen3-VL's:
+    # 16,777,216 pixels = 16,384 image tokens; data/processor.py)
+    config.max_image_pixels = 0
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # -1: every remaining device
     config.device_memory_gib = 0.0  # > 0: refuse a plan above this per device; 0: the device's own size (if known)
 
@@ -164,6 +168,9 @@ def get_config(arg=None):
         config.tools = ("image_zoom_in", "python", "search")
         config.max_new_tokens_per_turn = 2048  # unstated
         config.capacity = 8192  # unstated: prompt with images + 3 turns + observations (the KV cache of every row)
+        # unstated: at most 1,280 image tokens per image or crop (32 x 32 pixels each), so a high-resolution image
+        # (HR-Bench's 4K / 8K) leaves the row room for its turns; the processor's own limit is 16,384 tokens
+        config.max_image_pixels = 1280 * 32 * 32
         config.num_samples = 8  # paper N
         config.questions_per_step = 16  # unstated; B x N + r B N = 160 rows decode together (KV cache: memory plan)
         config.axpo.ratio, config.axpo.k = 0.25, 4  # paper r, K

@@ -27,9 +27,13 @@ def get_config(arg=None):
     config.checkpoint = ""
     config.data = ""  # SFT JSONL (axpo_jax/data/synthetic.py:write_sft_jsonl)
     config.dtype = ""
-    # attention of whole sequences (update forwards, prompt prefills): "auto" = cuDNN flash attention on a GPU in
-    # bfloat16, the einsum attention elsewhere; "einsum" | "cudnn" | "xla" force one (models/qwen3_vl/model.py)
+    # attention of whole sequences (update forwards, prompt prefills) and of each image in the vision tower: "auto" =
+    # cuDNN flash attention on a GPU in bfloat16, the einsum attention elsewhere; "einsum" | "cudnn" | "xla" force
+    # one (models/qwen3_vl/model.py)
     config.attention = "auto"
+    # > 0: the largest area (pixels) an image or crop is resized within; 0: the processor folder's own (Qwen3-VL's:
+    # 16,777,216 pixels = 16,384 image tokens; data/processor.py)
+    config.max_image_pixels = 0
     config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     config.tools = ("image_zoom_in",)  # schemas shown in the system prompt: the same tools as RL
     config.steps = 120
@@ -54,6 +58,7 @@ def get_config(arg=None):
         size, _, hardware = arg.partition(",")
         config.workdir = f"runs/sft_{size}_{hardware}"
         config.dtype, config.mesh, config.tools = rl.dtype, rl.mesh, rl.tools
+        config.max_image_pixels = rl.max_image_pixels  # SFT sees images as RL will (its exported folder keeps it)
         config.max_length = rl.capacity
         config.batch_size = 64  # unstated (the paper: 64,274 trajectories)
         config.micro_batch_size = rl.micro_batch_size

@@ -47,9 +47,13 @@ def _video_processor_settings(path: str) -> dict | None:
         return None
 
 
-def load_processor(path: str | os.PathLike) -> Qwen3VLProcessor:
+def load_processor(path: str | os.PathLike, max_image_pixels: int = 0) -> Qwen3VLProcessor:
     """Loads a Qwen3-VL processor folder (real checkpoint or tiny build): the full AutoProcessor when torchvision
     is installed, otherwise the image+text processor, which needs only numpy and Pillow.
+
+    `max_image_pixels` > 0 lowers the area each image (a prompt's, a crop's) is resized within, from the folder's
+    own limit (Qwen3-VL's: 16,777,216 pixels, 16,384 image tokens, more than a training row's KV cache holds) to
+    this one; a folder exported from the run saves it, so evaluation sees images as training did.
 
     A folder without tokenizer files, image processor settings or a chat template is a one-line CheckpointError
     naming what is missing: transformers would otherwise build an empty tokenizer (and a run would train and
@@ -77,4 +81,18 @@ def load_processor(path: str | os.PathLike) -> Qwen3VLProcessor:
     if not processor.chat_template:
         raise CheckpointError(f"{path} has no chat template (chat_template.jinja or chat_template.json): "
                               "conversations cannot be rendered")
+    if max_image_pixels:
+        limit_image_pixels(processor, max_image_pixels)
     return processor
+
+
+def limit_image_pixels(processor: Qwen3VLProcessor, max_image_pixels: int) -> None:
+    """Sets the image processor's largest resized area (its size["longest_edge"], in pixels); a ValueError when it
+    is below the smallest (size["shortest_edge"]), which every image is resized up to."""
+    size = processor.image_processor.size
+    smallest = int(size["shortest_edge"])
+    if isinstance(max_image_pixels, bool) or not isinstance(max_image_pixels, int) or max_image_pixels < smallest:
+        raise ValueError(f"max_image_pixels must be an int >= the processor's smallest image area ({smallest} "
+                         f"pixels), got {max_image_pixels!r}")
+    limits = {"shortest_edge": smallest, "longest_edge": max_image_pixels}
+    processor.image_processor.size = limits if isinstance(size, dict) else type(size)(**limits)

@@ -23,14 +23,15 @@ from axpo_jax.train.checkpoints import restore_model_params
 
 
 def load_policy(folder: str, *, orbax_dir: str = "", orbax_step: int | None = None, dtype=jnp.bfloat16,
-                mesh=None):
+                mesh=None, max_image_pixels: int = 0):
     """(model, processor, description): the folder's model, or with `orbax_dir` the parameters of its step
-    `orbax_step` (None: the latest); `description` says which, for the results."""
+    `orbax_step` (None: the latest); `description` says which, for the results. `max_image_pixels` > 0: the
+    processor's largest image area (`load_processor`)."""
     if not folder or not os.path.isfile(os.path.join(folder, "config.json")):
         raise FileNotFoundError(f"checkpoint folder {folder!r} has no config.json: it must be a transformers-format "
                                 f"Qwen3-VL folder (for an orbax checkpoint, the folder it was trained from)")
     folder = os.path.abspath(folder)
-    processor = load_processor(folder)
+    processor = load_processor(folder, max_image_pixels)
     if not orbax_dir:
         return qwen3_vl.from_pretrained(folder, dtype=dtype, mesh=mesh), processor, {"checkpoint": folder}
     graphdef, state = nnx.split(abstract_model(Qwen3VLConfig.from_pretrained(folder), dtype))

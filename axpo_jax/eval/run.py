@@ -26,7 +26,8 @@ import os
 import sys
 import time
 
-from axpo_jax.modes import ModeError, check_run_settings, checked_attention, config_fields, require_positive_ints
+from axpo_jax.modes import (ModeError, check_run_settings, checked_attention, config_fields, require_ints_at_least,
+                            require_positive_ints)
 
 
 def cut_short_note(display_name: str, finish_reasons: dict[str, int], max_total_tokens: int) -> str | None:
@@ -124,6 +125,7 @@ def run(config) -> dict:
     try:
         settings = EvalSettings.from_config(config)
         require_positive_ints(config, "batch_size")
+        require_ints_at_least(config, 0, "max_image_pixels")
         names = _split(config.benchmarks)
         unknown = [name for name in names if name not in BENCHMARKS]
         if unknown or not names:
@@ -150,7 +152,7 @@ def run(config) -> dict:
         mesh = mesh_from_config(config.mesh.to_dict())
         model, processor, source = load_policy(config.checkpoint, orbax_dir=config.orbax_dir,
                                                orbax_step=None if config.orbax_step < 0 else config.orbax_step,
-                                               dtype=dtype, mesh=mesh)
+                                               dtype=dtype, mesh=mesh, max_image_pixels=config.max_image_pixels)
         model.use_fused_attention_(attention)
     except (FileNotFoundError, ValueError) as error:
         raise ModeError(str(error)) from error
@@ -165,7 +167,9 @@ def run(config) -> dict:
         os.path.join(output_dir, "run_config.json"), write=primary, holds="results", option="output_dir", settings={
             **source, "dtype": config.dtype, "settings": dataclasses.asdict(settings), "seed": config.seed,
             "batch_size": config.batch_size, "tools": base_tools, "search": search_text,
-            "system_prompt": config.system_prompt, "prompt_suffix": config.prompt_suffix, "judge": config.judge}),
+            "system_prompt": config.system_prompt, "prompt_suffix": config.prompt_suffix, "judge": config.judge,
+            # only when set, so folders written before the field existed still resume
+            **({"max_image_pixels": config.max_image_pixels} if config.max_image_pixels else {})}),
         ModeError)
     _log(f"evaluating {model_name} on {', '.join(names)} ({settings.describe()}); writing to {output_dir}")
 

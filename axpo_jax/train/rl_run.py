@@ -119,7 +119,7 @@ def evaluate_checkpoint(config, folder: str, executor) -> dict:
     settings = eval_settings(config)
     dtype = qwen3_vl.dtype_named(config.dtype)  # as the run's own model, so its evaluations compare
     model = qwen3_vl.from_pretrained(folder, dtype=dtype).use_fused_attention_(checked_attention(config, dtype))
-    agent = make_agent(model, load_processor(folder), executor, settings)
+    agent = make_agent(model, load_processor(folder, config.max_image_pixels), executor, settings)
     return evaluate(agent, eval_items(config), jax.random.key(config.seed + 2), settings,
                     batch_size=config.eval_batch_size)
 
@@ -221,7 +221,7 @@ def checked_settings(config):
         require_positive_ints(config, "capacity", "max_turns", "max_new_tokens_per_turn", "pipeline_groups",
                               "decode_segment_tokens", "logprob_chunk", "checkpoint_every", "keep_checkpoints",
                               "eval_batch_size")
-        require_ints_at_least(config, 0, "seed", "eval_every")
+        require_ints_at_least(config, 0, "seed", "eval_every", "max_image_pixels")
         require_number(config, "tool_timeout_s", above=0)
     with config_fields("learning_rate, warmup_fraction, weight_decay, max_grad_norm"):
         require_optimizer_fields(config)
@@ -302,6 +302,8 @@ def _run(config, stop) -> dict:
         source = read_on_every_process(f"tasks {config.tasks}", lambda: task_source(config.tasks, seed=config.seed + 1))
     with config_fields("mesh"):
         mesh = mesh_from_config(config.mesh.to_dict())
+    with config_fields("max_image_pixels"):  # before the workdir and weights: a limit below the minimum is one line
+        processor = load_processor(config.checkpoint, config.max_image_pixels)
     stop.install()
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -314,7 +316,6 @@ def _run(config, stop) -> dict:
     model = qwen3_vl.from_pretrained(config.checkpoint, dtype=dtype, mesh=mesh).use_fused_attention_(attention)
     reference = (qwen3_vl.from_pretrained(config.reference or config.checkpoint, dtype=dtype, mesh=mesh)
                  .use_fused_attention_(attention) if config.kl_coef else None)
-    processor = load_processor(config.checkpoint)
     executor = ToolExecutor(registry, timeout_s=config.tool_timeout_s)
     agent = AgentLoop(model, processor, executor, max_turns=config.max_turns,
                       max_new_tokens_per_turn=config.max_new_tokens_per_turn, capacity=config.capacity,

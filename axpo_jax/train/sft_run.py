@@ -110,7 +110,7 @@ def checked_settings(config):
         require_positive_ints(config, "steps", "batch_size", "micro_batch_size", "checkpoint_every")
     with config_fields("seed, keep_checkpoints, max_length, length_bucket, logprob_chunk"):
         require_positive_ints(config, "keep_checkpoints", "max_length", "length_bucket", "logprob_chunk")
-        require_ints_at_least(config, 0, "seed")
+        require_ints_at_least(config, 0, "seed", "max_image_pixels")
     with config_fields("learning_rate, warmup_fraction, weight_decay, max_grad_norm"):
         require_optimizer_fields(config)
     with config_fields("max_consecutive_skipped_updates"):
@@ -157,7 +157,8 @@ def _run(config, stop) -> dict:
     with config_fields("mesh"):
         mesh = mesh_from_config(config.mesh.to_dict())
     # before the weights and the workdir: a folder without tokenizer, image settings or chat template is one line
-    processor = load_processor(config.checkpoint)
+    with config_fields("max_image_pixels"):
+        processor = load_processor(config.checkpoint, config.max_image_pixels)
     stop.install()
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
     workdir = os.path.abspath(config.workdir)

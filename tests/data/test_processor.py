@@ -63,3 +63,29 @@ def test_a_saved_processor_loads_as_qwen3_vl_where_torchvision_is_installed(comp
     monkeypatch.setattr(processor_module, "is_torchvision_available", lambda: True)
     with pytest.raises(CheckpointError, match="not a Qwen3-VL processor"):
         load_processor(exported)
+
+
+def test_max_image_pixels_bounds_each_image_and_stays_in_an_exported_folder(complete_folder, tmp_path):
+    """A 400 x 300 image is resized within the folder's 96 x 96 pixels (to 96 x 80 in multiples of 16: 12 x 10
+    patches of 8 px, 30 image tokens) or within the limit given (48 x 48: to 48 x 32, 6 x 4 patches, 6 tokens,
+    by hand from smart_resize's rule: each side / sqrt(area / limit), floored to 16); a folder saved from the limited
+    processor loads with the limit; a limit below the processor's smallest area is a ValueError naming the field."""
+    import numpy as np
+    from PIL import Image
+
+    image = Image.fromarray(np.zeros((400, 300, 3), np.uint8))
+
+    def grid(processor):
+        return processor.image_processor(images=[image])["image_grid_thw"].tolist()
+
+    assert grid(load_processor(complete_folder)) == [[1, 12, 10]]
+    limited = load_processor(complete_folder, max_image_pixels=48 * 48)
+    assert grid(limited) == [[1, 6, 4]]
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    inputs = limited(text=[limited.apply_chat_template(conversation, tokenize=False)], images=[image])
+    assert (np.asarray(inputs["input_ids"]) == limited.image_token_id).sum() == 6
+    limited.save_pretrained(tmp_path / "exported")
+    assert grid(load_processor(tmp_path / "exported")) == [[1, 6, 4]]
+    with pytest.raises(ValueError, match=r"max_image_pixels must be an int >= the processor's smallest image area "
+                                         r"\(1024 pixels\), got 100"):
+        load_processor(complete_folder, max_image_pixels=100)

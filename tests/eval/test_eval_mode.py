@@ -149,6 +149,8 @@ def test_unknown_benchmark_and_missing_data(tiny_checkpoint, tmp_path):
         run(_config(benchmarks="vstar", checkpoint=tiny_checkpoint, data_dir=str(tmp_path / "nowhere")))
     with pytest.raises(ModeError, match="batch_size must be an int >= 1, got 0"):  # before the data or the model
         run(_config(benchmarks="vstar", checkpoint=tiny_checkpoint, batch_size=0))
+    with pytest.raises(ModeError, match="max_image_pixels must be an int >= 0, got -1"):
+        run(_config(benchmarks="vstar", checkpoint=tiny_checkpoint, max_image_pixels=-1))
 
 
 def judge_for_tests(question, reference, prediction):

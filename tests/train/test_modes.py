@@ -234,6 +234,7 @@ def test_rl_mode_refuses_bad_sampling_and_update_fields_before_loading(tmp_path)
                                 ("keep_checkpoints", 0, r"keep_checkpoints must be an int >= 1"),
                                 ("seed", -1, r"seed must be an int >= 0"),
                                 ("capacity", 0, r"capacity must be an int >= 1"),
+                                ("max_image_pixels", -1, r"max_image_pixels must be an int >= 0, got -1"),
                                 ("workdir", str(tmp_path / "a_file"), r"\(workdir\): .*a_file' exists and is not a folder"),
                                 ("algo", "grpoo", r"\(algo, axpo, advantage\): unknown advantage estimator 'grpoo'"),
                                 ("advantage", dict(std_normalize=True, eps=1e-6, ddof=0, truncation="drop"),
@@ -268,6 +269,7 @@ def test_sft_mode_refuses_bad_fields_and_data_before_loading(tmp_path):
                                 ("learning_rate", -1.0, r"learning_rate must be > 0"),
                                 ("logprob_chunk", 0, r"logprob_chunk must be an int >= 1"),
                                 ("seed", -1, r"seed must be an int >= 0"),
+                                ("max_image_pixels", -5, r"max_image_pixels must be an int >= 0, got -5"),
                                 ("keep_checkpoints", 0, r"keep_checkpoints must be an int >= 1"),
                                 ("max_consecutive_skipped_updates", -1,
                                  r"max_consecutive_skipped_updates must be an int >= 1")):
@@ -278,6 +280,24 @@ def test_sft_mode_refuses_bad_fields_and_data_before_loading(tmp_path):
             config.update({field: value})
             sft_run.run(config)
     assert not os.path.exists(tmp_path / "run")
+
+
+def test_an_image_limit_below_the_processors_minimum_is_refused_before_the_workdir_and_weights(sft_inputs,
+                                                                                                tmp_path):
+    """The folder holds a processor only (smallest image area 32 x 32): the limit is checked against it before the
+    run makes its workdir or reads any weights."""
+    from axpo_jax.data.tiny_processor import build_tiny_processor
+    from axpo_jax.modes import ModeError
+
+    folder = str(tmp_path / "processor_only")
+    build_tiny_processor(folder, patch_size=8, min_pixels=32 * 32, max_pixels=96 * 96)
+    sft = _sft_config(folder, sft_inputs[1], str(tmp_path / "sft_run"), max_image_pixels=100)
+    rl = _rl_config(folder, str(tmp_path / "rl_run"), algo="grpo", max_image_pixels=100)
+    for run, config in ((sft_run.run, sft), (rl_run.run, rl)):
+        with pytest.raises(ModeError, match=r"^config \(max_image_pixels\): max_image_pixels must be an int >= "
+                                            r"the processor's smallest image area \(1024 pixels\), got 100$"):
+            run(config)
+    assert not os.path.exists(tmp_path / "sft_run") and not os.path.exists(tmp_path / "rl_run")
 
 
 def test_the_demo_checks_its_rl_fields_before_its_sft_stage(tmp_path):
