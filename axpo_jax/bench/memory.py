@@ -321,8 +321,9 @@ class RLMemorySettings:
     and the attention scores (fp32) and probabilities (bf16) of every head: the einsum attention materializes the
     S x S matrix (with `fused_attention`, cuDNN's flash attention, only each query's softmax statistics). Heads
     and the MLP width split over `tensor`. Plus one chunk of `logprob_chunk` positions of fp32 logits and their
-    softmax. The vision tower's activations are not counted (one image row per sample is small next to
-    the decoder's).
+    softmax. The vision tower's, for one image of `image_pixels` per sequence (config `max_image_pixels`: the
+    largest an image can be), alike: each block's input (remat) plus one block's insides, whose attention scores
+    are the image's L x L patches per head in the einsum form (a high-resolution image's dominate); 0: not counted.
     """
 
     seq_len: int = 8192  # assumption: prompt + 3 policy turns + tool observations (the paper does not say)
@@ -337,6 +338,9 @@ class RLMemorySettings:
     reference_model: bool = True
     remat: bool = True  # assumption: per-layer rematerialization in the update (see the class docstring)
     fused_attention: bool = False  # the update attends through cuDNN's flash attention (config `attention` on a GPU)
+    # assumption: one image per sequence, resized within this many pixels (config max_image_pixels; the presets':
+    # 1,280 image tokens); 0: images not counted
+    image_pixels: int = 1280 * 32 * 32
     logprob_chunk: int = 256
     headroom: float = 0.10  # share of device memory kept free for XLA's own buffers, fragmentation, collectives
 
@@ -385,8 +389,22 @@ def _split(n: int, parts: int) -> int:
     return n // parts if parts > 1 and n % parts == 0 else n
 
 
+def vision_activation_bytes(vision, mesh_shape: Mapping[str, int], settings: RLMemorySettings) -> int:
+    """The vision tower's update-phase activations per device: one image of `settings.image_pixels` per sequence."""
+    patches = settings.image_pixels // vision.patch_size**2
+    if not patches:
+        return 0
+    heads = _split(vision.num_heads, mesh_shape.get("tensor", 1))
+    b, d, cb = settings.micro_batch_per_device, vision.hidden_size, settings.compute_bytes
+    # norms and residuals, q/k/v and the attention output, the MLP's input and output of its activation
+    width = 4 * d + 4 * heads * vision.head_dim + 2 * _split(vision.intermediate_size, mesh_shape.get("tensor", 1))
+    scores = b * heads * patches * 4 if settings.fused_attention else b * heads * patches**2 * (4 + cb)
+    one_block = b * patches * width * cb + scores
+    return vision.depth * b * patches * d * cb + one_block if settings.remat else vision.depth * one_block
+
+
 def activation_bytes(text, mesh_shape: Mapping[str, int], settings: RLMemorySettings) -> int:
-    """Update-phase activations per device (see RLMemorySettings)."""
+    """Update-phase activations per device of the decoder (see RLMemorySettings)."""
     tensor = mesh_shape.get("tensor", 1)
     b, s, d = settings.micro_batch_per_device, settings.seq_len, text.hidden_size
     tokens = b * s
@@ -421,7 +439,8 @@ def rl_memory_plan(model_config, mesh, settings: RLMemorySettings = RLMemorySett
         reference=sharded(settings.param_bytes) if settings.reference_model else 0,
         optimizer=sharded(settings.optimizer_bytes_per_param),
         grads=sharded(settings.grad_bytes) * (2 if settings.micro_batches > 1 else 1),
-        activations=activation_bytes(text, shape.shape, settings),
+        activations=(activation_bytes(text, shape.shape, settings)
+                     + vision_activation_bytes(model_config.vision, shape.shape, settings)),
         kv_cache=(text.num_hidden_layers * 2 * kv_heads * text.head_dim * settings.kv_cache_tokens * rows
                   * settings.compute_bytes),
     )
@@ -615,7 +634,9 @@ def run(config) -> dict[str, Any]:
     for name in config.presets:
         model_config = config_for(name)
         results[name] = plan_preset(name, model_config, mesh, settings)
-        plan = rl_memory_plan(model_config, mesh_shape, rl_settings)
+        # the RL plan's image: one of the patches the forward above was compiled with (the preset's patch size)
+        image_pixels = settings["patches_per_image"] * model_config.vision.patch_size**2
+        plan = rl_memory_plan(model_config, mesh_shape, dataclasses.replace(rl_settings, image_pixels=image_pixels))
         try:
             spare = check_fits(plan, int(settings["device_memory_gib"] * GIB), rl_settings.headroom,
                                what=f"preset {name} on mesh {mesh_shape}")

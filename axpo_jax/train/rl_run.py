@@ -150,6 +150,7 @@ def memory_settings(config, batch_devices: int, processes: int | None = None, ba
         micro_batches=-(-rows_per_update // micro), rollout_rows=rows,
         param_bytes=2 if half else 4, grad_bytes=2 if half else 4, compute_bytes=2 if half else 4,
         reference_model=bool(config.kl_coef), remat=config.remat, logprob_chunk=config.logprob_chunk,
+        image_pixels=config.max_image_pixels,
         # only cuDNN's kernel keeps no S x S scores: XLA's dot_product_attention materializes them as einsum does
         fused_attention=fused_attention_for(config.attention, dtype_named(config.dtype), backend) == "cudnn")
 

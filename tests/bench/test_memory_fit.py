@@ -16,7 +16,7 @@ from axpo_jax.bench import memory
 GIB = 1024**3
 MICRO = memory.config_for("micro")  # text: V=512, d=64, I=128, 1 layer, 4 heads, 2 kv heads of 16
 SMALL = memory.RLMemorySettings(seq_len=32, micro_batch_per_device=1, rollout_rows=3, kv_cache_tokens=64,
-                                logprob_chunk=16)
+                                logprob_chunk=16, image_pixels=0)
 
 
 def test_check_fits_uses_the_larger_phase_and_the_headroom():
@@ -59,6 +59,26 @@ def test_rl_plan_components_by_hand():
     # a fused (flash) attention keeps no 32 x 32 scores, only each query's logsumexp: 4 heads x 32 x 4 bytes
     fused = memory.rl_memory_plan(MICRO, {"fsdp": 1}, dataclass_replace(SMALL, fused_attention=True)).components
     assert fused["activations"] == c["activations"] - 4 * 32**2 * 6 + 4 * 32 * 4
+
+
+def test_vision_activations_by_hand():
+    """MICRO's vision tower (1 block, width 32, 2 heads of 16, MLP 64, 8 px patches) on one 64 x 64 image per
+    sequence: 64 patches."""
+    image = dataclass_replace(SMALL, image_pixels=64 * 64)
+    vision = MICRO.vision
+    # one block: 64 patches x (4*32 + 4*2*16 + 2*64 = 384) x 2 bytes + 2 heads x 64^2 x 6 bytes = 98,304;
+    # remat keeps the block's input, 64 x 32 x 2 = 4,096
+    assert memory.vision_activation_bytes(vision, {"tensor": 1}, image) == 4_096 + 98_304
+    assert memory.vision_activation_bytes(vision, {"tensor": 1}, dataclass_replace(image, remat=False)) == 98_304
+    # a fused attention: each query's logsumexp, 2 heads x 64 x 4 bytes, instead of the scores
+    fused = dataclass_replace(image, fused_attention=True)
+    assert memory.vision_activation_bytes(vision, {"tensor": 1}, fused) == 4_096 + 64 * 384 * 2 + 2 * 64 * 4
+    # tensor=2: one head per device, MLP 32: 64 x (128 + 64 + 64) x 2 + 1 x 64^2 x 6 = 57,344
+    assert memory.vision_activation_bytes(vision, {"tensor": 2}, image) == 4_096 + 57_344
+    plan = memory.rl_memory_plan(MICRO, {"fsdp": 1}, image).components
+    assert plan["activations"] == memory.rl_memory_plan(MICRO, {"fsdp": 1}, SMALL).components["activations"] \
+        + 4_096 + 98_304
+    assert memory.vision_activation_bytes(vision, {"tensor": 1}, SMALL) == 0  # image_pixels=0: not counted
 
 
 def dataclass_replace(settings, **changes):
