@@ -460,7 +460,7 @@ def check_fits(plan: MemoryPlan, device_memory_bytes: int, headroom: float = 0.1
     raise PlanDoesNotFit(
         f"{what} does not fit: its {phase} phase needs {_size(need)} per device ({parts}) but the device has "
         f"{_size(device_memory_bytes)}, {_size(usable)} usable with {headroom:.0%} headroom; use more devices "
-        f"(fsdp), split heads (tensor), a shorter sequence or a smaller batch"
+        f"(fsdp), split heads (tensor), a shorter sequence, a smaller batch or smaller images (max_image_pixels)"
     )
 
 

@@ -124,10 +124,12 @@ def evaluate_checkpoint(config, folder: str, executor) -> dict:
                     batch_size=config.eval_batch_size)
 
 
-def memory_settings(config, batch_devices: int, processes: int | None = None, backend: str | None = None):
+def memory_settings(config, batch_devices: int, processes: int | None = None, backend: str | None = None,
+                    image_pixels: int | None = None):
     """What one RL step of this config holds (axpo_jax/bench/memory.py's RLMemorySettings) on `batch_devices`
     (data x fsdp) devices of `processes` processes (default: this run's; a pod's host count plans it from here) of
-    `backend` (default: this run's)."""
+    `backend` (default: this run's), with images of up to `image_pixels` (default: `max_image_pixels`; the run
+    passes its processor's limit, which is the folder's own when that is 0)."""
     import jax
 
     from axpo_jax.algo.axpo import AXPOConfig, resample_budget
@@ -150,20 +152,22 @@ def memory_settings(config, batch_devices: int, processes: int | None = None, ba
         micro_batches=-(-rows_per_update // micro), rollout_rows=rows,
         param_bytes=2 if half else 4, grad_bytes=2 if half else 4, compute_bytes=2 if half else 4,
         reference_model=bool(config.kl_coef), remat=config.remat, logprob_chunk=config.logprob_chunk,
-        image_pixels=config.max_image_pixels,
+        image_pixels=config.max_image_pixels if image_pixels is None else image_pixels,
         # only cuDNN's kernel keeps no S x S scores: XLA's dot_product_attention materializes them as einsum does
         fused_attention=fused_attention_for(config.attention, dtype_named(config.dtype), backend) == "cudnn")
 
 
-def check_memory(config, mesh) -> None:
+def check_memory(config, mesh, image_pixels: int | None = None) -> None:
     """Refuses (PlanDoesNotFit, one line) a run whose RL step would not fit the device, before anything is
-    allocated: the analytic plan of axpo_jax/bench/memory.py for this config's model, mesh and rollout size."""
+    allocated: the analytic plan of axpo_jax/bench/memory.py for this config's model, mesh, rollout size and
+    largest image (`image_pixels`: the processor's limit)."""
     from axpo_jax.bench.memory import ensure_plan_fits
     from axpo_jax.models.qwen3_vl import Qwen3VLConfig
 
     batch_devices = 1 if mesh is None else mesh.shape["data"] * mesh.shape["fsdp"]
     ensure_plan_fits(Qwen3VLConfig.from_pretrained(config.checkpoint), mesh or {"fsdp": 1},
-                     memory_settings(config, batch_devices), device_memory_gib=config.device_memory_gib or None)
+                     memory_settings(config, batch_devices, image_pixels=image_pixels),
+                     device_memory_gib=config.device_memory_gib or None)
 
 
 def bench_record(config, records: list[dict], text_config):
@@ -312,7 +316,7 @@ def _run(config, stop) -> dict:
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     check_resume_settings(config, workdir, checkpointer, primary=primary)
-    check_memory(config, mesh)
+    check_memory(config, mesh, int(processor.image_processor.size["longest_edge"]))
     attention = checked_attention(config, dtype)
     model = qwen3_vl.from_pretrained(config.checkpoint, dtype=dtype, mesh=mesh).use_fused_attention_(attention)
     reference = (qwen3_vl.from_pretrained(config.reference or config.checkpoint, dtype=dtype, mesh=mesh)

@@ -300,6 +300,24 @@ def test_an_image_limit_below_the_processors_minimum_is_refused_before_the_workd
     assert not os.path.exists(tmp_path / "sft_run") and not os.path.exists(tmp_path / "rl_run")
 
 
+def test_the_memory_check_counts_the_largest_image_the_processor_makes(sft_inputs, tmp_path):
+    """A 2048 x 2048 image limit gives the tiny policy's vision tower 65,536 patches of 8 px, whose einsum scores
+    alone (2 heads x 65,536^2 x 8 bytes in fp32) are 64 GiB: refused on an 8 GiB device, naming the remedy; the
+    folder's own limit (96 x 96 pixels, which max_image_pixels=0 keeps) fits the same device."""
+    from axpo_jax.data.processor import load_processor
+    from axpo_jax.modes import ModeError
+
+    base = sft_inputs[0]
+    config = _rl_config(base, str(tmp_path / "run"), algo="grpo", device_memory_gib=8.0,
+                        max_image_pixels=2048 * 2048)
+    with pytest.raises(ModeError, match=r"does not fit: its update phase needs .*activations [0-9.]+ GiB.*smaller "
+                                        r"images \(max_image_pixels\)$"):
+        rl_run.run(config)
+    folder_limit = int(load_processor(base).image_processor.size["longest_edge"])
+    assert folder_limit == 96 * 96
+    rl_run.check_memory(_rl_config(base, str(tmp_path / "run"), device_memory_gib=8.0), None, folder_limit)
+
+
 def test_the_demo_checks_its_rl_fields_before_its_sft_stage(tmp_path):
     from axpo_jax import demo
     from axpo_jax.modes import ModeError
