@@ -1,9 +1,10 @@
 """How far each attention's per-token log-probs are from the same weights run in float32 (a GPU check of the
 fused attention, `configs/*.py: attention`): a random `preset` model in bf16 (float32 on a CPU), the einsum
-attention and the fused one (cuDNN on a GPU, XLA's elsewhere) against transformers in float32 and in bf16.
-Prints one JSON line.
+attention and the fused one (cuDNN on a GPU, XLA's elsewhere; in the decoder and in the vision tower) against
+transformers in float32 and in bf16. Prints one JSON line.
 
-    python scripts/attention_agreement.py [preset] [batch] [seq_len]     # e.g. 2b 2 4096 on a GPU
+    python scripts/attention_agreement.py [preset] [batch] [seq_len] [image_size]   # e.g. 2b 2 4096 on a GPU;
+                                                                                      # 2b 1 8192 1024: 4,096 patches
 """
 
 import json
@@ -19,11 +20,11 @@ from axpo_jax.bench.forward import build_models, hf_config_dict, make_batch, tor
 from axpo_jax.models import qwen3_vl
 
 
-def main(preset: str = "micro", batch: int = 2, seq_len: int = 256) -> dict:
+def main(preset: str = "micro", batch: int = 2, seq_len: int = 256, image_size: int = 0) -> dict:
     device = torch_device_for("auto")
     hf = hf_config_dict(preset)
-    inputs_np, _ = make_batch(hf, batch=batch, seq_len=seq_len, num_images=1, image_size=448 if preset == "2b" else 128,
-                              seed=0)
+    image_size = image_size or (448 if preset == "2b" else 128)
+    inputs_np, _ = make_batch(hf, batch=batch, seq_len=seq_len, num_images=1, image_size=image_size, seed=0)
     dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"  # XLA:CPU has no bf16 x bf16 -> f32 dot
     hf_model, flax_model, _ = build_models(preset, 0, torch_device=device, dtype=dtype)
     targets = np.concatenate([inputs_np["input_ids"][:, 1:], np.zeros((batch, 1), np.int64)], axis=1)
@@ -48,7 +49,8 @@ def main(preset: str = "micro", batch: int = 2, seq_len: int = 256) -> dict:
                                                                   jnp.asarray(targets, jnp.int32))
         results[name] = np.asarray(logprobs)
     reference = results["torch_fp32"]
-    record = dict(preset=preset, dtype=dtype, batch=batch, seq_len=seq_len, device=jax.devices()[0].device_kind)
+    record = dict(preset=preset, dtype=dtype, batch=batch, seq_len=seq_len, image_size=image_size,
+                  device=jax.devices()[0].device_kind)
     for name, logprobs in results.items():
         if name != "torch_fp32":
             diff = np.abs(logprobs - reference)[scored]
@@ -61,4 +63,4 @@ def main(preset: str = "micro", batch: int = 2, seq_len: int = 256) -> dict:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main(*(args[:1] + [int(a) for a in args[1:3]]))
+    main(*(args[:1] + [int(a) for a in args[1:4]]))

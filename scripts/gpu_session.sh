@@ -17,6 +17,8 @@
 #                                       # bf16 with remat (tiny policy, 3 steps), the 2 x 4096 update against the
 #                                       # fixed torch reference with a tighter log-prob check, the agreement script;
 #                                       # each with the vision tower's cuDNN attention (its images' patch rows)
+#   bash scripts/gpu_session.sh vision_hires  # the agreement script on one 1024 px image (4,096 patches) in an
+#                                       # 8,192-token row: the vision tower's cuDNN attention at a high resolution
 #
 # Packages the machine lacks (grain, ml_collections, tensorboardX, ...) come as wheels in .whl/ (see README);
 # flax is taken at this project's tested version when it imports with the machine's jax, else the machine's.
@@ -110,6 +112,8 @@ elif [ "$MODE" = cudnn_paths ]; then
   BF16_CHECKS="--config.max_loss_rel_diff=0.05 --config.max_logprob_diff=0.5 --config.max_grad_norm_rel_diff=0.1" \
     update_2b_bf16 update_2b_bf16_cudnn_4096 cudnn 2 4096 0.4
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 step attention_agreement 200 python3 scripts/attention_agreement.py 2b 2 4096
+elif [ "$MODE" = vision_hires ]; then
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 step attention_agreement_1024px 240 python3 scripts/attention_agreement.py 2b 1 8192 1024
 elif [ "$MODE" = rl_2b ]; then
   rl_2b_shape
 elif [ "$MODE" = decode_window ]; then
