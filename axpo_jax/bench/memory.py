@@ -597,6 +597,10 @@ def run(config) -> dict[str, Any]:
     unknown = sorted(set(targets) - set(_TARGETS))
     if unknown:
         raise BenchError(f"unknown memory_plan targets {unknown}; known: {list(_TARGETS)}")
+    attention = str(config.get("attention", "einsum"))
+    if attention not in ("einsum", "cudnn"):
+        raise BenchError(f"memory_plan attention must be 'einsum' (TPU, CPU: the S x S scores are held) or 'cudnn' "
+                         f"(an NVIDIA GPU's flash attention), got {attention!r}")
     mesh_shape = {axis: int(config.mesh.get(axis, 1)) for axis in MESH_AXES}
     needed = int(np.prod(list(mesh_shape.values())))
     have = jax.device_count()
@@ -625,7 +629,7 @@ def run(config) -> dict[str, Any]:
         rollout_rows=int(config.get("rollout_rows", settings["batch_per_device"] * batch_devices)),
         kv_cache_tokens=settings["kv_cache_tokens"], logprob_chunk=settings["logprob_chunk"],
         remat=bool(config.get("remat", True)), reference_model=bool(config.get("reference_model", True)),
-        headroom=float(config.get("headroom", RLMemorySettings.headroom)),
+        headroom=float(config.get("headroom", RLMemorySettings.headroom)), fused_attention=attention == "cudnn",
     )
     _log(f"mesh {mesh_shape} on {needed} {jax.default_backend()} device(s); settings {settings}; RL {rl_settings}")
     results = {}

@@ -123,6 +123,12 @@ def test_memory_plan_mode_reports_the_rl_plan_and_refuses_what_does_not_fit():
         memory.run(_memory_config(device_memory_gib=0.0001))
     report = memory.run(_memory_config(device_memory_gib=0.0001, fail_if_not_fit=False))
     assert report["presets"]["micro"]["rl_plan"]["fits"] is False
+    # planned for a GPU's cuDNN attention: the same plan less the decoder's and the vision tower's scores
+    cudnn = memory.run(_memory_config(attention="cudnn"))["presets"]["micro"]["rl_plan"]["bytes"]
+    einsum = micro["bytes"]
+    assert cudnn["activations"] < einsum["activations"]
+    assert {k: v for k, v in cudnn.items() if k != "activations"} == \
+        {k: v for k, v in einsum.items() if k != "activations"}
 
 
 def test_memory_plan_refuses_unknown_names_before_planning_any_preset():
@@ -131,6 +137,8 @@ def test_memory_plan_refuses_unknown_names_before_planning_any_preset():
         memory.run(_memory_config(presets=("micro", "9b")))
     with pytest.raises(modes.ModeError, match="unknown memory_plan targets"):
         memory.run(_memory_config(targets=("logit",)))
+    with pytest.raises(modes.ModeError, match="memory_plan attention must be 'einsum' .* or 'cudnn'"):
+        memory.run(_memory_config(attention="flash"))
 
 
 def test_launch_exits_with_one_line_when_the_plan_does_not_fit():
