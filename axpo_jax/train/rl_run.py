@@ -271,7 +271,7 @@ def _run(config, stop) -> dict:
     import jax
     from tqdm.auto import tqdm
 
-    from axpo_jax.data.processor import load_processor
+    from axpo_jax.data.processor import limit_image_pixels, load_processor
     from axpo_jax.data.synthetic import task_dataset
     from axpo_jax.data.tasks import (check_same_records, next_batch_on_every_process, read_on_every_process,
                                      task_source)
@@ -307,8 +307,11 @@ def _run(config, stop) -> dict:
         source = read_on_every_process(f"tasks {config.tasks}", lambda: task_source(config.tasks, seed=config.seed + 1))
     with config_fields("mesh"):
         mesh = mesh_from_config(config.mesh.to_dict())
-    with config_fields("max_image_pixels"):  # before the workdir and weights: a limit below the minimum is one line
-        processor = load_processor(config.checkpoint, config.max_image_pixels)
+    # before the workdir and weights: a folder without a processor, or a limit below its minimum, is one line
+    processor = load_processor(config.checkpoint)
+    if config.max_image_pixels:
+        with config_fields("max_image_pixels"):
+            limit_image_pixels(processor, config.max_image_pixels)
     stop.install()
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)

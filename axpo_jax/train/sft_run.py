@@ -136,7 +136,7 @@ def run(config) -> dict:
 def _run(config, stop) -> dict:
     from tqdm.auto import tqdm
 
-    from axpo_jax.data.processor import load_processor
+    from axpo_jax.data.processor import limit_image_pixels, load_processor
     from axpo_jax.data.synthetic import SFTSource, task_dataset
     from axpo_jax.data.tasks import DataFileError, next_batch_on_every_process, read_on_every_process
     from axpo_jax.models import qwen3_vl
@@ -157,8 +157,10 @@ def _run(config, stop) -> dict:
     with config_fields("mesh"):
         mesh = mesh_from_config(config.mesh.to_dict())
     # before the weights and the workdir: a folder without tokenizer, image settings or chat template is one line
-    with config_fields("max_image_pixels"):
-        processor = load_processor(config.checkpoint, config.max_image_pixels)
+    processor = load_processor(config.checkpoint)
+    if config.max_image_pixels:
+        with config_fields("max_image_pixels"):
+            limit_image_pixels(processor, config.max_image_pixels)
     stop.install()
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
     workdir = os.path.abspath(config.workdir)

@@ -379,8 +379,8 @@ class VisionModel(nnx.Module):
         x_nld = x_nld + pos_nld.astype(x_nld.dtype)
         cos_nle, sin_nle = self.rope(inputs.patch_rope_hw_nl2)
         deepstack = []
+        run = nnx.remat(_run_vision_block, static_argnums=(5,)) if remat else _run_vision_block
         for layer, block in enumerate(self.blocks):
-            run = nnx.remat(_run_vision_block, static_argnums=(5,)) if remat else _run_vision_block
             x_nld = constrain_batch(run(block, constrain_batch(x_nld), cos_nle, sin_nle, inputs.patch_valid_nl,
                                         self.fused_attention))
             if layer in self.cfg.deepstack_visual_indexes:
