@@ -139,8 +139,9 @@ def get_config(arg=None):
         config.patches_per_image = 1024  # a 512x512 image: 32x32 patches of 16 px, 256 image tokens
         config.kv_cache_tokens = 8192  # per sequence, for the analytic rollout KV cache
         config.logprob_chunk = 256
-        # the update's attention in the RL plan: "einsum" (TPU, CPU: every head's S x S scores are held) or
-        # "cudnn" (an NVIDIA GPU's flash attention: only each query's softmax statistics)
+        # the update's attention in the RL plan: "einsum" (every head's S x S scores are held), "cudnn" (an NVIDIA
+        # GPU's flash attention, decoder and vision tower: each query's softmax statistics) or "splash" (a TPU's
+        # flash kernel, the decoder only)
         config.attention = "einsum"
         config.targets = ("logits", "token_logprobs")
         # > 0: compile with this many and twice as many decoder layers, extrapolate temp memory to full depth.

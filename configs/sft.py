@@ -29,7 +29,7 @@ def get_config(arg=None):
     config.dtype = ""
     # attention of whole sequences (update forwards, prompt prefills) and of each image in the vision tower: "auto" =
     # cuDNN flash attention on a GPU in bfloat16, the einsum attention elsewhere; "einsum" | "cudnn" | "xla" force
-    # one (models/qwen3_vl/model.py)
+    # one; "splash": Pallas' TPU flash kernel for the decoder (not run on a TPU yet; models/qwen3_vl/model.py)
     config.attention = "auto"
     # > 0: the largest area (pixels) an image or crop is resized within; 0: the processor folder's own (Qwen3-VL's:
     # 16,777,216 pixels = 16,384 image tokens; data/processor.py)

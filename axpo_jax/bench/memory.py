@@ -319,7 +319,7 @@ class RLMemorySettings:
     recomputed at a time during the backward pass; without it, every layer's. One layer holds its norms and
     residuals (4 x hidden), q/k/v and the attention output, the MLP's gate/up/product (3 x intermediate) per token,
     and the attention scores (fp32) and probabilities (bf16) of every head: the einsum attention materializes the
-    S x S matrix (with `fused_attention`, cuDNN's flash attention, only each query's softmax statistics). Heads
+    S x S matrix (with `fused_attention`, a flash kernel, only each query's softmax statistics). Heads
     and the MLP width split over `tensor`. Plus one chunk of `logprob_chunk` positions of fp32 logits and their
     softmax. The vision tower's, for one image of `image_pixels` per sequence (config `max_image_pixels`: the
     largest an image can be), alike: each block's input (remat) plus one block's insides, whose attention scores
@@ -337,7 +337,10 @@ class RLMemorySettings:
     optimizer_bytes_per_param: int = 8  # AdamW m and v in fp32
     reference_model: bool = True
     remat: bool = True  # assumption: per-layer rematerialization in the update (see the class docstring)
-    fused_attention: bool = False  # the update attends through cuDNN's flash attention (config `attention` on a GPU)
+    # the decoder attends through a flash kernel (config `attention`: cuDNN on a GPU, or splash), and the vision
+    # tower (cuDNN only)
+    fused_attention: bool = False
+    fused_vision_attention: bool = False
     # assumption: one image per sequence, resized within this many pixels (config max_image_pixels; the presets':
     # 1,280 image tokens); 0: images not counted
     image_pixels: int = 1280 * 32 * 32
@@ -398,7 +401,7 @@ def vision_activation_bytes(vision, mesh_shape: Mapping[str, int], settings: RLM
     b, d, cb = settings.micro_batch_per_device, vision.hidden_size, settings.compute_bytes
     # norms and residuals, q/k/v and the attention output, the MLP's input and output of its activation
     width = 4 * d + 4 * heads * vision.head_dim + 2 * _split(vision.intermediate_size, mesh_shape.get("tensor", 1))
-    scores = b * heads * patches * 4 if settings.fused_attention else b * heads * patches**2 * (4 + cb)
+    scores = b * heads * patches * 4 if settings.fused_vision_attention else b * heads * patches**2 * (4 + cb)
     one_block = b * patches * width * cb + scores
     return vision.depth * b * patches * d * cb + one_block if settings.remat else vision.depth * one_block
 
@@ -598,9 +601,10 @@ def run(config) -> dict[str, Any]:
     if unknown:
         raise BenchError(f"unknown memory_plan targets {unknown}; known: {list(_TARGETS)}")
     attention = str(config.get("attention", "einsum"))
-    if attention not in ("einsum", "cudnn"):
-        raise BenchError(f"memory_plan attention must be 'einsum' (TPU, CPU: the S x S scores are held) or 'cudnn' "
-                         f"(an NVIDIA GPU's flash attention), got {attention!r}")
+    if attention not in ("einsum", "cudnn", "splash"):
+        raise BenchError(f"memory_plan attention must be 'einsum' (the S x S scores are held), 'cudnn' (an NVIDIA "
+                         f"GPU's flash attention, decoder and vision tower) or 'splash' (a TPU's, decoder only), got "
+                         f"{attention!r}")
     mesh_shape = {axis: int(config.mesh.get(axis, 1)) for axis in MESH_AXES}
     needed = int(np.prod(list(mesh_shape.values())))
     have = jax.device_count()
@@ -629,7 +633,8 @@ def run(config) -> dict[str, Any]:
         rollout_rows=int(config.get("rollout_rows", settings["batch_per_device"] * batch_devices)),
         kv_cache_tokens=settings["kv_cache_tokens"], logprob_chunk=settings["logprob_chunk"],
         remat=bool(config.get("remat", True)), reference_model=bool(config.get("reference_model", True)),
-        headroom=float(config.get("headroom", RLMemorySettings.headroom)), fused_attention=attention == "cudnn",
+        headroom=float(config.get("headroom", RLMemorySettings.headroom)), fused_attention=attention != "einsum",
+        fused_vision_attention=attention == "cudnn",
     )
     _log(f"mesh {mesh_shape} on {needed} {jax.default_backend()} device(s); settings {settings}; RL {rl_settings}")
     results = {}

@@ -146,6 +146,7 @@ def memory_settings(config, batch_devices: int, processes: int | None = None, ba
     # (RLTrainer._update); a micro-batch the batch devices cannot divide is replicated: each device holds all of it
     micro = rounded_rows_per_process(config.micro_batch_size, batch_devices, processes)
     rows_per_update = -(-rows // (processes * config.updates_per_step))
+    attention = fused_attention_for(config.attention, dtype_named(config.dtype), backend)
     return RLMemorySettings(
         seq_len=config.capacity, kv_cache_tokens=config.capacity,
         micro_batch_per_device=rows_per_device(config.micro_batch_size, {"fsdp": batch_devices}, processes),
@@ -153,8 +154,9 @@ def memory_settings(config, batch_devices: int, processes: int | None = None, ba
         param_bytes=2 if half else 4, grad_bytes=2 if half else 4, compute_bytes=2 if half else 4,
         reference_model=bool(config.kl_coef), remat=config.remat, logprob_chunk=config.logprob_chunk,
         image_pixels=config.max_image_pixels if image_pixels is None else image_pixels,
-        # only cuDNN's kernel keeps no S x S scores: XLA's dot_product_attention materializes them as einsum does
-        fused_attention=fused_attention_for(config.attention, dtype_named(config.dtype), backend) == "cudnn")
+        # only cuDNN's and splash's kernels keep no S x S scores (XLA's dot_product_attention materializes them);
+        # splash is the decoder's only
+        fused_attention=attention in ("cudnn", "splash"), fused_vision_attention=attention == "cudnn")
 
 
 def check_memory(config, mesh, image_pixels: int | None = None) -> None:

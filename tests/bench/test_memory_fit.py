@@ -71,8 +71,10 @@ def test_vision_activations_by_hand():
     assert memory.vision_activation_bytes(vision, {"tensor": 1}, image) == 4_096 + 98_304
     assert memory.vision_activation_bytes(vision, {"tensor": 1}, dataclass_replace(image, remat=False)) == 98_304
     # a fused attention: each query's logsumexp, 2 heads x 64 x 4 bytes, instead of the scores
-    fused = dataclass_replace(image, fused_attention=True)
+    fused = dataclass_replace(image, fused_vision_attention=True)
     assert memory.vision_activation_bytes(vision, {"tensor": 1}, fused) == 4_096 + 64 * 384 * 2 + 2 * 64 * 4
+    decoder_only = dataclass_replace(image, fused_attention=True)  # splash: the vision tower keeps its scores
+    assert memory.vision_activation_bytes(vision, {"tensor": 1}, decoder_only) == 4_096 + 98_304
     # tensor=2: one head per device, MLP 32: 64 x (128 + 64 + 64) x 2 + 1 x 64^2 x 6 = 57,344
     assert memory.vision_activation_bytes(vision, {"tensor": 2}, image) == 4_096 + 57_344
     plan = memory.rl_memory_plan(MICRO, {"fsdp": 1}, image).components
@@ -129,6 +131,9 @@ def test_memory_plan_mode_reports_the_rl_plan_and_refuses_what_does_not_fit():
     assert cudnn["activations"] < einsum["activations"]
     assert {k: v for k, v in cudnn.items() if k != "activations"} == \
         {k: v for k, v in einsum.items() if k != "activations"}
+    # splash: the decoder's scores only; the vision tower's stay
+    splash = memory.run(_memory_config(attention="splash"))["presets"]["micro"]["rl_plan"]["bytes"]
+    assert cudnn["activations"] < splash["activations"] < einsum["activations"]
 
 
 def test_memory_plan_refuses_unknown_names_before_planning_any_preset():
@@ -137,7 +142,8 @@ def test_memory_plan_refuses_unknown_names_before_planning_any_preset():
         memory.run(_memory_config(presets=("micro", "9b")))
     with pytest.raises(modes.ModeError, match="unknown memory_plan targets"):
         memory.run(_memory_config(targets=("logit",)))
-    with pytest.raises(modes.ModeError, match="memory_plan attention must be 'einsum' .* or 'cudnn'"):
+    with pytest.raises(modes.ModeError,
+                       match="memory_plan attention must be 'einsum' .*, 'cudnn' .* or 'splash' .*got 'flash'"):
         memory.run(_memory_config(attention="flash"))
 
 

@@ -1,5 +1,5 @@
-"""The forward and the sampler on a simulated 8-device CPU mesh (data x fsdp x tensor = 2 x 2 x 2) equal the
-1-device ones.
+"""The forward (einsum and splash attention) and the sampler on a simulated 8-device CPU mesh (data x fsdp x
+tensor = 2 x 2 x 2) equal the 1-device ones.
 
 The mesh needs XLA_FLAGS before jax starts, so the check runs in a fresh interpreter (this file as a script).
 """
@@ -52,6 +52,12 @@ def _check(folder: str) -> None:
     assert len(logits_8.sharding.device_set) == 8
     np.testing.assert_allclose(np.asarray(logits_8), np.asarray(logits_1), atol=2e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(logp_8), np.asarray(logp_1), atol=2e-5, rtol=0)
+    # the splash kernel (interpreted here) runs each device's rows and heads in a shard_map: the same log-probs
+    sharded.use_fused_attention_("splash")
+    with jax.set_mesh(mesh):
+        _, logp_splash = run(sharded, shard_model_inputs(inputs, mesh), targets)
+    np.testing.assert_allclose(np.asarray(logp_splash), np.asarray(logp_1), atol=2e-5, rtol=0)
+    sharded.use_fused_attention_(None)
 
     # The sampler's cache rows split over the mesh too; greedy rollouts are the same tokens as on one device.
     from axpo_jax.rollout.sampler import Sampler, SamplingParams

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from axpo_jax.models.qwen3_vl.config import Qwen3VLConfig, TextConfig, VisionConfig
 from axpo_jax.models.qwen3_vl.inputs import ModelInputs
-from axpo_jax.parallel.sharding import constrain_batch
+from axpo_jax.parallel.sharding import BATCH_AXES, constrain_batch
 
 _NEG_INF = -1e30  # finite, so an all-masked row (padding) gives a uniform softmax instead of NaNs
 
@@ -181,13 +183,64 @@ def attention(q_bthe, k_bkes, v_bkse, mask_bts):
 def fused_causal_attention(q_bthe, k_btke, v_btke, kv_len_b, implementation: str):
     """Causal attention of right-padded rows over themselves by `jax.nn.dot_product_attention` ("cudnn": cuDNN's
     flash attention, which never materialises the [T, S] scores and skips the masked half; "xla": XLA's own, the
-    form tests check the arguments with on the CPU). Query t sees keys s <= t with s < kv_len_b, the einsum path's
-    mask for every real token; a padding query (t >= kv_len_b) still sees its row's real keys, so it stays finite."""
+    form tests check the arguments with on the CPU), or "splash": `splash_causal_attention`. Query t sees keys
+    s <= t with s < kv_len_b, the einsum path's mask for every real token; a padding query (t >= kv_len_b) still
+    sees keys, so it stays finite."""
+    if implementation == "splash":
+        return splash_causal_attention(q_bthe, k_btke, v_btke, kv_len_b)
     b, t, h, e = q_bthe.shape
     out_bthe = jax.nn.dot_product_attention(q_bthe, k_btke, v_btke, is_causal=True,
                                             key_value_seq_lengths=jnp.maximum(kv_len_b, 1).astype(jnp.int32),
                                             implementation=implementation)
     return out_bthe.reshape(b, t, h * e)
+
+
+_SPLASH_BLOCK = 128  # the kernel's query and key tiles (its minimum: a TPU lane's width)
+
+
+def splash_causal_attention(q_bthe, k_btke, v_btke, kv_len_b):
+    """Causal attention of right-padded rows through Pallas' TPU splash kernel: flash attention over a block-sparse
+    causal mask, never the [T, S] scores. Each kv head's query group is one MQA call, rows and kv heads are
+    vmapped, and under a mesh each device runs its own rows and heads in a shard_map (XLA cannot partition a
+    Pallas call). T pads to the kernel's 128-wide tiles; real tokens are segment 1 and padding segment 0, so a
+    real query sees only its row's real keys and a padding query padding keys. Off a TPU the kernel runs
+    interpreted (the tests' CPU form)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    t, h, e = q_bthe.shape[1:]
+    padded = -(-t // _SPLASH_BLOCK) * _SPLASH_BLOCK
+
+    def local(q_bthe, k_btke, v_btke, kv_len_b):
+        b, _, local_h, _ = q_bthe.shape
+        local_k = k_btke.shape[2]
+        group = local_h // local_k
+        kernel = splash.make_splash_mqa_single_device(
+            masks.MultiHeadMask([masks.CausalMask((padded, padded))] * group),
+            block_sizes=splash.BlockSizes(*[_SPLASH_BLOCK] * 8), interpret=jax.default_backend() != "tpu")
+        pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
+        q_bkgte = jnp.pad(q_bthe * e**-0.5, pad).astype(q_bthe.dtype).reshape(
+            b, padded, local_k, group, e).transpose(0, 2, 3, 1, 4)
+        k_bkte, v_bkte = (jnp.pad(x, pad).transpose(0, 2, 1, 3) for x in (k_btke, v_btke))
+        segment_bt = (jnp.arange(padded)[None] < kv_len_b[:, None]).astype(jnp.int32)
+
+        def row(q_kgte, k_kte, v_kte, segment_t):
+            ids = splash.SegmentIds(q=segment_t, kv=segment_t)
+            return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q_kgte, k_kte, v_kte)
+
+        out_bkgte = jax.vmap(row)(q_bkgte, k_bkte, v_bkte, segment_bt)
+        return out_bkgte.transpose(0, 3, 1, 2, 4).reshape(b, padded, local_h * e)[:, :t]
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q_bthe, k_btke, v_btke, kv_len_b)
+    batch_devices = math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
+    tensor = mesh.shape.get("tensor", 1)
+    rows = BATCH_AXES if q_bthe.shape[0] % batch_devices == 0 else None  # else replicated, as constrain_batch does
+    heads = "tensor" if h % tensor == 0 and k_btke.shape[2] % tensor == 0 else None
+    qkv = P(rows, None, heads, None)
+    return jax.shard_map(local, in_specs=(qkv, qkv, qkv, P(rows)), out_specs=P(rows, None, heads),
+                         check_vma=False)(q_bthe, k_btke, v_btke, kv_len_b)
 
 
 def causal_attention(q_bthe, k_bkes, v_bkse, mask_bts, query_block: int):
@@ -231,14 +284,16 @@ def causal_query_block(t: int) -> int:
     return max(64, -(-t // 16))
 
 
-ATTENTION_SETTINGS = ("auto", "einsum", "cudnn", "xla")
+ATTENTION_SETTINGS = ("auto", "einsum", "cudnn", "xla", "splash")
 
 
 def fused_attention_for(setting: str, dtype, backend: str | None = None) -> str | None:
     """A config's `attention` as `use_fused_attention_`'s argument. "auto": cuDNN's flash attention on a GPU in
     bf16/fp16 (cuDNN takes no fp32), else the einsum attention (XLA:CPU and TPU: not measured with a fused kernel
-    here); "einsum": always the einsum attention; "cudnn" / "xla": that `jax.nn.dot_product_attention`. `backend`:
-    where it will run (default: here; the memory plan asks for a machine it plans from elsewhere)."""
+    here); "einsum": always the einsum attention; "cudnn" / "xla": that `jax.nn.dot_product_attention`; "splash":
+    Pallas' TPU flash kernel for the decoder (`splash_causal_attention`; interpreted on a CPU, for tests; not run on
+    a TPU yet, so "auto" does not pick it). `backend`: where it will run (default: here; the memory plan asks for a
+    machine it plans from elsewhere)."""
     if setting not in ATTENTION_SETTINGS:
         raise ValueError(f"attention must be one of {ATTENTION_SETTINGS}, not {setting!r}")
     if backend is None:  # here: a GPU counts when it is NVIDIA's (cuDNN); ROCm's is a "gpu" backend too
@@ -252,6 +307,9 @@ def fused_attention_for(setting: str, dtype, backend: str | None = None) -> str 
     if setting == "cudnn" and not (on_gpu and half):
         raise ValueError(f"attention='cudnn' needs an NVIDIA GPU and bfloat16/float16 weights (backend "
                          f"{backend!r}, dtype {jnp.dtype(dtype).name}); use 'auto' or 'einsum'")
+    if setting == "splash" and backend not in ("tpu", "cpu"):
+        raise ValueError(f"attention='splash' is a TPU kernel (interpreted on a CPU), not for backend {backend!r}; "
+                         f"use 'auto' or 'einsum'")
     return None if setting == "einsum" else setting
 
 
@@ -637,12 +695,15 @@ class Qwen3VL(nnx.Module):
 
     def use_fused_attention_(self, implementation: str | None):
         """Whole-sequence forwards (training, scoring, prompts into an empty cache) and the vision tower (every
-        image) attend through `jax.nn.dot_product_attention(implementation=...)` from now on; None: this file's
-        einsum attention. Text rows must be right-padded, as the trainer's batches and the sampler's chunks are."""
-        if implementation not in (None, "xla", "cudnn"):
-            raise ValueError(f"fused attention implementation must be None, 'xla' or 'cudnn', not {implementation!r}")
+        image) attend through `jax.nn.dot_product_attention(implementation=...)` from now on ("splash": the
+        decoder through `splash_causal_attention`); None: this file's einsum attention. Text rows must be
+        right-padded, as the trainer's batches and the sampler's chunks are."""
+        if implementation not in (None, "xla", "cudnn", "splash"):
+            raise ValueError(f"fused attention implementation must be None, 'xla', 'cudnn' or 'splash', not "
+                             f"{implementation!r}")
         self.model.language_model.fused_attention = implementation
-        self.model.visual.fused_attention = implementation
+        # splash is the decoder's causal kernel; the vision tower (bidirectional, head dims of 64-72) keeps einsums
+        self.model.visual.fused_attention = None if implementation == "splash" else implementation
         return self
 
     def hidden_states(self, inputs: ModelInputs, remat: bool = False):

@@ -253,3 +253,85 @@ def test_attention_setting_resolves_per_backend_and_dtype():
     assert qwen3_vl.fused_attention_for("auto", jnp.bfloat16, backend="gpu") == "cudnn"
     assert qwen3_vl.fused_attention_for("auto", jnp.float32, backend="gpu") is None
     assert qwen3_vl.fused_attention_for("auto", jnp.bfloat16, backend="tpu") is None
+    # splash: a TPU kernel, interpreted here; never picked by "auto" (not run on a TPU yet)
+    assert qwen3_vl.fused_attention_for("splash", jnp.float32) == "splash"
+    assert qwen3_vl.fused_attention_for("splash", jnp.bfloat16, backend="tpu") == "splash"
+    with pytest.raises(ValueError, match="attention='splash' is a TPU kernel"):
+        qwen3_vl.fused_attention_for("splash", jnp.bfloat16, backend="gpu")
+
+
+def _einsum_causal_reference(q_bthe, k_btke, v_btke, kv_len_b):
+    b, t, h, e = q_bthe.shape
+    kv_heads = k_btke.shape[2]
+    scores = jnp.einsum("btkge,bske->bkgts", q_bthe.reshape(b, t, kv_heads, h // kv_heads, e), k_btke) * e**-0.5
+    visible_bts = jnp.tril(jnp.ones((t, t), bool))[None] & (jnp.arange(t)[None, None] < kv_len_b[:, None, None])
+    probs = jax.nn.softmax(jnp.where(visible_bts[:, None, None], scores, -1e30), -1)
+    return jnp.einsum("bkgts,bske->btkge", probs, v_btke).reshape(b, t, h * e)
+
+
+def test_splash_attention_matches_causal_attention_on_padded_rows():
+    """Pallas' TPU splash kernel, interpreted on the CPU: right-padded rows of 96 tokens (padded inside to the
+    kernel's 128-wide tiles), 4 query heads over 2 kv heads; rows of 96, 50, 1 and 0 real tokens. Real queries'
+    outputs and every gradient through them equal a masked einsum attention's."""
+    from axpo_jax.models.qwen3_vl.model import splash_causal_attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((4, 96, heads, 16)), jnp.float32) for heads in (4, 2, 2))
+    kv_len_b = jnp.asarray([96, 50, 1, 0], jnp.int32)
+    real_bt = jnp.arange(96)[None] < kv_len_b[:, None]
+    out = jax.jit(splash_causal_attention)(q, k, v, kv_len_b)
+    np.testing.assert_allclose(np.asarray(out)[np.asarray(real_bt)],
+                               np.asarray(_einsum_causal_reference(q, k, v, kv_len_b))[np.asarray(real_bt)],
+                               atol=1e-5)
+    assert np.isfinite(np.asarray(out)).all()  # padding queries too
+
+    def loss(attend):
+        return lambda q, k, v: ((attend(q, k, v, kv_len_b) * real_bt[..., None]) ** 2).sum()
+
+    got = jax.jit(jax.grad(loss(splash_causal_attention), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(_einsum_causal_reference), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4)
+
+
+def test_splash_model_matches_the_einsum_model():
+    """A whole model with attention="splash" (the decoder; the vision tower keeps its einsums): the same
+    log-probs and gradients through remat as the einsum model on right-padded rows with an image, and the same
+    prompt logits and KV cache."""
+    from axpo_jax.models.qwen3_vl.model import KVCache
+    from axpo_jax.models.qwen3_vl.tiny import tiny_config_dict
+
+    hf_like = qwen3_vl.Qwen3VLConfig.from_dict(tiny_config_dict())
+    einsum_model = qwen3_vl.Qwen3VL(hf_like, rngs=nnx.Rngs(0))
+    splash_model = qwen3_vl.Qwen3VL(hf_like, rngs=nnx.Rngs(0)).use_fused_attention_("splash")
+    assert splash_model.model.visual.fused_attention is None
+    rng = np.random.default_rng(1)
+    image = [hf_like.vision_start_token_id] + [hf_like.image_token_id] * 6 + [hf_like.vision_end_token_id]
+    ids = np.zeros((2, 40), np.int64)
+    mask = np.zeros_like(ids)
+    ids[0, :20], mask[0, :20] = np.r_[rng.integers(0, 200, 4), image, rng.integers(0, 200, 8)], 1
+    ids[1, :40], mask[1, :40] = rng.integers(0, 200, 40), 1
+    batch = dict(input_ids=ids, attention_mask=mask, image_grid_thw=np.array([[1, 4, 6]]),
+                 pixel_values=rng.standard_normal((24, hf_like.vision.patch_dim)).astype(np.float32))
+    inputs = jax.tree.map(jnp.asarray, qwen3_vl.prepare_inputs(hf_like, **batch))
+    targets = jnp.asarray(np.roll(ids, -1, 1), jnp.int32)
+    weights_bt = jnp.asarray(mask, jnp.float32)
+
+    @nnx.jit
+    def logprobs_and_grads(model):
+        def loss(m):
+            logp = m.token_logprobs(inputs, targets, chunk_size=64, remat=True)
+            return (logp * weights_bt).sum(), logp
+        return nnx.grad(loss, has_aux=True)(model)
+
+    want_grads, want_logp = logprobs_and_grads(einsum_model)
+    got_grads, got_logp = logprobs_and_grads(splash_model)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(got_logp)[real], np.asarray(want_logp)[real], atol=1e-4)
+    for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-4, rtol=1e-3)
+    empty = KVCache.empty(hf_like.text, 2, 64)
+    want_logits, want_cache = einsum_model.extend(inputs, empty, empty_cache=True)
+    got_logits, got_cache = splash_model.extend(inputs, empty, empty_cache=True)
+    np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(got_cache.length_b), np.asarray(want_cache.length_b))
