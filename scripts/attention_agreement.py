@@ -1,7 +1,8 @@
 """How far each attention's per-token log-probs are from the same weights run in float32 (a GPU check of the
 fused attention, `configs/*.py: attention`): a random `preset` model in bf16 (float32 on a CPU), the einsum
-attention and the fused one (cuDNN on a GPU, XLA's elsewhere; in the decoder and in the vision tower) against
-transformers in float32 and in bf16. Prints one JSON line.
+attention and the fused one (cuDNN on a GPU, in the decoder and the vision tower; splash on a TPU, in the decoder;
+XLA's elsewhere) against transformers in float32 and in bf16 (torch on the host's CPU where there is no CUDA).
+Prints one JSON line.
 
     python scripts/attention_agreement.py [preset] [batch] [seq_len] [image_size]   # e.g. 2b 2 4096 on a GPU;
                                                                                       # 2b 1 8192 1024: 4,096 patches
@@ -25,7 +26,8 @@ def main(preset: str = "micro", batch: int = 2, seq_len: int = 256, image_size: 
     hf = hf_config_dict(preset)
     image_size = image_size or (448 if preset == "2b" else 128)
     inputs_np, _ = make_batch(hf, batch=batch, seq_len=seq_len, num_images=1, image_size=image_size, seed=0)
-    dtype = "bfloat16" if jax.default_backend() == "gpu" else "float32"  # XLA:CPU has no bf16 x bf16 -> f32 dot
+    # XLA:CPU has no bf16 x bf16 -> f32 dot
+    dtype = "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
     hf_model, flax_model, _ = build_models(preset, 0, torch_device=device, dtype=dtype)
     targets = np.concatenate([inputs_np["input_ids"][:, 1:], np.zeros((batch, 1), np.int64)], axis=1)
     scored = np.ones(targets.shape, bool)
@@ -42,7 +44,7 @@ def main(preset: str = "micro", batch: int = 2, seq_len: int = 256, image_size: 
     results["torch_fp32"] = torch_logprobs(hf_model.float())
     del hf_model
     prepared = jax.tree.map(jnp.asarray, qwen3_vl.prepare_inputs(flax_model.config, **inputs_np))
-    fused = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    fused = {"gpu": "cudnn", "tpu": "splash"}.get(jax.default_backend(), "xla")
     for name, implementation in (("jax_einsum", None), (f"jax_{fused}", fused)):
         flax_model.use_fused_attention_(implementation)
         logprobs = nnx.jit(lambda m, x, t: m.token_logprobs(x, t))(flax_model, prepared,
