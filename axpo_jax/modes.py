@@ -155,6 +155,19 @@ def checked_attention(config, dtype) -> str | None:
         return fused_attention_for(config.attention, dtype)
 
 
+def checked_processor(config):
+    """The `checkpoint` folder's processor with the config's `max_image_pixels` applied: a folder without one is
+    its own one-line CheckpointError, a limit below the processor's smallest image area a ModeError naming the
+    field."""
+    from axpo_jax.data.processor import limit_image_pixels, load_processor
+
+    processor = load_processor(config.checkpoint)
+    if config.max_image_pixels:
+        with config_fields("max_image_pixels"):
+            limit_image_pixels(processor, config.max_image_pixels)
+    return processor
+
+
 def require_optimizer_fields(config) -> None:
     """learning_rate > 0, warmup_fraction in [0, 1], weight_decay >= 0, max_grad_norm > 0 (the clip's norm:
     0 would zero every update)."""

@@ -273,7 +273,6 @@ def _run(config, stop) -> dict:
     import jax
     from tqdm.auto import tqdm
 
-    from axpo_jax.data.processor import limit_image_pixels, load_processor
     from axpo_jax.data.synthetic import task_dataset
     from axpo_jax.data.tasks import (check_same_records, next_batch_on_every_process, read_on_every_process,
                                      task_source)
@@ -284,7 +283,7 @@ def _run(config, stop) -> dict:
     from axpo_jax.rollout.agent_loop import AgentLoop
     from axpo_jax.eval.run import search_backend
     from axpo_jax.eval.runner import evaluate, make_agent
-    from axpo_jax.modes import checked_attention, config_fields
+    from axpo_jax.modes import checked_attention, checked_processor, config_fields
     from axpo_jax.tools.executor import ToolExecutor
     from axpo_jax.tools.registry import build_registry
     from axpo_jax.train.checkpoints import Checkpointer, check_resume_settings, check_shared_workdir, export_folder
@@ -309,11 +308,7 @@ def _run(config, stop) -> dict:
         source = read_on_every_process(f"tasks {config.tasks}", lambda: task_source(config.tasks, seed=config.seed + 1))
     with config_fields("mesh"):
         mesh = mesh_from_config(config.mesh.to_dict())
-    # before the workdir and weights: a folder without a processor, or a limit below its minimum, is one line
-    processor = load_processor(config.checkpoint)
-    if config.max_image_pixels:
-        with config_fields("max_image_pixels"):
-            limit_image_pixels(processor, config.max_image_pixels)
+    processor = checked_processor(config)  # before the workdir and weights: a bad folder or limit is one line
     stop.install()
     workdir = os.path.abspath(config.workdir)
     os.makedirs(workdir, exist_ok=True)

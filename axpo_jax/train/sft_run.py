@@ -136,11 +136,10 @@ def run(config) -> dict:
 def _run(config, stop) -> dict:
     from tqdm.auto import tqdm
 
-    from axpo_jax.data.processor import limit_image_pixels, load_processor
     from axpo_jax.data.synthetic import SFTSource, task_dataset
     from axpo_jax.data.tasks import DataFileError, next_batch_on_every_process, read_on_every_process
     from axpo_jax.models import qwen3_vl
-    from axpo_jax.modes import checked_attention, config_fields
+    from axpo_jax.modes import checked_attention, checked_processor, config_fields
     from axpo_jax.parallel import distributed
     from axpo_jax.parallel.distributed import data_shard
     from axpo_jax.parallel.mesh import mesh_from_config
@@ -156,11 +155,9 @@ def _run(config, stop) -> dict:
         source = read_on_every_process(f"data file {config.data}", lambda: SFTSource(config.data))
     with config_fields("mesh"):
         mesh = mesh_from_config(config.mesh.to_dict())
-    # before the weights and the workdir: a folder without tokenizer, image settings or chat template is one line
-    processor = load_processor(config.checkpoint)
-    if config.max_image_pixels:
-        with config_fields("max_image_pixels"):
-            limit_image_pixels(processor, config.max_image_pixels)
+    # before the weights and the workdir: a folder without tokenizer, image settings or chat template, or a limit
+    # below its smallest image, is one line
+    processor = checked_processor(config)
     stop.install()
     primary = distributed.is_primary()  # multi-host: the one process that logs, shows progress and writes files
     workdir = os.path.abspath(config.workdir)
