@@ -16,7 +16,9 @@ BATCH_AXES = ("data", "fsdp")
 _NARROWING = ("o_proj", "down_proj", "attn.proj", "linear_fc2")
 
 
-def _fits(mesh: Mesh, axes, dim: int):
+def shard_axes(mesh: Mesh, axes, dim: int):
+    """`axes` where a dimension of size `dim` splits evenly over them (and they have more than one device), else
+    None (the dimension stays whole)."""
     if axes is None:
         return None
     names = (axes,) if isinstance(axes, str) else tuple(axes)
@@ -35,7 +37,7 @@ def param_spec(name: str, shape: tuple[int, ...], mesh: Mesh) -> P:
         axes = ("fsdp", None, None, None, None)
     else:  # biases, norms, the small learned position table
         return P()
-    return P(*(_fits(mesh, a, d) for a, d in zip(axes, shape)))
+    return P(*(shard_axes(mesh, a, d) for a, d in zip(axes, shape)))
 
 
 def param_sharding(name: str, shape: tuple[int, ...], mesh: Mesh | None):
@@ -47,7 +49,7 @@ def param_sharding(name: str, shape: tuple[int, ...], mesh: Mesh | None):
 def batch_spec(shape: tuple[int, ...], mesh: Mesh, batch_axis: int = 0) -> P:
     """Shard `batch_axis` over data x fsdp when it divides, else replicate."""
     spec = [None] * len(shape)
-    spec[batch_axis] = _fits(mesh, BATCH_AXES, shape[batch_axis])
+    spec[batch_axis] = shard_axes(mesh, BATCH_AXES, shape[batch_axis])
     return P(*spec)
 
 

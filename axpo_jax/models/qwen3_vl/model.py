@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 
 import flax.struct
 import jax
@@ -23,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from axpo_jax.models.qwen3_vl.config import Qwen3VLConfig, TextConfig, VisionConfig
 from axpo_jax.models.qwen3_vl.inputs import ModelInputs
-from axpo_jax.parallel.sharding import BATCH_AXES, constrain_batch
+from axpo_jax.parallel.sharding import BATCH_AXES, constrain_batch, shard_axes
 
 _NEG_INF = -1e30  # finite, so an all-masked row (padding) gives a uniform softmax instead of NaNs
 
@@ -208,7 +207,7 @@ def splash_causal_attention(q_bthe, k_btke, v_btke, kv_len_b):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-    t, h, e = q_bthe.shape[1:]
+    t, _, e = q_bthe.shape[1:]
     padded = -(-t // _SPLASH_BLOCK) * _SPLASH_BLOCK
 
     def local(q_bthe, k_btke, v_btke, kv_len_b):
@@ -232,12 +231,10 @@ def splash_causal_attention(q_bthe, k_btke, v_btke, kv_len_b):
         return out_bkgte.transpose(0, 3, 1, 2, 4).reshape(b, padded, local_h * e)[:, :t]
 
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if mesh.empty or not {*BATCH_AXES, "tensor"} <= set(mesh.axis_names):  # not this project's mesh
         return local(q_bthe, k_btke, v_btke, kv_len_b)
-    batch_devices = math.prod(mesh.shape.get(axis, 1) for axis in BATCH_AXES)
-    tensor = mesh.shape.get("tensor", 1)
-    rows = BATCH_AXES if q_bthe.shape[0] % batch_devices == 0 else None  # else replicated, as constrain_batch does
-    heads = "tensor" if h % tensor == 0 and k_btke.shape[2] % tensor == 0 else None
+    # split as constrain_batch and the q/k/v weights split them: whole where the devices do not divide them
+    rows, heads = shard_axes(mesh, BATCH_AXES, q_bthe.shape[0]), shard_axes(mesh, "tensor", k_btke.shape[2])
     qkv = P(rows, None, heads, None)
     return jax.shard_map(local, in_specs=(qkv, qkv, qkv, P(rows)), out_specs=P(rows, None, heads),
                          check_vma=False)(q_bthe, k_btke, v_btke, kv_len_b)
