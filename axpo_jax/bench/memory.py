@@ -392,18 +392,29 @@ def _split(n: int, parts: int) -> int:
     return n // parts if parts > 1 and n % parts == 0 else n
 
 
+def _layer_stack_bytes(layers: int, tokens: int, hidden: int, width: int, heads: int, rows: int, length: int,
+                       fused: bool, settings: RLMemorySettings) -> int:
+    """A stack of `layers` attention layers over `rows` sequences of `length`: with remat each layer's input
+    (tokens x hidden) plus one layer's insides, else every layer's. Insides: `width` values per token, and the
+    scores in fp32 and probabilities in compute of every head (a fused kernel keeps one fp32 logsumexp per query
+    instead)."""
+    cb = settings.compute_bytes
+    scores = rows * heads * length * 4 if fused else rows * heads * length**2 * (4 + cb)
+    one_layer = tokens * width * cb + scores
+    return layers * tokens * hidden * cb + one_layer if settings.remat else layers * one_layer
+
+
 def vision_activation_bytes(vision, mesh_shape: Mapping[str, int], settings: RLMemorySettings) -> int:
     """The vision tower's update-phase activations per device: one image of `settings.image_pixels` per sequence."""
     patches = settings.image_pixels // vision.patch_size**2
     if not patches:
         return 0
     heads = _split(vision.num_heads, mesh_shape.get("tensor", 1))
-    b, d, cb = settings.micro_batch_per_device, vision.hidden_size, settings.compute_bytes
+    b, d = settings.micro_batch_per_device, vision.hidden_size
     # norms and residuals, q/k/v and the attention output, the MLP's input and output of its activation
     width = 4 * d + 4 * heads * vision.head_dim + 2 * _split(vision.intermediate_size, mesh_shape.get("tensor", 1))
-    scores = b * heads * patches * 4 if settings.fused_vision_attention else b * heads * patches**2 * (4 + cb)
-    one_block = b * patches * width * cb + scores
-    return vision.depth * b * patches * d * cb + one_block if settings.remat else vision.depth * one_block
+    return _layer_stack_bytes(vision.depth, b * patches, d, width, heads, b, patches,
+                              settings.fused_vision_attention, settings)
 
 
 def activation_bytes(text, mesh_shape: Mapping[str, int], settings: RLMemorySettings) -> int:
@@ -413,12 +424,8 @@ def activation_bytes(text, mesh_shape: Mapping[str, int], settings: RLMemorySett
     tokens = b * s
     heads, kv_heads = _split(text.num_attention_heads, tensor), _split(text.num_key_value_heads, tensor)
     width = 4 * d + (2 * heads + 2 * kv_heads) * text.head_dim + 3 * _split(text.intermediate_size, tensor)
-    cb = settings.compute_bytes
-    # scores in fp32 and probabilities in compute; a fused kernel keeps one fp32 logsumexp per query instead
-    scores = b * heads * s * 4 if settings.fused_attention else b * heads * s * s * (4 + cb)
-    one_layer = tokens * width * cb + scores
-    layers = text.num_hidden_layers
-    kept = layers * tokens * d * cb + one_layer if settings.remat else layers * one_layer
+    kept = _layer_stack_bytes(text.num_hidden_layers, tokens, d, width, heads, b, s, settings.fused_attention,
+                              settings)
     return kept + b * settings.logprob_chunk * text.vocab_size * 4 * 2
 
 
