@@ -1,5 +1,5 @@
 """The forward (einsum and splash attention) and the sampler on a simulated 8-device CPU mesh (data x fsdp x
-tensor = 2 x 2 x 2) equal the 1-device ones.
+tensor = 2 x 2 x 2) equal the 1-device ones; the splash forward also exports as an 8-chip TPU program.
 
 The mesh needs XLA_FLAGS before jax starts, so the check runs in a fresh interpreter (this file as a script).
 """
@@ -57,6 +57,20 @@ def _check(folder: str) -> None:
     with jax.set_mesh(mesh):
         _, logp_splash = run(sharded, shard_model_inputs(inputs, mesh), targets)
     np.testing.assert_allclose(np.asarray(logp_splash), np.asarray(logp_1), atol=2e-5, rtol=0)
+    # and exported for an 8-chip TPU (lowered, not compiled): the kernel inside the shard_map's manual region
+    from axpo_jax.models.qwen3_vl.model import splash_traced_for_tpu
+
+    graph, params = nnx.split(sharded)
+
+    def logprobs(params, inputs, targets):
+        return nnx.merge(graph, params).token_logprobs(inputs, targets, chunk_size=8)
+
+    with jax.set_mesh(mesh), splash_traced_for_tpu():
+        tpu_program = jax.export.export(jax.jit(logprobs), platforms=["tpu"])(
+            params, shard_model_inputs(inputs, mesh), targets)
+    module = tpu_program.mlir_module()
+    assert tpu_program.nr_devices == 8 and "manual_computation" in module
+    assert 'kernel_name = "splash_mqa_fwd_segmented_no_residuals"' in module
     sharded.use_fused_attention_(None)
 
     # The sampler's cache rows split over the mesh too; greedy rollouts are the same tokens as on one device.

@@ -195,6 +195,19 @@ def fused_causal_attention(q_bthe, k_btke, v_btke, kv_len_b, implementation: str
 
 
 _SPLASH_BLOCK = 128  # the kernel's query and key tiles (its minimum: a TPU lane's width)
+_SPLASH_FOR_TPU = contextvars.ContextVar("splash_for_tpu", default=False)
+
+
+@contextlib.contextmanager
+def splash_traced_for_tpu():
+    """Within this context splash kernels are traced as the TPU's Mosaic kernels, not interpreted, whatever the
+    backend: for exporting a TPU program (`jax.export.export(..., platforms=["tpu"])`) from a machine without a
+    TPU. Pallas picks the interpreted form while tracing, before any platform is known, so it cannot tell."""
+    token = _SPLASH_FOR_TPU.set(True)
+    try:
+        yield
+    finally:
+        _SPLASH_FOR_TPU.reset(token)
 
 
 def splash_causal_attention(q_bthe, k_btke, v_btke, kv_len_b):
@@ -203,7 +216,7 @@ def splash_causal_attention(q_bthe, k_btke, v_btke, kv_len_b):
     vmapped, and under a mesh each device runs its own rows and heads in a shard_map (XLA cannot partition a
     Pallas call). T pads to the kernel's 128-wide tiles; real tokens are segment 1 and padding segment 0, so a
     real query sees only its row's real keys and a padding query padding keys. Off a TPU the kernel runs
-    interpreted (the tests' CPU form)."""
+    interpreted (the tests' CPU form) unless traced for one (`splash_traced_for_tpu`)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
@@ -216,7 +229,8 @@ def splash_causal_attention(q_bthe, k_btke, v_btke, kv_len_b):
         group = local_h // local_k
         kernel = splash.make_splash_mqa_single_device(
             masks.MultiHeadMask([masks.CausalMask((padded, padded))] * group),
-            block_sizes=splash.BlockSizes(*[_SPLASH_BLOCK] * 8), interpret=jax.default_backend() != "tpu")
+            block_sizes=splash.BlockSizes(*[_SPLASH_BLOCK] * 8),
+            interpret=jax.default_backend() != "tpu" and not _SPLASH_FOR_TPU.get())
         pad = ((0, 0), (0, padded - t), (0, 0), (0, 0))
         q_bkgte = jnp.pad(q_bthe * e**-0.5, pad).astype(q_bthe.dtype).reshape(
             b, padded, local_k, group, e).transpose(0, 2, 3, 1, 4)

@@ -1,5 +1,8 @@
 """The Flax port against transformers' PyTorch Qwen3-VL: logits and per-token log-probs, fp32, <= 1e-4."""
 
+import contextlib
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -294,27 +297,35 @@ def test_splash_attention_matches_causal_attention_on_padded_rows():
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-4)
 
 
-def test_splash_model_matches_the_einsum_model():
-    """A whole model with attention="splash" (the decoder; the vision tower keeps its einsums): the same
-    log-probs and gradients through remat as the einsum model on right-padded rows with an image, and the same
-    prompt logits and KV cache."""
-    from axpo_jax.models.qwen3_vl.model import KVCache
+def _right_padded_rows_with_an_image():
+    """A tiny config, and the ModelInputs and next-token targets of two right-padded rows (20 tokens with an
+    image, 40 of text)."""
     from axpo_jax.models.qwen3_vl.tiny import tiny_config_dict
 
-    hf_like = qwen3_vl.Qwen3VLConfig.from_dict(tiny_config_dict())
-    einsum_model = qwen3_vl.Qwen3VL(hf_like, rngs=nnx.Rngs(0))
-    splash_model = qwen3_vl.Qwen3VL(hf_like, rngs=nnx.Rngs(0)).use_fused_attention_("splash")
-    assert splash_model.model.visual.fused_attention is None
+    config = qwen3_vl.Qwen3VLConfig.from_dict(tiny_config_dict())
     rng = np.random.default_rng(1)
-    image = [hf_like.vision_start_token_id] + [hf_like.image_token_id] * 6 + [hf_like.vision_end_token_id]
+    image = [config.vision_start_token_id] + [config.image_token_id] * 6 + [config.vision_end_token_id]
     ids = np.zeros((2, 40), np.int64)
     mask = np.zeros_like(ids)
     ids[0, :20], mask[0, :20] = np.r_[rng.integers(0, 200, 4), image, rng.integers(0, 200, 8)], 1
     ids[1, :40], mask[1, :40] = rng.integers(0, 200, 40), 1
     batch = dict(input_ids=ids, attention_mask=mask, image_grid_thw=np.array([[1, 4, 6]]),
-                 pixel_values=rng.standard_normal((24, hf_like.vision.patch_dim)).astype(np.float32))
-    inputs = jax.tree.map(jnp.asarray, qwen3_vl.prepare_inputs(hf_like, **batch))
-    targets = jnp.asarray(np.roll(ids, -1, 1), jnp.int32)
+                 pixel_values=rng.standard_normal((24, config.vision.patch_dim)).astype(np.float32))
+    inputs = jax.tree.map(jnp.asarray, qwen3_vl.prepare_inputs(config, **batch))
+    return config, inputs, jnp.asarray(np.roll(ids, -1, 1), jnp.int32)
+
+
+def test_splash_model_matches_the_einsum_model():
+    """A whole model with attention="splash" (the decoder; the vision tower keeps its einsums): the same
+    log-probs and gradients through remat as the einsum model on right-padded rows with an image, and the same
+    prompt logits and KV cache."""
+    from axpo_jax.models.qwen3_vl.model import KVCache
+
+    hf_like, inputs, targets = _right_padded_rows_with_an_image()
+    einsum_model = qwen3_vl.Qwen3VL(hf_like, rngs=nnx.Rngs(0))
+    splash_model = qwen3_vl.Qwen3VL(hf_like, rngs=nnx.Rngs(0)).use_fused_attention_("splash")
+    assert splash_model.model.visual.fused_attention is None
+    mask = np.asarray(inputs.attention_mask_bt)
     weights_bt = jnp.asarray(mask, jnp.float32)
 
     @nnx.jit
@@ -335,3 +346,29 @@ def test_splash_model_matches_the_einsum_model():
     got_logits, got_cache = splash_model.extend(inputs, empty, empty_cache=True)
     np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=1e-4)
     np.testing.assert_array_equal(np.asarray(got_cache.length_b), np.asarray(want_cache.length_b))
+
+
+def test_splash_model_exports_a_tpu_program():
+    """On a machine without a TPU, the gradient of a splash model's log-probs (remat on) exports for a TPU with
+    Pallas' Mosaic kernels in it: splash's forward and both backward kernels, with the vmaps over rows and kv
+    heads lowered onto them. Without `splash_traced_for_tpu` the same export holds the interpreted form and no
+    kernel. Mosaic compiles the kernels on the TPU itself: this checks their lowering, not their compile or
+    their numbers."""
+    from axpo_jax.models.qwen3_vl.model import splash_traced_for_tpu
+
+    config, inputs, targets = _right_padded_rows_with_an_image()
+    graph, params = nnx.split(qwen3_vl.Qwen3VL(config, rngs=nnx.Rngs(0)).use_fused_attention_("splash"))
+
+    def exported_kernels(for_tpu: bool) -> set[str]:
+        def logprob_grads(params, inputs, targets):  # a new function per call: jit keeps traces per function
+            def total(p):
+                return nnx.merge(graph, p).token_logprobs(inputs, targets, chunk_size=64, remat=True).sum()
+            return jax.grad(total)(params)
+
+        with splash_traced_for_tpu() if for_tpu else contextlib.nullcontext():
+            exported = jax.export.export(jax.jit(logprob_grads), platforms=["tpu"])(params, inputs, targets)
+        return set(re.findall(r'kernel_name = "(\w+)"', exported.mlir_module()))
+
+    assert exported_kernels(True) == {"splash_mqa_fwd_segmented_residuals", "splash_mqa_dq_segmented_no_residuals",
+                                      "splash_mqa_dkv_segmented_no_residuals"}
+    assert exported_kernels(False) == set()
