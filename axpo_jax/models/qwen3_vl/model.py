@@ -775,7 +775,7 @@ class Qwen3VL(nnx.Module):
         return _jitted_forward(self, jax.tree.map(jnp.asarray, inputs))
 
 
-@nnx.jit
+@jax.jit  # the model as a pytree: nnx.jit's graph mode would walk the module graph on every call
 def _jitted_forward(model: Qwen3VL, inputs: ModelInputs):
     return model.forward(inputs)
 
