@@ -93,11 +93,12 @@ def batch_digest(batch) -> bytes:
     return digest.digest()
 
 
-def next_batch_on_every_process(batches, name: str) -> list:
+def next_batch_on_every_process(batches, name: str, records_of=lambda batch: batch):
     """The next batch of a dataset every process iterates alike, reading the whole batch before taking its rows.
     A read that still fails on one host after `read_retrying`, or a record one host could not read and skipped
     (its batch then holds the next one), stops every process together (DataFileError naming the process) instead
-    of leaving the others waiting, or training on batches that differ; the run resumes from its last checkpoint."""
+    of leaving the others waiting, or training on batches that differ; the run resumes from its last checkpoint.
+    `records_of(batch)`: the records the processes compare, where a batch item holds more (`prepared_ahead`)."""
     import jax
     import numpy as np
 
@@ -105,7 +106,7 @@ def next_batch_on_every_process(batches, name: str) -> list:
 
     batch = distributed.fail_together(f"reading {name}", lambda: next(batches), DataFileError)
     if jax.process_count() > 1:
-        digests = distributed.allgather(np.frombuffer(batch_digest(batch), np.uint8))
+        digests = distributed.allgather(np.frombuffer(batch_digest(records_of(batch)), np.uint8))
         differ = [i for i in range(1, len(digests)) if not np.array_equal(digests[i], digests[0])]
         if differ:
             raise DataFileError(f"{name}: processes {differ} read a different batch than process 0 (a record one "

@@ -17,6 +17,8 @@ the exported folder, and a stop request seen by any process stops all of them af
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import sys
 import time
@@ -98,6 +100,19 @@ def trainable_example(record: dict, processor, schemas, max_length: int) -> tupl
     return example, None
 
 
+def prepared_examples(records: list, *, shard, processor, schemas, max_length: int) -> tuple[list, list, list]:
+    """(a step's records, this process's share of them as `trainable_example`s, why the others were skipped):
+    process-local, so it runs ahead of the trainer in `prepared_ahead`'s thread."""
+    examples, skip_reasons = [], []
+    for record in records[shard.rows(len(records))]:
+        example, reason = trainable_example(record, processor, schemas, max_length)
+        if example is None:
+            skip_reasons.append(reason)
+        else:
+            examples.append(example)
+    return records, examples, skip_reasons
+
+
 def checked_settings(config):
     """The parameter dtype and the tool schemas of the run, each field checked (ModeError, one line, naming the
     fields) before anything loads; the demo calls it before it starts."""
@@ -136,7 +151,7 @@ def run(config) -> dict:
 def _run(config, stop) -> dict:
     from tqdm.auto import tqdm
 
-    from axpo_jax.data.synthetic import SFTSource, task_dataset
+    from axpo_jax.data.synthetic import SFTSource, prepared_ahead, task_dataset
     from axpo_jax.data.tasks import DataFileError, next_batch_on_every_process, read_on_every_process
     from axpo_jax.models import qwen3_vl
     from axpo_jax.modes import checked_attention, checked_processor, config_fields
@@ -170,8 +185,12 @@ def _run(config, stop) -> dict:
     pad_id = processor.tokenizer.pad_token_id or 0
     if primary:
         _log(f"{len(source)} conversations in {config.data} ({source.skipped} skipped: {source.skip_reasons[:3]})")
-    dataset = iter(task_dataset(source, seed=config.seed, batch_size=config.batch_size))
     shard = data_shard(mesh)
+    # the next step's conversations are rendered and encoded while this one trains
+    dataset = iter(prepared_ahead(
+        task_dataset(source, seed=config.seed, batch_size=config.batch_size),
+        functools.partial(prepared_examples, shard=shard, processor=processor, schemas=schemas,
+                          max_length=config.max_length)))
     learner = Learner(model, make_optimizer(learning_rate=config.learning_rate, total_steps=config.steps,
                                             warmup_steps=int(config.warmup_fraction * config.steps),
                                             weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm),
@@ -190,20 +209,16 @@ def _run(config, stop) -> dict:
                     dynamic_ncols=True, initial=first_step, total=config.steps, disable=not primary)
     compile_clock = CompileClock()
     skip_reasons = []  # this process's first few, for the error of a run that trains nothing
-    with checkpointer.landing_saves_on_failure():
+    # closing the data iterator stops its preparing thread, however the loop ends
+    with checkpointer.landing_saves_on_failure(), contextlib.closing(dataset):
         for step in progress:
-            examples, skipped_here = [], 0
             # every process reads the same batch and trains on its own share of the rows
-            records = next_batch_on_every_process(dataset, "the step's conversations")
-            for record in records[shard.rows(len(records))]:
-                example, reason = trainable_example(record, processor, schemas, config.max_length)
-                if example is None:
-                    skipped_here += 1
-                    if len(skip_reasons) < 3:
-                        skip_reasons.append(reason)
-                    _log(f"skipped a conversation: {reason}")
-                    continue
-                examples.append(example)
+            _, examples, reasons = next_batch_on_every_process(dataset, "the step's conversations",
+                                                               records_of=lambda prepared: prepared[0])
+            for reason in reasons:
+                _log(f"skipped a conversation: {reason}")
+            skip_reasons += reasons[:3 - len(skip_reasons)]
+            skipped_here = len(reasons)
             # the global batch's count (each process its own rows), so the metric and the checkpointed counter are the
             # same on every process
             skipped_examples += int(distributed.concat_shards(np.array([skipped_here]), mesh).sum())

@@ -572,3 +572,38 @@ def test_task_source_and_grain_resume():
     assert flat[:10] != flat[10:20]
     fresh = iter(syn.task_dataset(source, seed=7, batch_size=4))
     assert [[t.task_id for t in next(fresh)] for _ in range(2)] == first
+
+
+def test_prepared_ahead_prepares_the_next_batch_and_resumes_from_the_ones_handed_out():
+    """The SFT run's pipeline: `prepare` of the next batch runs in a background thread before it is asked for,
+    and the iterator's state counts the batches handed out, not those prepared: a run resumed from it gets the
+    same next batches as the run that went on."""
+    import threading
+    import time
+
+    source = syn.SyntheticTaskSource(12, seed=3)
+    prepared_ids, threads = [], set()
+
+    def prepare(batch):
+        prepared_ids.append([t.task_id for t in batch])
+        threads.add(threading.get_ident())
+        return [t.task_id for t in batch], len(prepared_ids)
+
+    def pipeline():
+        return syn.prepared_ahead(syn.task_dataset(source, seed=7, batch_size=3), prepare)
+
+    iterator = iter(pipeline())
+    first, _ = next(iterator)
+    deadline = time.monotonic() + 10
+    while len(prepared_ids) < 2 and time.monotonic() < deadline:  # the next batch, not asked for yet
+        time.sleep(0.01)
+    assert len(prepared_ids) >= 2 and prepared_ids[0] == first
+    assert threading.get_ident() not in threads
+    state = iterator.get_state()
+    went_on = [next(iterator)[0] for _ in range(3)]
+    assert prepared_ids[1] == went_on[0]
+    iterator.close()
+    resumed = iter(pipeline())
+    resumed.set_state(state)
+    assert [next(resumed)[0] for _ in range(3)] == went_on
+    resumed.close()
