@@ -647,9 +647,9 @@ def task_dataset(source, *, seed: int, batch_size: int, shuffle: bool = True, nu
 def prepared_ahead(batches: grain.IterDataset, prepare, steps_ahead: int = 1) -> grain.IterDataset:
     """`prepare(batch)` of each batch, run by a background thread up to `steps_ahead` batches before the trainer
     asks for it, so the host renders and encodes a step's examples while the device trains on the last one.
-    `prepare` must be process-local (no collectives: the trainer's run in the main thread). The iterator's
-    `get_state()` is that after the batches handed out, not those prepared, so a resumed run reads the same ones.
-    Close the iterator when done (its thread)."""
+    `prepare` must be process-local: collectives belong to the main thread, where they run in step with the other
+    processes'. The iterator's `get_state()` is that after the batches handed out, not those prepared, so a resumed
+    run reads the same ones. Close the iterator when done (it stops the thread)."""
     import grain.experimental
 
     return grain.experimental.ThreadPrefetchIterDataset(batches.map(prepare), prefetch_buffer_size=steps_ahead)
