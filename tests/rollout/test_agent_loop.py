@@ -115,7 +115,12 @@ def _rescored_logprobs(loop, trajectories):
     batch = encode_trajectories(trajectories, loop.processor, pad_id=loop.pad_id)
     inputs = jax.tree.map(jnp.asarray, qwen3_vl.prepare_inputs(model.config, **batch))
     targets = jnp.asarray(np.roll(batch["input_ids"], -1, axis=1), jnp.int32)
-    return np.asarray(model.token_logprobs(inputs, targets))
+    return np.asarray(_token_logprobs(model, inputs, targets))
+
+
+@jax.jit  # one program per batch shape; run eagerly, every op of the forward would compile on its own
+def _token_logprobs(model, inputs, targets):
+    return model.token_logprobs(inputs, targets)
 
 
 def test_resample_forks_the_prefix_from_the_cache(loop):

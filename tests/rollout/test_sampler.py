@@ -56,7 +56,8 @@ def test_a_long_prompt_extends_in_causal_blocks_like_generate(models):
     sampler = Sampler(model, batch_size=2, capacity=256)
     logits, cache = sampler.extend(batch)
     inputs, slots = sampler.chunk_inputs(batch, sampler.empty_cache(), prompt=True)
-    one_piece, _ = model.extend(jax.device_put(inputs), sampler.empty_cache().first_slots(slots))
+    one_piece, _ = jax.jit(lambda m, inputs, cache: m.extend(inputs, cache))(
+        model, jax.device_put(inputs), sampler.empty_cache().first_slots(slots))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(one_piece), atol=1e-4)
     result, _, _ = sampler.decode(logits, cache, jax.random.key(0), GREEDY, 8)
     np.testing.assert_array_equal(result.tokens_bn, hf_greedy(hf, batch, 8))

@@ -146,7 +146,7 @@ def test_rl_log_probs_are_the_sampling_temperatures():
     batch = make_batch(CONFIG, ids, trained, pixel_values=pixels, image_grid_thw=grids,
                        advantages=[np.where(t > 0, 1.0, 0.0) for t in trained], length=32)
     device = jax.tree.map(jnp.asarray, batch)
-    logits_btv = np.asarray(model.forward(device.inputs), np.float64)
+    logits_btv = np.asarray(jax.jit(lambda m, inputs: m.forward(inputs))(model, device.inputs), np.float64)
     targets = np.asarray(batch.targets_bt)[..., None]
     by_hand = {t: np.take_along_axis(jax.nn.log_softmax(logits_btv / t, axis=-1), targets, -1)[..., 0]
                for t in (1.0, 0.6)}

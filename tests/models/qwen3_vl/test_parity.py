@@ -30,6 +30,16 @@ def _jitted_logprobs(model, inputs, targets):
     return model.token_logprobs(inputs, targets, chunk_size=8)
 
 
+@jax.jit  # run eagerly, every op of a forward compiles on its own: seconds per test
+def _jitted_forward(model, inputs):
+    return model.forward(inputs)
+
+
+def _random_model(config, seed: int):
+    """A Qwen3VL with random weights, initialized by one compiled program (eagerly: one per parameter shape)."""
+    return nnx.jit(lambda: qwen3_vl.Qwen3VL(config, rngs=nnx.Rngs(seed)))()
+
+
 @pytest.mark.parametrize("padding", ["left", "right"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_and_logprobs_match_transformers(hf_checkpoint, case, padding):
@@ -75,11 +85,11 @@ def test_padded_image_buckets_do_not_change_logits(hf_checkpoint):
     tight = qwen3_vl.prepare_inputs(model.config, **batch)
     roomy = qwen3_vl.prepare_inputs(model.config, **batch, num_image_rows=4, patches_per_image=40)
     assert roomy.pixel_patches_nlp.shape[:2] == (4, 40)
-    a = np.asarray(model.forward(jax.tree.map(jnp.asarray, tight)))
-    b = np.asarray(model.forward(jax.tree.map(jnp.asarray, roomy)))
+    a = np.asarray(_jitted_forward(model, jax.tree.map(jnp.asarray, tight)))
+    b = np.asarray(_jitted_forward(model, jax.tree.map(jnp.asarray, roomy)))
     np.testing.assert_allclose(a, b, atol=1e-5)
-    fused = np.asarray(qwen3_vl.from_pretrained(folder).use_fused_attention_("xla").forward(
-        jax.tree.map(jnp.asarray, roomy)))
+    fused = np.asarray(_jitted_forward(qwen3_vl.from_pretrained(folder).use_fused_attention_("xla"),
+                                       jax.tree.map(jnp.asarray, roomy)))
     real = batch["attention_mask"].astype(bool)
     np.testing.assert_allclose(fused[real], a[real], atol=1e-4)
 
@@ -145,10 +155,11 @@ def test_decoding_copy_computes_the_same_step(hf_checkpoint):
     assert model.model.language_model.layers[0].self_attn.qkv_proj is None
     batch = make_batch(hf.config, CASES["one_image"], padding="right")
     inputs = jax.tree.map(jnp.asarray, qwen3_vl.prepare_inputs(model.config, **batch))
-    logits, cache = model.extend(inputs, KVCache.empty(model.config.text, 2, 64))
+    logits, cache = nnx.jit(lambda m: m.extend(inputs, KVCache.empty(m.config.text, 2, 64)))(model)
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    want_logits, want_cache = model.decode_step(tokens, cache)
-    got_logits, got_cache = copy.decode_step(tokens, cache)
+    decode_step = nnx.jit(lambda m, tokens, cache: m.decode_step(tokens, cache))
+    want_logits, want_cache = decode_step(model, tokens, cache)
+    got_logits, got_cache = decode_step(copy, tokens, cache)
     np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=1e-5)
     for got, want in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
@@ -171,17 +182,17 @@ def test_causal_blocks_give_the_same_attention():
     def loss(fn, *qkv):
         return (fn(*qkv) * weights_bthe).sum()
 
-    whole = attention(q_bthe, k_bkes, v_bkse, mask_bts)
-    blocked = causal_attention(q_bthe, k_bkes, v_bkse, mask_bts, 64)  # blocks of 64, 64, 22
+    whole = jax.jit(attention)(q_bthe, k_bkes, v_bkse, mask_bts)
+    blocked = jax.jit(causal_attention, static_argnums=4)(q_bthe, k_bkes, v_bkse, mask_bts, 64)  # 64, 64, 22
     assert np.abs(np.asarray(blocked - whole))[np.asarray(real_bt)].max() < 1e-5
-    grads_whole = jax.grad(lambda *a: loss(lambda *x: attention(*x, mask_bts), *a), argnums=(0, 1, 2))(
+    grads_whole = jax.jit(jax.grad(lambda *a: loss(lambda *x: attention(*x, mask_bts), *a), argnums=(0, 1, 2)))(
         q_bthe, k_bkes, v_bkse)
-    grads_blocked = jax.grad(lambda *a: loss(lambda *x: causal_attention(*x, mask_bts, 64), *a), argnums=(0, 1, 2))(
-        q_bthe, k_bkes, v_bkse)
+    grads_blocked = jax.jit(jax.grad(lambda *a: loss(lambda *x: causal_attention(*x, mask_bts, 64), *a),
+                                     argnums=(0, 1, 2)))(q_bthe, k_bkes, v_bkse)
     for g_whole, g_blocked in zip(grads_whole, grads_blocked):
         assert np.abs(np.asarray(g_blocked - g_whole)).max() < 1e-4
     # a block of the whole length, or none, is the one-piece computation
-    assert np.array_equal(causal_attention(q_bthe, k_bkes, v_bkse, mask_bts, 0), whole)
+    assert np.array_equal(jax.jit(causal_attention, static_argnums=4)(q_bthe, k_bkes, v_bkse, mask_bts, 0), whole)
 
 
 def test_query_block_defaults_and_override():
@@ -229,8 +240,9 @@ def test_fused_attention_matches_transformers_and_the_einsum_path(hf_checkpoint)
         np.testing.assert_allclose(np.asarray(g_fused), np.asarray(g_einsum), atol=2e-4, rtol=1e-3)
 
     empty = KVCache.empty(fused_model.config.text, 2, 512)
-    want_logits, want_cache = einsum_model.extend(inputs, empty, empty_cache=True)
-    got_logits, got_cache = fused_model.extend(inputs, empty, empty_cache=True)
+    extend = nnx.jit(lambda model: model.extend(inputs, empty, empty_cache=True))
+    want_logits, want_cache = extend(einsum_model)
+    got_logits, got_cache = extend(fused_model)
     np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=1e-4)
     np.testing.assert_array_equal(got_cache.length_b, want_cache.length_b)
     np.testing.assert_array_equal(got_cache.next_position_b, want_cache.next_position_b)
@@ -322,8 +334,8 @@ def test_splash_model_matches_the_einsum_model():
     from axpo_jax.models.qwen3_vl.model import KVCache
 
     hf_like, inputs, targets = _right_padded_rows_with_an_image()
-    einsum_model = qwen3_vl.Qwen3VL(hf_like, rngs=nnx.Rngs(0))
-    splash_model = qwen3_vl.Qwen3VL(hf_like, rngs=nnx.Rngs(0)).use_fused_attention_("splash")
+    einsum_model = _random_model(hf_like, 0)
+    splash_model = _random_model(hf_like, 0).use_fused_attention_("splash")
     assert splash_model.model.visual.fused_attention is None
     mask = np.asarray(inputs.attention_mask_bt)
     weights_bt = jnp.asarray(mask, jnp.float32)
@@ -342,8 +354,9 @@ def test_splash_model_matches_the_einsum_model():
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=2e-4, rtol=1e-3)
     empty = KVCache.empty(hf_like.text, 2, 64)
-    want_logits, want_cache = einsum_model.extend(inputs, empty, empty_cache=True)
-    got_logits, got_cache = splash_model.extend(inputs, empty, empty_cache=True)
+    extend = nnx.jit(lambda model: model.extend(inputs, empty, empty_cache=True))
+    want_logits, want_cache = extend(einsum_model)
+    got_logits, got_cache = extend(splash_model)
     np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), atol=1e-4)
     np.testing.assert_array_equal(np.asarray(got_cache.length_b), np.asarray(want_cache.length_b))
 
@@ -357,7 +370,7 @@ def test_splash_model_exports_a_tpu_program():
     from axpo_jax.models.qwen3_vl.model import splash_traced_for_tpu
 
     config, inputs, targets = _right_padded_rows_with_an_image()
-    graph, params = nnx.split(qwen3_vl.Qwen3VL(config, rngs=nnx.Rngs(0)).use_fused_attention_("splash"))
+    graph, params = nnx.split(_random_model(config, 0).use_fused_attention_("splash"))
 
     def exported_kernels(for_tpu: bool) -> set[str]:
         def logprob_grads(params, inputs, targets):  # a new function per call: jit keeps traces per function
