@@ -100,14 +100,19 @@ def write_random_checkpoint(folder, config_dict: dict, *, seed: int = 0, via: st
         return None
     if via != "flax":
         raise ValueError(f"via must be 'flax' or 'transformers', got {via!r}")
-    from flax import nnx
-
     from axpo_jax.models.qwen3_vl.checkpoint import save_pretrained
     from axpo_jax.models.qwen3_vl.config import Qwen3VLConfig
-    from axpo_jax.models.qwen3_vl.model import Qwen3VL
 
-    config = Qwen3VLConfig.from_dict(config_dict)
-    # one compiled initializer instead of one eager program per parameter shape (seconds instead of ~15 s)
-    model = nnx.jit(lambda: Qwen3VL(config, rngs=nnx.Rngs(seed)))()
+    model = random_model(Qwen3VLConfig.from_dict(config_dict), seed=seed)
     save_pretrained(model, folder)
     return model
+
+
+def random_model(config, *, seed: int = 0):
+    """A Qwen3VL (`config`: a Qwen3VLConfig) with random weights, made by one compiled initializer instead of one
+    eager program per parameter shape (seconds instead of ~15 s)."""
+    from flax import nnx
+
+    from axpo_jax.models.qwen3_vl.model import Qwen3VL
+
+    return nnx.jit(lambda: Qwen3VL(config, rngs=nnx.Rngs(seed)))()

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from axpo_jax.models import qwen3_vl
+from axpo_jax.models.qwen3_vl.tiny import random_model
 
 from .conftest import hf_logits, make_batch
 
@@ -33,11 +34,6 @@ def _jitted_logprobs(model, inputs, targets):
 @jax.jit  # run eagerly, every op of a forward compiles on its own: seconds per test
 def _jitted_forward(model, inputs):
     return model.forward(inputs)
-
-
-def _random_model(config, seed: int):
-    """A Qwen3VL with random weights, initialized by one compiled program (eagerly: one per parameter shape)."""
-    return nnx.jit(lambda: qwen3_vl.Qwen3VL(config, rngs=nnx.Rngs(seed)))()
 
 
 @pytest.mark.parametrize("padding", ["left", "right"])
@@ -334,8 +330,8 @@ def test_splash_model_matches_the_einsum_model():
     from axpo_jax.models.qwen3_vl.model import KVCache
 
     hf_like, inputs, targets = _right_padded_rows_with_an_image()
-    einsum_model = _random_model(hf_like, 0)
-    splash_model = _random_model(hf_like, 0).use_fused_attention_("splash")
+    einsum_model = random_model(hf_like)
+    splash_model = random_model(hf_like).use_fused_attention_("splash")
     assert splash_model.model.visual.fused_attention is None
     mask = np.asarray(inputs.attention_mask_bt)
     weights_bt = jnp.asarray(mask, jnp.float32)
@@ -370,7 +366,7 @@ def test_splash_model_exports_a_tpu_program():
     from axpo_jax.models.qwen3_vl.model import splash_traced_for_tpu
 
     config, inputs, targets = _right_padded_rows_with_an_image()
-    graph, params = nnx.split(_random_model(config, 0).use_fused_attention_("splash"))
+    graph, params = nnx.split(random_model(config).use_fused_attention_("splash"))
 
     def exported_kernels(for_tpu: bool) -> set[str]:
         def logprob_grads(params, inputs, targets):  # a new function per call: jit keeps traces per function
